@@ -78,6 +78,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [_parse_literal(v) for v in value.split(",")] if value else []
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # "stop_ids=7" on the command line means (7,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r}: expected a sequence, got {value!r}")
         if args and not (len(args) == 2 and args[1] is Ellipsis) and origin is tuple:
