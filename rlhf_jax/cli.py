@@ -50,8 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"rlhf-jax {name}", description=help_text)
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    # `--config.a.b=1` style overrides (absl/ml_collections habit) are pulled out before argparse
+    # sees them, and land in the subcommand's `overrides` list as `a.b=1`.
+    rest = argv[1:]
+    dotted = [a[len("--config."):] for a in rest if a.startswith("--config.")]
+    rest = [a for a in rest if not a.startswith("--config.")]
+    args = sub_parser.parse_args(rest)
+    if dotted:
+        if not hasattr(args, "overrides"):
+            sub_parser.error(f"'rlhf-jax {name}' takes no config overrides (got --config.{dotted[0]})")
+        args.overrides = list(args.overrides or []) + dotted
+    from rlhf_jax.config import ConfigError
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:  # a user error: say it plainly, no traceback
+        print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
