@@ -1,0 +1,193 @@
+"""The one place that knows about device meshes and shardings.
+
+Mesh axes: ``data`` (pure data parallelism: params replicated along it) and
+``fsdp`` (params and optimizer state sharded along it, batch too). A batch's
+leading dimension is split over both axes, ``P(("data", "fsdp"))``.
+
+Axis types are passed explicitly as ``AxisType.Auto``. With Explicit axes the
+sharding becomes part of every array's type and ops whose output sharding is
+ambiguous (reshapes of sharded dims, einsums contracting a sharded dim, the
+micro-batch split, ``lax.scan`` carries) must be annotated by the caller. The
+models, losses and generation code are written without sharding annotations, so
+we let the compiler propagate shardings (Auto) from the ``NamedSharding`` of the
+jitted inputs and outputs. The same code then runs on 1 CPU, 8 GPUs or a pod
+slice; only the mesh shape changes.
+
+``pmap`` data-parallel mode (``pmap_step``) reuses the same pure step with an
+``axis_name``: params replicated per device, batch split ``[D, B/D, ...]``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+FSDP = "fsdp"
+BATCH_AXES = (DATA, FSDP)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
+    """A ``(data, fsdp)`` mesh with Auto axis types over ``devices`` (default: all).
+
+    ``-1`` for one axis means "all remaining devices". ``data * fsdp`` must equal
+    the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh: at most one of data/fsdp may be -1")
+    if data == -1:
+        if fsdp <= 0 or n % fsdp:
+            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {n} devices")
+        data = n // fsdp
+    if fsdp == -1:
+        if data <= 0 or n % data:
+            raise ValueError(f"mesh.data={data} does not divide the {n} devices")
+        fsdp = n // data
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} != {n} devices")
+    if n == len(jax.devices()) and devices == list(jax.devices()):
+        return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+    return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP),
+                axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    """A global batch size must be a multiple of this (= data × fsdp)."""
+    return int(mesh.shape[DATA] * mesh.shape[FSDP])
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, *, min_size: int = 0) -> P:
+    """Shard the largest dimension divisible by ``fsdp_size`` over ``fsdp``; else replicate."""
+    if fsdp_size <= 1 or not shape or int(np.prod(shape)) < min_size:
+        return P()
+    order = sorted(range(len(shape)), key=lambda i: (-shape[i], i))
+    for i in order:
+        if shape[i] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[i] = FSDP
+            return P(*spec)
+    return P()
+
+
+def param_sharding(mesh: Mesh, params, *, min_size: int = 0):
+    """NamedSharding per leaf of ``params`` (arrays or ShapeDtypeStructs)."""
+    fsdp_size = mesh.shape[FSDP]
+    return jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), fsdp_size, min_size=min_size)),
+        params)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_sharding(mesh: Mesh, state, *, min_size: int = 0):
+    """Shardings of a ``TrainState``: params and optimizer state by the fsdp rule
+    (Adam moments have the params' shapes so they shard alike; scalar counters and
+    injected hyper-parameters replicate), ``step`` and ``rng`` replicated."""
+    rep = replicated(mesh)
+    return state.replace(
+        step=rep, rng=rep,
+        params=param_sharding(mesh, state.params, min_size=min_size),
+        opt_state=param_sharding(mesh, state.opt_state, min_size=min_size))
+
+
+def shard_state(mesh: Mesh, state, *, min_size: int = 0):
+    """``state`` placed on ``mesh``.
+
+    Single-process: a sharded ``device_put``. Multi-process: every process holds
+    the same host values (same seed), and each builds its addressable shards from
+    them (``make_array_from_callback``), so no cross-host transfer happens.
+    """
+    shardings = state_sharding(mesh, state, min_size=min_size)
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings)
+
+    def put(x, s):
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+    return jax.tree_util.tree_map(put, state, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over ``("data", "fsdp")``; other dims replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def put_batch(mesh: Mesh, batch: dict) -> dict:
+    """Host-local numpy batch -> global arrays sharded by ``batch_sharding``.
+
+    Each process passes ITS rows (``B_global / process_count`` of them, the
+    ones its data shard produced); the global array is their concatenation in
+    process order. Single-process this is a plain sharded ``device_put``.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def jit_step(step_fn: Callable, mesh: Mesh | None, state, *, donate: bool = True,
+             **static) -> Callable:
+    """``jax.jit(partial(step_fn, **static))`` with the state donated and, on a mesh,
+    its output sharding pinned to its input sharding (no drift between steps)."""
+    fn = functools.partial(step_fn, **static)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    s_shard = state_sharding(mesh, state)
+    return jax.jit(fn, donate_argnums=(0,) if donate else (),
+                   out_shardings=(s_shard, replicated(mesh)))
+
+
+# ---------------------------------------------------------------- pmap mode
+
+def pmap_step(step_fn: Callable, *, axis_name: str = DATA, donate: bool = True, **static) -> Callable:
+    """``jax.pmap`` of ``step_fn(state, batch, cfg=..., axis_name=axis_name)``.
+
+    The state is replicated (``replicate``), the batch split (``split_for_pmap``);
+    gradients and metric sums are combined with collectives over ``axis_name``
+    inside the same pure step the jit path uses.
+    """
+    fn = functools.partial(step_fn, axis_name=axis_name, **static)
+    return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,) if donate else ())
+
+
+def replicate(tree, devices=None):
+    """A host copy of every leaf per local device (leading axis = device); pmap places them."""
+    n = jax.local_device_count() if devices is None else len(devices)
+    return jax.tree_util.tree_map(
+        lambda x: np.broadcast_to(np.asarray(jax.device_get(x)), (n,) + np.shape(x)).copy(), tree)
+
+
+def unreplicate(tree):
+    """The first device's copy of a replicated pytree."""
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def split_for_pmap(batch: dict, n_devices: int | None = None) -> dict:
+    """``[B, ...] -> [D, B/D, ...]`` (contiguous rows per device)."""
+    d = jax.local_device_count() if n_devices is None else n_devices
+
+    def split(x):
+        x = np.asarray(x)
+        if x.shape[0] % d:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split over {d} devices")
+        return x.reshape((d, x.shape[0] // d) + x.shape[1:])
+    return jax.tree_util.tree_map(split, batch)
+
+
+def host_value(x) -> np.ndarray:
+    """A fully replicated or addressable array as numpy (for metrics/logs)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+
+
+__all__ = ["DATA", "FSDP", "BATCH_AXES", "make_mesh", "batch_size_multiple", "fsdp_spec",
+           "param_sharding", "state_sharding", "shard_state", "batch_sharding", "put_batch",
+           "replicated", "jit_step", "pmap_step", "replicate", "unreplicate", "split_for_pmap",
+           "host_value"]

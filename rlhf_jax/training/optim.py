@@ -1,0 +1,223 @@
+"""Optimisers: AdamW with warmup + cosine/linear decay, clipping, decay and trainable masks.
+
+The peak learning rate and the weight decay are *traced* hyper-parameters
+(``optax.inject_hyperparams``): they live in the optimizer state as arrays, so
+a sweep changes them without recompiling, and ``jax.vmap`` can map over them
+(``set_hyperparam(opt_state, "learning_rate", lr)``). The schedule is applied as
+a separate multiplicative factor ``s(t) ∈ [0, 1]``, so the effective rate is
+
+    lr(t) = peak_lr · s(t),  s(t) = t/W for t < W, then
+            cosine:  m + (1-m)·½(1 + cos(π·(t-W)/(T-W)))
+            linear:  1 - (1-m)·(t-W)/(T-W)
+            constant: 1
+
+with W warmup steps, T total steps, m = ``min_lr_ratio``. AdamW's decoupled weight
+decay is scaled by the same factor, exactly as ``optax.adamw(schedule)`` does.
+
+Parameter partitioning (LoRA-ready): ``trainable`` is a pytree of bools shaped
+like the params (or a predicate on the key path); frozen leaves get a zero
+update and no optimizer moments (``optax.multi_transform`` with ``set_to_zero``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + schedule + clipping. ``total_steps`` = 0 means "the trainer's step count"."""
+    learning_rate: float = 3e-4
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 0
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    # regexes on the '/'-joined param path; matching leaves are frozen (LoRA-style partitioning)
+    freeze: tuple[str, ...] = ()
+
+    def validate(self, prefix: str = "optim.") -> None:
+        from rlhf_jax.config import ConfigError
+        if not self.learning_rate >= 0:
+            raise ConfigError(f"config key {prefix + 'learning_rate'!r}: must be >= 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key {prefix + 'warmup_steps'!r}: must be >= 0, got {self.warmup_steps}")
+        if self.total_steps < 0:
+            raise ConfigError(f"config key {prefix + 'total_steps'!r}: must be >= 0, got {self.total_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"config key {prefix + 'min_lr_ratio'!r}: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"config key {prefix + 'max_grad_norm'!r}: must be >= 0, got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"config key {prefix + 'weight_decay'!r}: must be >= 0, got {self.weight_decay}")
+        for i, pattern in enumerate(self.freeze):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config key {prefix}freeze[{i}]: bad regex {pattern!r}: {e}") from None
+
+
+def schedule_factor(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """``s(t)``: the multiplicative schedule in [0, 1] (see the module docstring)."""
+    total = max(int(cfg.total_steps or total_steps), 1)
+    warm = int(cfg.warmup_steps)
+    m = float(cfg.min_lr_ratio)
+    decay_len = max(total - warm, 1)
+
+    def factor(count):
+        t = jnp.asarray(count, jnp.float32)
+        warm_f = jnp.where(warm > 0, jnp.minimum((t + 1.0) / max(warm, 1), 1.0), 1.0)
+        frac = jnp.clip((t - warm) / decay_len, 0.0, 1.0)
+        if cfg.schedule == "cosine":
+            decay = m + (1.0 - m) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        elif cfg.schedule == "linear":
+            decay = 1.0 - (1.0 - m) * frac
+        else:
+            decay = jnp.ones_like(t)
+        return jnp.where(t < warm, warm_f, decay)
+
+    return factor
+
+
+def path_str(path) -> str:
+    """'/'-joined names of a key path (dict keys, attribute names, indices)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+_NO_DECAY = re.compile(r"(^|/)(bias|scale|embedding|wte|wpe|embed_tokens|ln_\w*|\w*norm\w*)(/|$)",
+                       re.IGNORECASE)
+
+
+def decay_mask(params) -> Any:
+    """True where weight decay applies: matrices (ndim >= 2) that are not embeddings or norms.
+
+    Biases and norm scales (ndim 1) and embedding tables (path names ``embedding``,
+    ``wte``, ``wpe``, ``embed_tokens``) are never decayed.
+    """
+    def rule(path, leaf):
+        name = path_str(path)
+        return bool(getattr(leaf, "ndim", 0) >= 2 and not _NO_DECAY.search(name))
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def trainable_mask(params, freeze: tuple[str, ...] = ()) -> Any:
+    """True on trainable leaves: those whose path matches none of the ``freeze`` regexes."""
+    pats = [re.compile(p) for p in freeze]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(p.search(path_str(path)) for p in pats), params)
+
+
+def make_optimizer(cfg: OptimConfig, params, *, total_steps: int,
+                   trainable: Any | None = None) -> optax.GradientTransformation:
+    """AdamW with clipping, decay mask, traced lr/weight-decay and a schedule factor.
+
+    Args:
+      cfg: the optimiser section.
+      params: a params pytree (or its abstract shapes); only its structure and
+        ranks are used, to build the decay and trainable masks.
+      total_steps: horizon of the schedule when ``cfg.total_steps`` is 0.
+      trainable: optional bool pytree shaped like ``params``; defaults to
+        ``trainable_mask(params, cfg.freeze)``.
+    """
+    cfg.validate()
+    dmask = decay_mask(params)
+    core = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+    core += [
+        optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, mask=dmask),
+        optax.scale_by_schedule(schedule_factor(cfg, total_steps)),
+    ]
+    tx = optax.chain(*core)
+    if trainable is None:
+        trainable = trainable_mask(params, cfg.freeze)
+    leaves = jax.tree_util.tree_leaves(trainable)
+    if all(leaves):
+        return tx
+    if not any(leaves):
+        raise ValueError("optim.freeze: every parameter is frozen; nothing to train")
+    # Frozen leaves' decay mask would be applied to a masked tree, so rebuild the
+    # adamw mask over the trainable subtree only.
+    train_tx = optax.chain(*(
+        ([optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []) + [
+            optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+                learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+                mask=lambda p: _masked_like(p, dmask)),
+            optax.scale_by_schedule(schedule_factor(cfg, total_steps)),
+        ]))
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
+    return optax.multi_transform({"train": train_tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def _masked_like(masked_tree, full_mask):
+    """The part of ``full_mask`` at the positions of ``masked_tree`` (MaskedNode elsewhere)."""
+    return jax.tree_util.tree_map(
+        lambda m, d: m if isinstance(m, optax.MaskedNode) else d,
+        masked_tree, full_mask, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def _hyperparam_states(opt_state):
+    return [s for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
+        if isinstance(s, optax.InjectHyperparamsState)]
+
+
+def get_hyperparam(opt_state, name: str) -> jax.Array:
+    """The traced hyper-parameter ``name`` (e.g. ``learning_rate``, the PEAK rate)."""
+    states = _hyperparam_states(opt_state)
+    if not states:
+        raise KeyError("optimizer state has no injected hyper-parameters")
+    if name not in states[0].hyperparams:
+        raise KeyError(f"unknown hyper-parameter {name!r}; have {sorted(states[0].hyperparams)}")
+    return states[0].hyperparams[name]
+
+
+def set_hyperparam(opt_state, name: str, value) -> Any:
+    """A copy of ``opt_state`` with the injected hyper-parameter ``name`` set to ``value``.
+
+    ``value`` may be a tracer (inside ``jax.vmap``/``jax.jit``): nothing recompiles.
+    """
+    found = []
+
+    def upd(s):
+        if isinstance(s, optax.InjectHyperparamsState):
+            if name not in s.hyperparams:
+                raise KeyError(f"unknown hyper-parameter {name!r}; have {sorted(s.hyperparams)}")
+            found.append(True)
+            hp = dict(s.hyperparams)
+            hp[name] = jnp.asarray(value, dtype=jnp.asarray(hp[name]).dtype)
+            return s._replace(hyperparams=hp)
+        return s
+
+    out = jax.tree_util.tree_map(upd, opt_state,
+                                 is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
+    if not found:
+        raise KeyError("optimizer state has no injected hyper-parameters")
+    return out
+
+
+def current_learning_rate(cfg: OptimConfig, opt_state, step, total_steps: int) -> jax.Array:
+    """Effective rate ``peak_lr · s(step)`` of the update made at ``step``."""
+    return get_hyperparam(opt_state, "learning_rate") * schedule_factor(cfg, total_steps)(step)
