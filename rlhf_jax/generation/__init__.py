@@ -1,1 +1,21 @@
-"""rlhf_jax.generation"""
+"""rlhf_jax.generation: batched sampling with a KV cache, compiled once per shape bucket."""
+from rlhf_jax.generation.bucketing import bucket_length, default_buckets, left_pad_sequences, left_pad_to
+from rlhf_jax.generation.decode import GenerationOutput, decode_loop
+from rlhf_jax.generation.sampling import filter_logits, sample_tokens, scale_logits
+from rlhf_jax.generation.stopping import is_stop_token, normalize_stop_ids, response_mask, truncate_after_stop
+
+__all__ = [
+    "GenerationOutput",
+    "bucket_length",
+    "decode_loop",
+    "default_buckets",
+    "filter_logits",
+    "is_stop_token",
+    "left_pad_sequences",
+    "left_pad_to",
+    "normalize_stop_ids",
+    "response_mask",
+    "sample_tokens",
+    "scale_logits",
+    "truncate_after_stop",
+]
