@@ -1,0 +1,399 @@
+"""Batch iterators: deterministic order from a seed, per-host shards, exact mid-epoch resume.
+
+Order. Epoch ``e`` visits the source's rows in ``permutation(N)`` drawn from
+``numpy.random.default_rng([seed, e])`` (or ``0..N-1`` with ``shuffle=False``). Host ``h`` of ``n``
+takes positions ``h, h+n, h+2n, ...`` of that order (:func:`host_rows`): the hosts' slices are
+disjoint and together cover every row exactly once per epoch, and a host reads and tokenises only
+its own rows.
+
+Position. The iterator's whole state is ``(epoch, position)`` in its host slice, the first row not
+yet consumed, plus the counters (``state()``, a small JSON-able dict). Batches are built only from
+consumed rows; a row read to see whether it fits the current packed row but left for the next
+batch is not consumed. So ``restore(state())`` continues with exactly the batches an uninterrupted
+iterator would have produced.
+
+Epochs. ``num_epochs=None`` repeats forever (training loops stop after a number of steps; all
+hosts then stay in lock-step). With a finite ``num_epochs`` the last batch is filled with padding
+rows (``example_mask`` 0 / ``segment_ids`` 0) unless ``drop_remainder``; then ``StopIteration``.
+
+Bad rows raise :class:`DataError` (file, line, field); with ``skip_bad_rows=True`` they are
+skipped and counted in ``iterator.stats`` (``data/skipped/<reason>`` in the metrics).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from rlhf_jax.data import batching
+from rlhf_jax.data.errors import DataError, DataStats
+from rlhf_jax.data.formats import check_format, parse_field_map, parse_record
+from rlhf_jax.data.sources import MemorySource, RecordSource, open_source
+from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, tokenize_record
+
+STATE_VERSION = 1
+
+
+def epoch_order(num_rows: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The global row order of ``epoch`` (identical on every host)."""
+    if not shuffle:
+        return np.arange(num_rows, dtype=np.int64)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_rows).astype(np.int64)
+
+
+def host_rows(num_rows: int, *, seed: int, epoch: int, host_id: int = 0, num_hosts: int = 1,
+              shuffle: bool = True) -> np.ndarray:
+    """Source row indices host ``host_id`` of ``num_hosts`` reads in ``epoch``, in order."""
+    if not 0 <= host_id < num_hosts:
+        raise ValueError(f"host_id={host_id} not in [0, num_hosts={num_hosts})")
+    return epoch_order(num_rows, seed=seed, epoch=epoch, shuffle=shuffle)[host_id::num_hosts]
+
+
+def as_source(data, *, split: str = "train", data_dir: str | None = None) -> RecordSource:
+    """A RecordSource from a source, path(s)/glob/``"tfds:NAME"``, or a list of dict records."""
+    if isinstance(data, RecordSource):
+        return data
+    if isinstance(data, (list, tuple)) and (not data or isinstance(data[0], Mapping)):
+        return MemorySource(data)
+    return open_source(data, split=split, data_dir=data_dir)
+
+
+class DataIterator:
+    """Static-shape batches of one format from a record source (see the module doc).
+
+    Args:
+      source: a RecordSource, path(s), ``"tfds:NAME"`` or a list of dicts.
+      fmt: ``"sft" | "preference" | "ranking" | "prompt"``.
+      tokenizer: a Hugging Face tokenizer (``load_tokenizer(dir)``).
+      batch_size: rows per batch on this host.
+      max_length: sequence length (SFT row length when packing; the largest bucket otherwise).
+      max_prompt_length: prompt limit (prompt format: the prompt length ``P``).
+      truncation: ``"truncate_left" | "drop" | "error"`` (see ``tokenize.py``).
+      pack: SFT only; pack several examples per row (``[B, max_length]`` always).
+      buckets: allowed padded lengths (default: powers of two up to the maximum, and the maximum).
+      num_responses: rankings only; static K (default: the largest K in each batch).
+      field_map: ``{canonical: column}`` or ``("canonical=column", ...)``.
+      skip_bad_rows, seed, shuffle, num_epochs, host_id, num_hosts, drop_remainder: as above.
+    """
+
+    def __init__(self, source, fmt: str, tokenizer, *, batch_size: int, max_length: int,
+                 max_prompt_length: int | None = None, truncation: str = "truncate_left",
+                 append_eos: bool = True, pack: bool = True, buckets: Sequence[int] | None = None,
+                 num_responses: int | None = None, field_map=None, skip_bad_rows: bool = False,
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                 host_id: int = 0, num_hosts: int = 1, drop_remainder: bool = False,
+                 split: str = "train", data_dir: str | None = None):
+        self.fmt = check_format(fmt)
+        self.source = as_source(source, split=split, data_dir=data_dir)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; need >= 1")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs={num_epochs}; need >= 1 or None (repeat forever)")
+        if not 0 <= host_id < num_hosts:
+            raise ValueError(f"host_id={host_id} not in [0, num_hosts={num_hosts})")
+        self.opts = TokenizeOptions(max_length=max_length, max_prompt_length=max_prompt_length,
+                                    truncation=truncation, append_eos=append_eos)
+        self.encoder = Encoder(tokenizer, append_eos=append_eos and fmt != "prompt")
+        self.batch_size = int(batch_size)
+        self.pack = bool(pack) and fmt == "sft"
+        top = self.opts.prompt_limit(prompt_only=True) if fmt == "prompt" else max_length
+        self.buckets = tuple(sorted(buckets)) if buckets else batching.default_buckets(top)
+        if max(self.buckets) < top:
+            raise ValueError(f"largest bucket {max(self.buckets)} < maximum length {top}")
+        self.num_responses = num_responses
+        self.field_map = parse_field_map(field_map)
+        self.skip_bad_rows = skip_bad_rows
+        self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
+        self.host_id, self.num_hosts = int(host_id), int(num_hosts)
+        self.drop_remainder = drop_remainder
+        self.num_rows = len(self.source)
+        self.stats = DataStats()
+        self._epoch, self._pos = 0, 0
+        self._order_epoch, self._order = -1, np.zeros((0,), np.int64)
+        self._pending = None  # (epoch, pos, example) read but not consumed
+        self._good_in_epoch = 0
+        self._finished = False
+
+    # --- order ----------------------------------------------------------------------------
+    def _rows(self) -> np.ndarray:
+        if self._order_epoch != self._epoch:
+            self._order = host_rows(self.num_rows, seed=self.seed, epoch=self._epoch,
+                                    host_id=self.host_id, num_hosts=self.num_hosts,
+                                    shuffle=self.shuffle)
+            self._order_epoch = self._epoch
+        return self._order
+
+    def _roll_epoch(self) -> bool:
+        """At the end of the host slice: start the next epoch (True) or report the end (False)."""
+        if self.num_epochs is not None and self._epoch + 1 >= self.num_epochs:
+            return False
+        if self._good_in_epoch == 0:
+            raise DataError(f"{self.source.name}: no usable example in a whole epoch on host "
+                            f"{self.host_id}/{self.num_hosts} ({len(self._rows())} rows; "
+                            f"skipped {self.stats.skipped}, dropped {self.stats.dropped_too_long})",
+                            reason="empty_dataset")
+        self._epoch, self._pos, self._good_in_epoch = self._epoch + 1, 0, 0
+        return True
+
+    # --- examples -------------------------------------------------------------------------
+    def _read(self, row: int):
+        """Parses and tokenises source row ``row``: ``(example | None, counts, skip_error)``."""
+        try:
+            raw, loc = self.source.get(int(row))
+            rec = parse_record(raw, self.fmt, loc, self.field_map)
+            ex, counts = tokenize_record(rec, self.fmt, self.encoder, self.opts, loc)
+        except DataError as e:
+            if not self.skip_bad_rows:
+                raise
+            return None, {}, e
+        if ex is not None:
+            ex["index"] = int(row)
+        return ex, counts, None
+
+    def _peek(self):
+        """The next usable example without consuming it (None at the end of the data).
+
+        Unusable rows (dropped or skipped) on the way are consumed and counted."""
+        while True:
+            if self._pending is not None and self._pending[:2] == (self._epoch, self._pos):
+                return self._pending[2]
+            rows = self._rows()
+            if self._pos >= len(rows):
+                if not self._roll_epoch():
+                    return None
+                continue
+            ex, counts, err = self._read(rows[self._pos])
+            if ex is None:
+                self._apply(counts, err)
+                self._pos += 1
+                continue
+            self._pending = (self._epoch, self._pos, ex, counts)
+            return ex
+
+    def _consume(self):
+        _, _, ex, counts = self._pending
+        self._pending = None
+        self._apply(counts, None)
+        self.stats.examples += 1
+        self._good_in_epoch += 1
+        self._pos += 1
+        return ex
+
+    def _apply(self, counts, err) -> None:
+        self.stats.rows += 1
+        if err is not None:
+            self.stats.record_skip(err)
+        for k, v in counts.items():
+            setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    # --- batches --------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._finished:
+            raise StopIteration
+        batch = self._next_packed() if self.pack else self._next_rows()
+        if batch is None:
+            self._finished = True
+            raise StopIteration
+        return batch
+
+    def _next_packed(self):
+        L, B = self.opts.max_length, self.batch_size
+        rows: list[list[dict]] = []
+        row: list[dict] = []
+        used = 0
+        while len(rows) < B:
+            ex = self._peek()
+            if ex is None:
+                break
+            n = len(ex["ids"])
+            if used + n > L:
+                rows.append(row)
+                row, used = [], 0
+                continue
+            row.append(self._consume())
+            used += n
+            if used == L:
+                rows.append(row)
+                row, used = [], 0
+        if row:
+            rows.append(row)
+        if not rows or (len(rows) < B and self.drop_remainder):
+            return None
+        batch = batching.sft_batch(rows, B, L, self.encoder.pad_id)
+        self._count_tokens(batch["attention_mask"], batch["loss_mask"])
+        return batch
+
+    def _next_rows(self):
+        B = self.batch_size
+        examples = []
+        while len(examples) < B:
+            if self._peek() is None:
+                break
+            examples.append(self._consume())
+        if not examples or (len(examples) < B and self.drop_remainder):
+            return None
+        pad = self.encoder.pad_id
+        if self.fmt == "sft":
+            L = batching.bucket_length(max(len(ex["ids"]) for ex in examples), self.buckets)
+            batch = batching.sft_batch([[ex] for ex in examples], B, L, pad)
+            example_mask, index = batching._row_info(examples, B)
+            batch.update(example_mask=example_mask, example_index=index)
+            self._count_tokens(batch["attention_mask"], batch["loss_mask"])
+        elif self.fmt == "preference":
+            batch = batching.preference_batch(examples, B, self.buckets, pad)
+            self._count_tokens(np.concatenate([batch["chosen_mask"], batch["rejected_mask"]]),
+                               np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
+        elif self.fmt == "ranking":
+            batch = batching.ranking_batch(examples, B, self.buckets, pad, self.num_responses)
+            self._count_tokens(batch["response_mask"], batch["response_loss_mask"])
+        else:
+            batch = batching.prompt_batch(examples, B, self.buckets, pad)
+            self._count_tokens(batch["prompt_mask"], None)
+        return batch
+
+    def _count_tokens(self, attention, loss) -> None:
+        real = int(attention.sum())
+        self.stats.tokens += real
+        self.stats.pad_tokens += int(attention.size - real)
+        if loss is not None:
+            self.stats.loss_tokens += int(loss.sum())
+
+    # --- resume ---------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def state(self) -> dict[str, Any]:
+        """Small JSON-able position: store it in the checkpoint, give it to :meth:`restore`."""
+        return {"version": STATE_VERSION, "format": self.fmt, "epoch": self._epoch,
+                "position": self._pos, "seed": self.seed, "shuffle": self.shuffle,
+                "host_id": self.host_id, "num_hosts": self.num_hosts, "num_rows": self.num_rows,
+                "good_in_epoch": self._good_in_epoch, "finished": self._finished,
+                "stats": self.stats.to_dict()}
+
+    def restore(self, state: Mapping[str, Any]) -> "DataIterator":
+        """Continues from ``state`` (from :meth:`state` of an iterator over the same data/options)."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise DataError(f"not a data iterator state (version {STATE_VERSION}): {state!r}",
+                            reason="bad_state")
+        for key, mine in (("format", self.fmt), ("seed", self.seed), ("shuffle", self.shuffle),
+                          ("host_id", self.host_id), ("num_hosts", self.num_hosts),
+                          ("num_rows", self.num_rows)):
+            if state.get(key) != mine:
+                raise DataError(f"cannot restore: the saved state has {key}={state.get(key)!r} but "
+                                f"this iterator has {key}={mine!r}", reason="bad_state")
+        self._epoch, self._pos = int(state["epoch"]), int(state["position"])
+        self._good_in_epoch = int(state.get("good_in_epoch", 0))
+        self._finished = bool(state.get("finished", False))
+        self._pending = None
+        self.stats = DataStats.from_dict(state["stats"])
+        return self
+
+
+# --- convenience constructors -------------------------------------------------------------
+
+def sft_batches(source, tokenizer, *, batch_size: int, seq_len: int, pack: bool = True, **kw) -> DataIterator:
+    """SFT batches ``input_ids, targets, loss_mask, attention_mask, positions, segment_ids [B, L]``."""
+    return DataIterator(source, "sft", tokenizer, batch_size=batch_size, max_length=seq_len,
+                        pack=pack, **kw)
+
+
+def preference_batches(source, tokenizer, *, batch_size: int, max_length: int, **kw) -> DataIterator:
+    """Preference batches ``chosen_ids/chosen_mask/rejected_ids/rejected_mask [B,L], margin [B]``."""
+    return DataIterator(source, "preference", tokenizer, batch_size=batch_size,
+                        max_length=max_length, **kw)
+
+
+def ranking_batches(source, tokenizer, *, batch_size: int, max_length: int, **kw) -> DataIterator:
+    """Ranking batches ``response_ids/response_mask [B,K,L], ranks/rank_mask [B,K]``."""
+    return DataIterator(source, "ranking", tokenizer, batch_size=batch_size,
+                        max_length=max_length, **kw)
+
+
+def prompt_batches(source, tokenizer, *, batch_size: int, max_prompt_length: int, **kw) -> DataIterator:
+    """Left-padded prompt batches ``prompt_ids/prompt_mask [B,P]`` with ``P <= max_prompt_length``
+    (pass ``buckets=(P,)`` for a single static shape)."""
+    return DataIterator(source, "prompt", tokenizer, batch_size=batch_size,
+                        max_length=max_prompt_length, max_prompt_length=max_prompt_length, **kw)
+
+
+def read_records(source, fmt: str, *, field_map=None, skip_bad_rows: bool = False,
+                 split: str = "train", data_dir: str | None = None
+                 ) -> tuple[list[dict[str, Any]], DataStats]:
+    """Every row of ``source`` validated into its canonical record (no tokenisation)."""
+    check_format(fmt)
+    src = as_source(source, split=split, data_dir=data_dir)
+    fmap = parse_field_map(field_map)
+    out, stats = [], DataStats()
+    for i in range(len(src)):
+        stats.rows += 1
+        try:
+            raw, loc = src.get(i)
+            out.append(parse_record(raw, fmt, loc, fmap))
+            stats.examples += 1
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            stats.record_skip(e)
+    return out, stats
+
+
+# --- config -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The data section of a trainer config (all fields overridable as ``data.KEY=VALUE``).
+
+    ``path``: file(s) (comma-separated, globs) or ``"tfds:NAME"``; ``field_map``:
+    ``("prompt=question", ...)``; ``max_prompt_length``/``num_responses``/``num_epochs``: 0 means
+    unset; ``buckets``: empty means the default powers of two."""
+
+    path: str = ""
+    split: str = "train"
+    data_dir: str = ""
+    field_map: tuple[str, ...] = ()
+    tokenizer: str = ""
+    batch_size: int = 8
+    max_length: int = 512
+    max_prompt_length: int = 0
+    truncation: str = "truncate_left"
+    append_eos: bool = True
+    pack: bool = True
+    buckets: tuple[int, ...] = ()
+    num_responses: int = 0
+    skip_bad_rows: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int = 0
+    drop_remainder: bool = False
+
+
+def make_iterator(cfg: DataConfig, fmt: str, *, tokenizer=None, source=None, host_id: int = 0,
+                  num_hosts: int = 1, **overrides) -> DataIterator:
+    """A DataIterator from a :class:`DataConfig` (``tokenizer`` defaults to ``cfg.tokenizer``;
+    ``source`` to ``cfg.path``; keyword ``overrides`` replace iterator arguments)."""
+    if tokenizer is None:
+        if not cfg.tokenizer:
+            raise DataError("data.tokenizer is empty: give a tokenizer directory", reason="config")
+        from rlhf_jax.data.tokenize import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    if source is None:
+        if not cfg.path:
+            raise DataError("data.path is empty: give a file, a glob or tfds:NAME", reason="config")
+        source = cfg.path
+    kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length,
+              max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation,
+              append_eos=cfg.append_eos, pack=cfg.pack, buckets=cfg.buckets or None,
+              num_responses=cfg.num_responses or None, field_map=cfg.field_map,
+              skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed, shuffle=cfg.shuffle,
+              num_epochs=cfg.num_epochs or None, host_id=host_id, num_hosts=num_hosts,
+              drop_remainder=cfg.drop_remainder, split=cfg.split,
+              data_dir=os.path.expanduser(cfg.data_dir) if cfg.data_dir else None)
+    kw.update(overrides)
+    return DataIterator(source, fmt, tokenizer, **kw)

@@ -1,0 +1,264 @@
+"""Random-access record sources: JSONL, Parquet, in-memory lists (TFDS lives in ``tfds_io``).
+
+A source is a sequence of raw records: ``len(src)`` and ``src.get(i) -> (dict, Location)``.
+Random access is what makes shuffling from a seed, per-host sharding (a host parses only its own
+rows) and exact mid-epoch resume simple: the iterator only has to remember an index.
+
+Raw records are plain dicts of Python values (``str``, numbers, lists, dicts); the format layer
+(``formats.py``) validates them. Reading problems that are about a single row (malformed JSON,
+non-UTF-8 bytes, a line that is not a JSON object) raise :class:`DataError` from ``get`` so they
+can be skipped and counted like any other bad row.
+"""
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+from rlhf_jax.data.errors import DataError, Location
+
+
+class RecordSource:
+    """Base class: ``name``, ``__len__``, ``get(i) -> (record, location)``."""
+
+    name: str = "<source>"
+
+    def __len__(self) -> int:
+        raise TypeError(f"{type(self).__name__} must define __len__")
+
+    def get(self, index: int) -> tuple[dict[str, Any], Location]:
+        raise TypeError(f"{type(self).__name__} must define get")
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+
+
+def _find_bad_text(value: Any, path: str = "") -> str | None:
+    """Path of the first string in ``value`` holding undecodable bytes (lone surrogates)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "<value>"
+        return None
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            bad = _find_bad_text(v, f"{path}.{k}" if path else str(k))
+            if bad:
+                return bad
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = _find_bad_text(v, f"{path}[{i}]")
+            if bad:
+                return bad
+    return None
+
+
+def parse_json_line(raw: bytes, location: Location) -> dict[str, Any]:
+    """Decodes one JSONL line (strict UTF-8) into a dict, or raises DataError naming the field."""
+    try:
+        text = raw.decode("utf-8")
+        non_utf8 = False
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="surrogateescape")
+        non_utf8 = True
+        utf8_error = e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if non_utf8:
+            raise DataError(f"non-UTF-8 bytes (byte {utf8_error.start}: {utf8_error.reason}) in a "
+                            f"line that is not valid JSON either", location=location,
+                            reason="non_utf8") from None
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", location=location,
+                        reason="malformed_json") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object per line, got {type(obj).__name__}",
+                        location=location, reason="malformed_json")
+    bad = _find_bad_text(obj)
+    if bad is not None:
+        what = (f"non-UTF-8 bytes (byte {utf8_error.start} of the line)" if non_utf8
+                else "a string that is not valid Unicode (lone surrogate escape)")
+        raise DataError(f"{what}; text must be UTF-8", location=location, field=bad,
+                        reason="non_utf8")
+    return obj
+
+
+class JsonlSource(RecordSource):
+    """One JSON object per line. Blank lines are ignored; line numbers are the file's own."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.name = self.path
+        if not os.path.isfile(self.path):
+            raise DataError("no such file", location=Location(self.path, 0, "file"),
+                            reason="missing_file")
+        self._offsets: list[int] = []
+        self._lines: list[int] = []
+        with open(self.path, "rb") as f:
+            offset = 0
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    self._offsets.append(offset)
+                    self._lines.append(lineno)
+                offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def get(self, index: int) -> tuple[dict[str, Any], Location]:
+        self._check_index(index)
+        loc = Location(self.path, self._lines[index])
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[index])
+            raw = f.readline()
+        return parse_json_line(raw.rstrip(b"\r\n"), loc), loc
+
+
+def _decode_bytes(value: Any, location: Location, path: str = "") -> Any:
+    """Decodes ``bytes`` (binary Parquet columns, TFDS text) to ``str`` recursively, strictly."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"non-UTF-8 bytes (byte {e.start}: {e.reason}); text must be UTF-8",
+                            location=location, field=path or None, reason="non_utf8") from None
+    if isinstance(value, Mapping):
+        return {k: _decode_bytes(v, location, f"{path}.{k}" if path else str(k))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_decode_bytes(v, location, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+class ParquetSource(RecordSource):
+    """A Parquet file read one row group at a time through pyarrow (the HF datasets export)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import pyarrow.parquet as pq
+
+        self.path = os.fspath(path)
+        self.name = self.path
+        if not os.path.isfile(self.path):
+            raise DataError("no such file", location=Location(self.path, 0, "file"),
+                            reason="missing_file")
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a broken file
+            raise DataError(f"cannot read as Parquet: {e}", location=Location(self.path, 0, "file"),
+                            reason="bad_file") from e
+        meta = self._file.metadata
+        self._starts = [0]
+        for g in range(meta.num_row_groups):
+            self._starts.append(self._starts[-1] + meta.row_group(g).num_rows)
+        self._cached_group = -1
+        self._cached_rows: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def get(self, index: int) -> tuple[dict[str, Any], Location]:
+        self._check_index(index)
+        group = bisect.bisect_right(self._starts, index) - 1
+        if group != self._cached_group:
+            self._cached_rows = self._file.read_row_group(group).to_pylist()
+            self._cached_group = group
+        loc = Location(self.path, index + 1, "row")
+        row = self._cached_rows[index - self._starts[group]]
+        return _decode_bytes(row, loc), loc
+
+
+class MemorySource(RecordSource):
+    """Records already in memory (e.g. the embedded tasks' generators), named for error messages."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], name: str = "<records>"):
+        self._records = list(records)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, index: int) -> tuple[dict[str, Any], Location]:
+        self._check_index(index)
+        loc = Location(self.name, index + 1, "row")
+        rec = self._records[index]
+        if not isinstance(rec, Mapping):
+            raise DataError(f"expected a dict record, got {type(rec).__name__}", location=loc,
+                            reason="malformed_record")
+        return dict(rec), loc
+
+
+class ConcatSource(RecordSource):
+    """Several sources read as one (e.g. ``data-*.jsonl``)."""
+
+    def __init__(self, sources: Sequence[RecordSource]):
+        if not sources:
+            raise DataError("no input files", reason="missing_file")
+        self._sources = list(sources)
+        self._starts = [0]
+        for s in self._sources:
+            self._starts.append(self._starts[-1] + len(s))
+        self.name = ",".join(s.name for s in self._sources)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def get(self, index: int) -> tuple[dict[str, Any], Location]:
+        self._check_index(index)
+        k = bisect.bisect_right(self._starts, index) - 1
+        return self._sources[k].get(index - self._starts[k])
+
+
+def open_file(path: str | os.PathLike) -> RecordSource:
+    """A JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``/``.pq``) file."""
+    p = os.fspath(path)
+    lower = p.lower()
+    if lower.endswith((".jsonl", ".json", ".ndjson")):
+        return JsonlSource(p)
+    if lower.endswith((".parquet", ".pq")):
+        return ParquetSource(p)
+    raise DataError("unknown file type; expected .jsonl/.json/.ndjson or .parquet",
+                    location=Location(p, 0, "file"), reason="bad_file")
+
+
+def expand_paths(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Comma-separated paths and globs (or a list of them) -> sorted existing file paths."""
+    if isinstance(spec, (str, os.PathLike)):
+        parts = [s.strip() for s in os.fspath(spec).split(",") if s.strip()]
+    else:
+        parts = [os.fspath(s) for s in spec]
+    out: list[str] = []
+    for part in parts:
+        if any(ch in part for ch in "*?["):
+            matches = sorted(glob.glob(part))
+            if not matches:
+                raise DataError("the pattern matches no file", location=Location(part, 0, "file"),
+                                reason="missing_file")
+            out.extend(matches)
+        else:
+            out.append(part)
+    if not out:
+        raise DataError(f"no input files in {spec!r}", reason="missing_file")
+    return out
+
+
+def open_source(spec: str | os.PathLike | Sequence[str] | RecordSource, *, split: str = "train",
+                data_dir: str | None = None) -> RecordSource:
+    """Opens ``spec``: a source object, file path(s)/globs, or ``"tfds:NAME"`` (+ ``split``,
+    ``data_dir``; ``NAME`` may carry ``/config`` and ``:version`` as in ``tfds.builder``)."""
+    if isinstance(spec, RecordSource):
+        return spec
+    if isinstance(spec, str) and spec.startswith("tfds:"):
+        from rlhf_jax.data.tfds_io import TfdsSource
+
+        return TfdsSource(spec[len("tfds:"):], split=split, data_dir=data_dir)
+    files = expand_paths(spec)
+    sources = [open_file(p) for p in files]
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
