@@ -224,6 +224,7 @@ def files_to_tfds(files_by_split: Mapping[str, Any], name: str, data_dir: str | 
     here, naming file and line, or are skipped and counted). Returns (dataset dir, stats)."""
     from rlhf_jax.data.pipeline import read_records
 
+    _check_name(name)
     stats = DataStats()
     by_split = {}
     for split, paths in files_by_split.items():
