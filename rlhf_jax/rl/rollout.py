@@ -1,0 +1,169 @@
+"""Rollout pieces shared by PPO, GRPO and RLOO: sampling, forward passes, scoring.
+
+Layout of one rollout (``B`` rows, prompt length ``P``, response length ``N``)::
+
+    prompt_ids [B, P]  left-padded (prompt_mask 1 on real tokens)
+    response_ids [B, N] right-padded after the first stop token (response_mask 1 up to and
+                        including it)
+    sequence = concat(prompt, response) [B, P + N], attention mask = concat of the two masks
+
+The logits at sequence position ``P - 1 + t`` predict response token ``t``; the value of the
+state before response token ``t`` is read at the same position. All three log-prob sets
+(``old_logp``, ``ref_logp`` and the ``logp`` of the update) come from ``losses.sequence_logprobs``
+on logits divided by the same sampling temperature τ (RLHF_SPEC §3), computed by the same
+forward function on the same minibatch shape, so the first update's ratio is exactly 1.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rlhf_jax import losses
+
+Array = jax.Array
+RewardFn = Callable[[Array, Array, Array, Array], Array]
+
+
+@struct.dataclass
+class Rollout:
+    """Everything the update needs from one rollout; leading axis = rollout rows ``B``.
+
+    ``old_logp``/``ref_logp`` are ``[B, N]`` temperature-scaled per-token log-probs (0 off the
+    mask); ``old_values`` ``[B, N]`` the value model's V(s_t) (zeros for critic-free methods);
+    ``entropy`` ``[B, N]`` per-token entropy of the sampling distribution (0 off the mask).
+    """
+    prompt_ids: Array
+    prompt_mask: Array
+    response_ids: Array
+    response_mask: Array
+    old_logp: Array
+    ref_logp: Array
+    old_values: Array
+    entropy: Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_ids.shape[0]
+
+
+def concat_sequences(prompt_ids: Array, prompt_mask: Array, response_ids: Array,
+                     response_mask: Array) -> tuple[Array, Array]:
+    """``(ids [B, P+N] int32, mask [B, P+N] int32)`` of prompt followed by response."""
+    ids = jnp.concatenate([prompt_ids.astype(jnp.int32), response_ids.astype(jnp.int32)], axis=1)
+    mask = jnp.concatenate([prompt_mask.astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1)
+    return ids, mask
+
+
+def response_slice(x_BT: Array, prompt_len: int) -> Array:
+    """Positions ``P-1 .. P+N-2`` of a sequence-shaped array: the ones that predict the response."""
+    return x_BT[:, prompt_len - 1:-1]
+
+
+def split_outputs(out: Any) -> tuple[Array, Array | None]:
+    """``CausalLM`` returns logits; ``CausalLMWithValueHead`` returns ``(logits, values)``."""
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
+def policy_forward(model, params, prompt_ids: Array, prompt_mask: Array, response_ids: Array,
+                   response_mask: Array, temperature: Array, *, with_entropy: bool = True
+                   ) -> dict[str, Array]:
+    """One forward pass of the policy over prompt+response.
+
+    Returns a dict with ``logp [B, N]`` (``log softmax(z/τ)[token]``, 0 off the mask),
+    ``logits [B, N, V]`` (already divided by τ), ``entropy [B, N]`` (of softmax(z/τ), 0 off the
+    mask) when ``with_entropy``, and ``values [B, N]`` when the model has a value head.
+    """
+    ids, mask = concat_sequences(prompt_ids, prompt_mask, response_ids, response_mask)
+    logits, values = split_outputs(model.apply(params, ids, attention_mask=mask))
+    prompt_len = prompt_ids.shape[1]
+    logits_r = response_slice(logits, prompt_len).astype(jnp.float32)
+    logp = losses.sequence_logprobs(logits_r, response_ids, response_mask, temperature=temperature)
+    out = {"logp": logp}
+    if with_entropy:
+        out["entropy"] = losses.entropy_from_logits(logits_r / temperature, response_mask, reduction="none")
+    if values is not None:
+        out["values"] = response_slice(values, prompt_len).astype(jnp.float32) * response_mask
+    return out
+
+
+def value_forward(model, params, prompt_ids: Array, prompt_mask: Array, response_ids: Array,
+                  response_mask: Array) -> Array:
+    """``[B, N]`` V(s_t) of a separate value model (``ScalarHeadModel``), 0 off the mask."""
+    ids, mask = concat_sequences(prompt_ids, prompt_mask, response_ids, response_mask)
+    values = model.apply(params, ids, attention_mask=mask)
+    if isinstance(values, tuple):
+        values = values[1]
+    return response_slice(values, prompt_ids.shape[1]).astype(jnp.float32) * response_mask
+
+
+def reward_model_scores(model, params, prompt_ids: Array, prompt_mask: Array, response_ids: Array,
+                        response_mask: Array) -> Array:
+    """``[B]`` reward-model score at the last real token of prompt+response (RLHF_SPEC §2)."""
+    from rlhf_jax.models import last_token_values
+    ids, mask = concat_sequences(prompt_ids, prompt_mask, response_ids, response_mask)
+    values = model.apply(params, ids, attention_mask=mask)
+    if isinstance(values, tuple):
+        values = values[1]
+    return last_token_values(values, mask).astype(jnp.float32)
+
+
+def chunked(fn: Callable[..., Any], chunk: int, *arrays: Array) -> Any:
+    """``fn(*arrays)`` evaluated on consecutive row chunks of size ``chunk`` with ``lax.map``.
+
+    The rollout's reference/value/reward passes and the old log-probs run at the minibatch
+    shape, which bounds activation memory and makes them bit-identical to the update's first
+    forward pass. Rows must be divisible by ``chunk``.
+    """
+    rows = arrays[0].shape[0]
+    if rows % chunk:
+        raise ValueError(f"chunked: {rows} rows are not divisible by the chunk size {chunk}")
+    if rows == chunk:
+        return fn(*arrays)
+    n = rows // chunk
+    split = [a.reshape((n, chunk) + a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split))
+    return jax.tree_util.tree_map(lambda x: x.reshape((rows,) + x.shape[2:]), out)
+
+
+def has_stop_token(response_ids: Array, response_mask: Array, stop_token_ids: Sequence[int]) -> Array:
+    """``[B]`` bool: the response contains one of ``stop_token_ids`` on a real position."""
+    if not stop_token_ids:
+        return jnp.zeros(response_ids.shape[:1], bool)
+    is_stop = jnp.isin(response_ids, jnp.asarray(stop_token_ids, response_ids.dtype))
+    return jnp.any(is_stop & (response_mask > 0), axis=1)
+
+
+def adjust_scores(scores: Array, stopped: Array, *, missing_eos_penalty: Array, score_clip: Array,
+                  stop_token_ids: Sequence[int]) -> Array:
+    """Missing-EOS penalty then clipping to ±score_clip (RLHF_SPEC §3), ``[B]`` float32.
+
+    ``score - missing_eos_penalty`` where no stop token was emitted (only when stop tokens are
+    configured at all), then ``clip(score, -score_clip, score_clip)`` (``inf`` = no clipping).
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    if stop_token_ids:
+        scores = losses.apply_missing_eos_penalty(scores, stopped, missing_eos_penalty)
+    return jnp.clip(scores, -score_clip, score_clip)
+
+
+def repeat_prompts(prompts: dict[str, Array], group_size: int) -> dict[str, Array]:
+    """Each prompt repeated ``group_size`` times, a prompt's copies contiguous (GRPO/RLOO)."""
+    return {k: jnp.repeat(v, group_size, axis=0) for k, v in prompts.items()}
+
+
+def check_prompts(prompts: dict[str, Array], batch_size: int, where: str) -> tuple[Array, Array]:
+    """The ``prompt_ids``/``prompt_mask`` of a prompt batch, checked against the config."""
+    for key in ("prompt_ids", "prompt_mask"):
+        if key not in prompts:
+            raise KeyError(f"{where}: the prompt batch has no {key!r} (keys: {sorted(prompts)})")
+    ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"{where}: prompt_ids {ids.shape} and prompt_mask {mask.shape} must both be [B, P]")
+    if ids.shape[0] != batch_size:
+        raise ValueError(f"{where}: the prompt batch has {ids.shape[0]} rows but batch_size is {batch_size}")
+    return ids, mask
