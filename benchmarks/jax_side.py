@@ -1,0 +1,199 @@
+"""Our side of every item, through rlhf_jax's public functions only (no re-implementation here).
+
+Each function raises ``NotAvailable`` naming the missing piece when the library in this tree does
+not (yet) provide what the item needs; everything else it raises is a real error.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks.errors import NotAvailable
+from benchmarks.timing import time_calls
+
+
+def need(module: str, *names: str) -> Any:
+    """``module.name`` for each name (a tuple if several); NotAvailable if absent from this tree."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:  # the package is still being written: the row says so, with the reason
+        raise NotAvailable(f"{module} cannot be imported ({type(e).__name__}: {e})") from e
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise NotAvailable(f"{module} has no {', '.join(missing)} in this tree")
+    out = tuple(getattr(mod, n) for n in names)
+    return out if len(out) > 1 else out[0]
+
+
+def block(tree: Any) -> Any:
+    import jax
+
+    return jax.block_until_ready(tree)
+
+
+def model_config(shape: dict[str, Any], dtype: str):
+    """``ModelConfig.from_hf(shape)`` with compute ``dtype`` (params stay float32)."""
+    ModelConfig = need("rlhf_jax.models", "ModelConfig")
+    return ModelConfig.from_hf(shape, dtype=dtype)
+
+
+def build(shape: dict[str, Any], *, head: str = "causal", dtype: str = "float32", seed: int = 0):
+    """``(module, params)`` with random weights: ``CausalLM`` or ``ScalarHeadModel`` (head="scalar")."""
+    import jax
+
+    cfg = model_config(shape, dtype)
+    CausalLM, ScalarHeadModel, init_params = need("rlhf_jax.models", "CausalLM", "ScalarHeadModel", "init_params")
+    module = CausalLM(cfg) if head == "causal" else ScalarHeadModel(cfg)
+    return module, init_params(module, jax.random.PRNGKey(seed))
+
+
+def flops_per_token(shape: dict[str, Any], seq_len: int, *, training: bool = True) -> float:
+    """The library's MFU numerator (``rlhf_jax.models.flops_per_token``, PaLM convention)."""
+    fpt = need("rlhf_jax.models", "flops_per_token")
+    return fpt(model_config(shape, "float32"), seq_len, training=training)
+
+
+def _optimizer(params, *, weight_decay: float = 0.01):
+    OptimConfig, make_optimizer = need("rlhf_jax.training.optim", "OptimConfig", "make_optimizer")
+    cfg = OptimConfig(learning_rate=1e-5, schedule="constant", weight_decay=weight_decay, max_grad_norm=1.0)
+    return make_optimizer(cfg, params, total_steps=1000)
+
+
+def _train_state(module, params):
+    TrainState = need("rlhf_jax.training.state", "TrainState")
+    return TrainState.create(apply_fn=module.apply, params=params, tx=_optimizer(params), rng=0)
+
+
+def _jitted_step(step_fn, cfg):
+    import functools
+
+    import jax
+
+    return jax.jit(functools.partial(step_fn, cfg=cfg), donate_argnums=(0,))
+
+
+def sft_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,
+                  warmup: int = 1) -> dict[str, Any]:
+    """Seconds per ``rlhf_jax.training.sft_step`` (forward, backward, AdamW), jitted, state donated."""
+    import jax.numpy as jnp
+
+    sft_step, SFTStepConfig = need("rlhf_jax.training", "sft_step", "SFTStepConfig")
+    module, params = build(shape, dtype=dtype)
+    holder = {"state": _train_state(module, params)}
+    step = _jitted_step(sft_step, SFTStepConfig())
+    dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def call():
+        holder["state"], metrics = step(holder["state"], dev_batch)
+        return metrics
+
+    timing = time_calls(call, reps=reps, warmup=warmup, sync=block)
+    return {"timing": timing}
+
+
+def reward_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,
+                     warmup: int = 1) -> dict[str, Any]:
+    """Seconds per ``rlhf_jax.training.reward_step`` (Bradley-Terry pairs), jitted, state donated."""
+    import jax.numpy as jnp
+
+    reward_step, RewardStepConfig = need("rlhf_jax.training", "reward_step", "RewardStepConfig")
+    module, params = build(shape, head="scalar", dtype=dtype)
+    holder = {"state": _train_state(module, params)}
+    step = _jitted_step(reward_step, RewardStepConfig())
+    dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def call():
+        holder["state"], metrics = step(holder["state"], dev_batch)
+        return metrics
+
+    timing = time_calls(call, reps=reps, warmup=warmup, sync=block)
+    return {"timing": timing}
+
+
+def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_tokens: int, greedy: bool,
+                  reps: int, dtype: str, warmup: int = 1) -> dict[str, Any]:
+    """Seconds per ``rlhf_jax.generation.generate`` call (jitted), every row to full length."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    generate = need("rlhf_jax.generation", "generate")
+    module, params = build(shape, dtype=dtype)
+    fn = jax.jit(functools.partial(generate, module, max_new_tokens=new_tokens, greedy=greedy,
+                                   stop_token_ids=(), pad_token_id=shape["pad_token_id"]))
+    ids, mask = jnp.asarray(prompts["prompt_ids"]), jnp.asarray(prompts["prompt_mask"])
+    key = jax.random.PRNGKey(0)
+    out = fn(params, ids, mask, rng=key)
+    if out.tokens.shape != (ids.shape[0], new_tokens) or int(out.mask.sum()) != ids.shape[0] * new_tokens:
+        raise RuntimeError(f"generate returned tokens {out.tokens.shape} with {int(out.mask.sum())} valid; "
+                           f"expected {(ids.shape[0], new_tokens)} all valid")
+    timing = time_calls(lambda: fn(params, ids, mask, rng=key).tokens, reps=reps, warmup=warmup, sync=block)
+    return {"timing": timing}
+
+
+def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epochs: int, minibatches: int,
+               dtype: str):
+    """Four random models (policy, reference = policy's weights, reward, value) and the PPO config."""
+    PPOConfig = need("rlhf_jax.rl.config", "PPOConfig")
+    PPOFrozen, init_ppo_state = need("rlhf_jax.rl.ppo", "PPOFrozen", "init_ppo_state")
+    cfg = PPOConfig(batch_size=batch, max_new_tokens=response_length, ppo_epochs=epochs, minibatches=minibatches,
+                    value_model="separate", stop_token_ids=(), pad_token_id=shape["pad_token_id"],
+                    temperature=1.0, kl_coef=0.05)
+    policy, policy_params = build(shape, dtype=dtype, seed=0)
+    reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1)
+    value, value_params = build(shape, head="scalar", dtype=dtype, seed=2)
+    frozen = PPOFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
+                       value_model=value, reward_model=reward)
+
+    def fresh_state(seed: int = 0, hparams=None):
+        import jax
+
+        copy = lambda t: jax.tree_util.tree_map(lambda x: x.copy(), t)  # noqa: E731 (state is donated)
+        return init_ppo_state(policy_model=policy, policy_params=copy(policy_params),
+                              policy_tx=_optimizer(policy_params, weight_decay=0.0),
+                              value_model=value, value_params=copy(value_params),
+                              value_tx=_optimizer(value_params, weight_decay=0.0), cfg=cfg, hparams=hparams,
+                              rng=seed)
+
+    return cfg, frozen, fresh_state
+
+
+def ppo_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, response_length: int, epochs: int,
+                       minibatches: int, iterations: int, dtype: str) -> dict[str, Any]:
+    """Seconds per ``rlhf_jax.rl.ppo_iteration`` (rollout + reward + reference + value + updates).
+
+    One compiled program per iteration; the first call (compilation) is reported apart.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    ppo_iteration = need("rlhf_jax.rl.ppo", "ppo_iteration")
+    batch = prompts["prompt_ids"].shape[0]
+    cfg, frozen, fresh_state = _ppo_setup(shape, batch, response_length=response_length, epochs=epochs,
+                                          minibatches=minibatches, dtype=dtype)
+    state = fresh_state()
+    dev_prompts = {k: jnp.asarray(v) for k, v in prompts.items()}
+    times = []
+    for _ in range(iterations):
+        t = time.perf_counter()
+        state, metrics = ppo_iteration(state, frozen, dev_prompts, cfg=cfg)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    timed = times[1:]
+    return {"median_s": float(np.median(timed)), "best_s": float(np.min(timed)), "times_s": times,
+            "first_call_s": times[0]}
+
+
+def sweep_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, n_runs: int, iterations: int,
+               response_length: int, epochs: int, minibatches: int, dtype: str) -> dict[str, Any]:
+    """Throughput of N PPO runs (seeds × kl_coef values) vmapped in one program vs one after another.
+
+    Uses ``rlhf_jax.rl.make_train(...)`` (PureJaxRL style): ``train(rng, hparams) -> (state, metrics)``
+    running ``iterations`` PPO iterations; N sequential = the jitted single run called N times;
+    vmapped = ``jax.jit(jax.vmap(train))`` over N keys and N hyper-parameter values.
+    """
+    raise NotAvailable("rlhf_jax.rl.make_train is not in this tree")

@@ -1,0 +1,113 @@
+"""The benchmark harness (issue 10): the suite runs end to end on a minuscule shape in quick mode,
+writes a table and a JSON of the documented structure, builds identical shapes on both sides,
+orients every ratio as a speed-up, and runs TRL's PPOTrainer on four tiny random models."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import data, report, run, shapes, timing, torch_side
+from benchmarks.report import Row
+
+
+def test_ratio_is_a_speedup_in_both_directions():
+    rate = Row(item="sft", shape="t", metric="tokens/s", ours=300.0, peer=100.0, peer_name="p",
+               higher_is_better=True, target=1.2)
+    secs = Row(item="ppo", shape="t", metric="s/iteration", ours=2.0, peer=11.0, peer_name="p",
+               higher_is_better=False, target=5.0)
+    assert rate.ratio == pytest.approx(3.0) and rate.met is True
+    assert secs.ratio == pytest.approx(5.5) and secs.met is True
+    slow = Row(item="ppo", shape="t", metric="s/iteration", ours=4.0, peer=11.0, peer_name="p",
+               higher_is_better=False, target=5.0)
+    assert slow.ratio == pytest.approx(2.75) and slow.met is False
+    mfu = Row(item="mfu", shape="t", metric="MFU", ours=0.42, peer=0.3, peer_name="p", higher_is_better=True,
+              target=0.5, target_on="ours")
+    assert mfu.met is False and mfu.ratio == pytest.approx(1.4)
+    missing = Row(item="sft", shape="t", metric="tokens/s", ours=None, peer=10.0, peer_name="p",
+                  higher_is_better=True, target=1.2, status="not available", note="x missing")
+    assert missing.ratio is None and missing.met is None
+    with pytest.raises(ValueError, match="status"):
+        Row(item="a", shape="b", metric="c", ours=1.0, peer=1.0, peer_name="p", higher_is_better=True,
+            status="fine")
+
+
+def test_markdown_table_has_one_line_per_row_and_says_not_available():
+    rows = [
+        Row(item="sft", shape="tiny", metric="train tokens/s", ours=1500.0, peer=1000.0, peer_name="PyTorch loop",
+            higher_is_better=True, target=1.2, probe_gflops=50.0),
+        Row(item="gen", shape="tiny", metric="new tokens/s", ours=None, peer=None, peer_name="transformers",
+            higher_is_better=True, status="not available", note="bench_generate | missing"),
+    ]
+    lines = report.markdown_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert all(line.count("|") - line.count("\\|") == 12 for line in lines)
+    assert "| 1.50× | ≥ 1.2× | yes |" in lines[2]
+    assert "**not available**: bench_generate \\| missing" in lines[3]
+
+
+def test_time_calls_excludes_warmup():
+    calls = []
+    t = timing.time_calls(lambda: calls.append(1), reps=3, warmup=2)
+    assert len(calls) == 5 and len(t.times) == 3
+    assert t.best <= t.median and t.best >= 0
+    with pytest.raises(ValueError, match="reps"):
+        timing.time_calls(lambda: None, reps=0)
+
+
+def test_unknown_item_and_shape_fail_with_the_choices():
+    with pytest.raises(SystemExit, match="unknown item"):
+        run._items("sft,fast")
+    with pytest.raises(ValueError, match="unknown benchmark shape 'huge'"):
+        shapes.get_shape("huge")
+
+
+@pytest.mark.parametrize("head", ["causal", "scalar"])
+def test_both_sides_build_the_same_shape(head):
+    """Same parameter count from the HF config dict in transformers and in rlhf_jax."""
+    from benchmarks import jax_side
+    from rlhf_jax.models import count_params
+
+    shape = shapes.get_shape("micro")
+    torch_model = torch_side.build_model(shape, head=head)
+    n_torch = sum(p.numel() for p in torch_model.parameters())
+    _, params = jax_side.build(shape, head=head)
+    assert count_params(params) == n_torch
+
+
+def test_random_batches_are_shifted_and_avoid_special_ids():
+    b = data.sft_batch(vocab=50, batch=3, seq=7, seed=1)
+    assert b["input_ids"].shape == (3, 7)
+    np.testing.assert_array_equal(b["input_ids"][:, 1:], b["targets"][:, :-1])
+    assert b["input_ids"].min() >= data.FIRST_ID and b["targets"].max() < 50
+    p = data.preference_batch(vocab=50, pairs=2, seq=5)
+    assert p["chosen_ids"].shape == p["rejected_ids"].shape == (2, 5)
+
+
+def test_trl_ppo_trainer_runs_on_four_tiny_models():
+    shape = shapes.get_shape("micro")
+    prompts = data.prompts(shape["vocab_size"], batch=2, length=4)["prompt_ids"]
+    res = torch_side.trl_ppo_iteration_time(shape, prompts, response_length=3, epochs=1, minibatches=1, iterations=2)
+    assert len(res["times_s"]) == 2 and res["median_s"] > 0
+
+
+def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
+    rc = run.main(["--quick", "--shapes", "micro", "--workload", "micro", "--only", "sft,rm,mfu",
+                   "--out", str(tmp_path), "--no-install", "--reps", "1"])
+    assert rc == 0, "a benchmark side raised (see the captured traceback)"
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert {"date", "command", "machine", "probes", "rows", "workload", "dtype"} <= set(result)
+    assert result["probes"]["matmul_peak_flops"] > 0 and result["probes"]["copy_bandwidth_bytes_per_s"] > 0
+    rows = result["rows"]
+    assert [(r["item"], r["shape"]) for r in rows] == [("sft", "micro"), ("rm", "micro"), ("mfu", "micro")]
+    for r in rows:
+        assert r["status"] in report.STATUSES
+        assert r["peer"] is not None and r["peer"] > 0  # the PyTorch loop always runs on CPU
+        if r["status"] == "ok":
+            assert r["ours"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["peer"])
+        else:
+            assert r["ours"] is None and r["note"]
+    md = (tmp_path / "latest.md").read_text()
+    assert md.count("| micro |") == 3 and "matmul peak" in md
+    assert "| item | shape | metric |" in capsys.readouterr().out
