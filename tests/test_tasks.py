@@ -252,3 +252,23 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="expected prompt"):
         task.gold_reward_jax(jnp.zeros((2, 3), int), jnp.ones((2, 3)), jnp.zeros((3, 4), int), jnp.ones((3, 4)))
     assert set(SPLITS) == {"train", "validation", "test"}
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_model_config_is_tiny_and_matches_tokenizer(name):
+    from rlhf_jax.models import CausalLM, init_params
+
+    task = get_task(name)
+    cfg = task.model_config()
+    assert cfg.vocab_size == task.vocab_size
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (task.bos_id, task.eos_id, task.pad_id)
+    assert cfg.hidden_size <= 64 and cfg.num_layers <= 2
+    assert cfg.max_position_embeddings >= task.prompt_length + task.response_length
+    assert task.model_config(num_layers=1).num_layers == 1
+    model = CausalLM(cfg)
+    params = init_params(model, jax.random.PRNGKey(0), seq_len=4)
+    ids = jnp.asarray([task.encode(task.prompt_records("test", num=1)[0]["prompt"])])
+    logits = model.apply(params, ids, jnp.ones_like(ids))
+    assert logits.shape == ids.shape + (task.vocab_size,)
+    with pytest.raises(ValueError, match="no field 'nonsense'"):
+        task.model_config(nonsense=1)
