@@ -1,1 +1,44 @@
-"""rlhf_jax.losses"""
+"""rlhf_jax.losses: every RLHF objective as a pure, jit/vmap/grad-able function of arrays.
+
+See docs/DESIGN.md ("Losses") for conventions: masks, reductions ("(sum, count), divide once"),
+traced hyper-parameters.
+"""
+
+from rlhf_jax.losses.advantages import gae_advantages, grpo_advantages, rloo_advantages
+from rlhf_jax.losses.common import (explained_variance, masked_mean, masked_sum, masked_var, masked_whiten,
+                                    reduce_loss, reduction_terms)
+from rlhf_jax.losses.dpo import dpo_loss
+from rlhf_jax.losses.grpo import grpo_policy_loss
+from rlhf_jax.losses.kl import (AdaptiveKLController, apply_missing_eos_penalty, kl_estimate, kl_penalized_rewards,
+                                last_token_index, update_kl_controller)
+from rlhf_jax.losses.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from rlhf_jax.losses.reward import bradley_terry_loss, ranking_loss
+from rlhf_jax.losses.sft import sequence_logprobs, sft_loss
+
+__all__ = [
+    "AdaptiveKLController",
+    "apply_missing_eos_penalty",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae_advantages",
+    "grpo_advantages",
+    "grpo_policy_loss",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "last_token_index",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "ranking_loss",
+    "reduce_loss",
+    "reduction_terms",
+    "rloo_advantages",
+    "sequence_logprobs",
+    "sft_loss",
+    "update_kl_controller",
+]

@@ -1,0 +1,78 @@
+"""Supervised fine-tuning loss and token log-probabilities."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, check_int, check_mask, check_ndim,
+                                    check_shape, reduce_loss)
+
+
+def _token_logprobs(logits: Array, targets: Array) -> Array:
+  """``log softmax(logits)[targets]`` without materialising the full log-softmax: ``z_y - logsumexp(z)``."""
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _check_logits_targets(fn: str, logits: Any, targets: Any, mask: Any, targets_name: str):
+  logits = check_float(fn, "logits", logits)
+  check_ndim(fn, "logits", logits, 3, "[B, T, V]")
+  targets = check_int(fn, targets_name, targets)
+  check_shape(fn, targets_name, targets, logits.shape[:2], "`logits` without its vocabulary axis")
+  m = check_mask(fn, "mask", mask, logits.shape[:2], "`logits` without its vocabulary axis")
+  return logits, targets, m
+
+
+def sequence_logprobs(logits: Array, tokens: Array, mask: Array, *, temperature: Any = 1.0) -> Array:
+  """Per-token log-probability of ``tokens`` under ``softmax(logits / temperature)``.
+
+  ``logp[b, t] = log softmax(logits[b, t] / τ)[tokens[b, t]]`` on masked positions, 0 elsewhere.
+  ``logits[b, t]`` must already be the distribution that predicts ``tokens[b, t]`` (the caller does
+  the one-position shift). The same τ as sampling must be used for logp, old_logp and ref_logp, or the
+  first PPO ratio is not 1. ``temperature`` is traced (changing it does not recompile).
+
+  Shapes: ``logits [B, T, V]``, ``tokens [B, T]`` int, ``mask [B, T]`` -> ``[B, T]`` float32.
+  Sum over ``T`` for a sequence log-probability (as DPO needs).
+  """
+  fn = "sequence_logprobs"
+  logits, tokens, m = _check_logits_targets(fn, logits, tokens, mask, "tokens")
+  logp = _token_logprobs(logits / as_float(temperature), tokens)
+  return jnp.where(m > 0, logp, 0.0)
+
+
+def sft_loss(logits: Array, targets: Array, mask: Array, *, reduction: str = "token",
+             normalizer: Optional[Any] = None) -> Tuple[Array, Dict[str, Array]]:
+  """Masked token cross-entropy.
+
+  ``l[b, t] = logsumexp(logits[b, t]) - logits[b, t, targets[b, t]]`` on masked tokens
+  (response tokens; prompt and padding have ``mask = 0``). ``targets[b, t]`` is the token that
+  ``logits[b, t]`` predicts — the caller does the one-position shift (and for packed rows sets
+  ``mask = 0`` at the last token of each segment, so a segment never predicts the next one).
+
+  Reductions (see :func:`rlhf_jax.losses.common.reduction_terms`): ``"token"`` (default,
+  ``Σ m·l / Σ m``), ``"sequence"`` (mean over sequences of the per-sequence token mean), ``"sum"``.
+  ``normalizer``: divide the numerator by this (e.g. the global token count) instead.
+
+  Shapes: ``logits [B, T, V]`` float, ``targets [B, T]`` int, ``mask [B, T]``.
+  Returns ``(loss, metrics)`` with metrics ``loss``, ``nll`` (token-mean NLL), ``accuracy``
+  (token-mean argmax accuracy), ``num_tokens``, ``loss_numerator``, ``loss_denominator``.
+  """
+  fn = "sft_loss"
+  check_choice(fn, "reduction", reduction, ("token", "sequence", "sum"))
+  logits, targets, m = _check_logits_targets(fn, logits, targets, mask, "targets")
+  nll = -_token_logprobs(logits, targets)
+  loss, num, den = reduce_loss(nll, m, reduction, normalizer=normalizer)
+  n_tok = jnp.sum(m)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  metrics = {
+      "loss": loss,
+      "nll": jnp.sum(jnp.where(m > 0, nll * m, 0.0)) / jnp.maximum(n_tok, 1.0),
+      "accuracy": jnp.sum(correct * m) / jnp.maximum(n_tok, 1.0),
+      "num_tokens": n_tok,
+      "loss_numerator": num,
+      "loss_denominator": den,
+  }
+  return loss, metrics
