@@ -392,3 +392,27 @@ def test_data_config_overrides_and_make_iterator(tok, tmp_path):
     assert b["prompt_ids"].shape == (5, 8)
     assert sorted(_indices([b] + list(it))) == sorted(
         data.host_rows(len(PROMPTS), seed=0, epoch=0, host_id=1, num_hosts=2).tolist())
+
+
+def test_read_ahead_changes_nothing(tok, monkeypatch):
+    from rlhf_jax.data import pipeline
+
+    recs = SFT * 4 + [{"prompt": "one", "completion": "two"}] * 3
+    mk = lambda: list(data.sft_batches(recs, tok, batch_size=2, seq_len=16, seed=1, num_epochs=2))
+    ref = mk()
+    monkeypatch.setattr(pipeline, "PREFETCH", 1)                  # one row at a time, unbatched
+    one = mk()
+    assert len(ref) == len(one)
+    for a, b in zip(ref, one):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_bad_row_raises_only_when_reached(tok):
+    recs = [{"prompt": "hello"}, {"prompt": "red"}, {"prompt": 7}, {"prompt": "blue"}]
+    it = data.prompt_batches(recs, tok, batch_size=2, max_prompt_length=4, shuffle=False)
+    first = next(it)                                               # rows 1-2 are fine
+    assert first["example_index"].tolist() == [0, 1]
+    with pytest.raises(DataError) as e:
+        next(it)
+    assert (e.value.line, e.value.field, e.value.reason) == (3, "prompt", "wrong_type")

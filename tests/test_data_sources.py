@@ -304,6 +304,19 @@ def test_non_utf8_in_parquet_binary_column(tmp_path):
     assert recs[0]["prompt"] == "hello" and stats.skipped == {"non_utf8": 1}
 
 
+def test_non_utf8_in_parquet_string_column(tmp_path):
+    # pyarrow validates UTF-8 when building arrays but not when reading files other tools wrote
+    raw = pa.array([b"hello", b"red", b"caf\xe9"], pa.binary())
+    bad = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+    path = tmp_path / "bad_string.parquet"
+    pq.write_table(pa.table({"prompt": bad}), path)
+    with pytest.raises(DataError) as e:
+        data.read_records(str(path), "prompt")
+    assert (e.value.line, e.value.field, e.value.reason) == (3, "prompt", "non_utf8")
+    recs, stats = data.read_records(str(path), "prompt", skip_bad_rows=True)
+    assert recs == [{"prompt": "hello"}, {"prompt": "red"}] and stats.skipped == {"non_utf8": 1}
+
+
 def test_missing_and_unknown_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         data.read_records(str(tmp_path / "nope.jsonl"), "sft")

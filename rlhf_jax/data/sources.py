@@ -102,6 +102,7 @@ class JsonlSource(RecordSource):
                             reason="missing_file")
         self._offsets: list[int] = []
         self._lines: list[int] = []
+        self._handle = None
         with open(self.path, "rb") as f:
             offset = 0
             for lineno, line in enumerate(f, start=1):
@@ -113,12 +114,17 @@ class JsonlSource(RecordSource):
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None:
+            self._handle.close()
+
     def get(self, index: int) -> tuple[dict[str, Any], Location]:
         self._check_index(index)
         loc = Location(self.path, self._lines[index])
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[index])
-            raw = f.readline()
+        if self._handle is None or self._handle.closed:
+            self._handle = open(self.path, "rb")
+        self._handle.seek(self._offsets[index])
+        raw = self._handle.readline()
         return parse_json_line(raw.rstrip(b"\r\n"), loc), loc
 
 
@@ -168,10 +174,27 @@ class ParquetSource(RecordSource):
         self._check_index(index)
         group = bisect.bisect_right(self._starts, index) - 1
         if group != self._cached_group:
-            self._cached_rows = self._file.read_row_group(group).to_pylist()
+            self._cached_table = self._file.read_row_group(group)
+            try:
+                self._cached_rows = self._cached_table.to_pylist()
+            except UnicodeDecodeError:
+                # a string column holds bytes that are not UTF-8 (pyarrow does not check on
+                # read): convert row by row so only the bad row fails, naming its column
+                self._cached_rows = None
             self._cached_group = group
         loc = Location(self.path, index + 1, "row")
-        row = self._cached_rows[index - self._starts[group]]
+        j = index - self._starts[group]
+        if self._cached_rows is not None:
+            row = self._cached_rows[j]
+        else:
+            row = {}
+            for name in self._cached_table.column_names:
+                try:
+                    row[name] = self._cached_table.column(name)[j].as_py()
+                except UnicodeDecodeError as e:
+                    raise DataError(f"non-UTF-8 bytes (byte {e.start}: {e.reason}) in a string "
+                                    "column; text must be UTF-8", location=loc, field=name,
+                                    reason="non_utf8") from None
         return _decode_bytes(row, loc), loc
 
 
@@ -192,7 +215,7 @@ class MemorySource(RecordSource):
         if not isinstance(rec, Mapping):
             raise DataError(f"expected a dict record, got {type(rec).__name__}", location=loc,
                             reason="malformed_record")
-        return dict(rec), loc
+        return _decode_bytes(dict(rec), loc), loc
 
 
 class ConcatSource(RecordSource):

@@ -99,10 +99,35 @@ class Encoder:
                             "token or pass append_eos=False", reason="tokenizer")
         self.append_eos = append_eos
         self.pad_id = pad_token_id(tokenizer)
+        self._cache: dict[tuple[str, bool], list[int]] = {}
 
     # --- text -----------------------------------------------------------------------------
     def ids(self, text: str, *, special: bool) -> list[int]:
+        hit = self._cache.pop((text, special), None)
+        if hit is not None:
+            return list(hit)
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    def prefetch(self, records: Sequence[dict]) -> None:
+        """Tokenises the plain-string fields of ``records`` in one batched call per kind.
+
+        Purely a speed-up (one Rust batch instead of many Python round trips): :meth:`ids` then
+        finds the results. The cache is replaced on every call, so it stays small."""
+        want: dict[bool, list[str]] = {True: [], False: []}
+        for rec in records:
+            if not isinstance(rec.get("prompt"), str):
+                continue
+            want[True].append(rec["prompt"])
+            for key in ("completion", "chosen", "rejected"):
+                if isinstance(rec.get(key), str):
+                    want[False].append(rec[key])
+            want[False].extend(r for r in rec.get("responses", ()) if isinstance(r, str))
+        self._cache = {}
+        for special, texts in want.items():
+            texts = list(dict.fromkeys(texts))
+            if len(texts) > 1:
+                out = self.tok(texts, add_special_tokens=special)["input_ids"]
+                self._cache.update(((t, special), list(i)) for t, i in zip(texts, out))
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         if self.append_eos and (not ids or ids[-1] != self.eos_id):
