@@ -1,0 +1,386 @@
+"""The decoder-only transformer (`CausalLM`), its trunk, and the KV cache.
+
+Shapes: B batch, T new tokens, S key slots (T without a cache, the cache length with one),
+D hidden, H query heads, K kv heads (H = K·G), Dh head dim, F MLP width, V vocab, L layers.
+
+Attention is a plain masked einsum (portable, fast on CPU, shardable): query t may attend to key s iff
+
+    valid[b, s]  and  slot(s) <= slot(t)  and  seg[b, s] == seg[b, t]  and  slot(t) - slot(s) < window
+
+with `valid` the attention mask (pads are never keys), `seg` the optional packed-segment ids and
+`window` Mistral's sliding window (counted in slots, as transformers does). Rows with no allowed key
+(pad queries) get a uniform distribution, never NaN; their outputs are meaningless by definition.
+
+Parameter tree (names chosen so a training engineer can shard the large matrices on an `fsdp` axis;
+every large kernel has the model dimension D first or last):
+
+    model/embed/embedding [V, D]          model/pos_embed/embedding [P, D]  (gpt2)
+    model/layers_i/attn_norm/{scale,bias} model/layers_i/mlp_norm/{scale,bias}
+    model/layers_i/attn/{q,k,v}_proj/kernel [D, H|K, Dh]  (+ bias [H|K, Dh])
+    model/layers_i/attn/o_proj/kernel [H, Dh, D]          (+ bias [D])
+    model/layers_i/attn/{q,k}_norm/scale [Dh]             (qwen3)
+    model/layers_i/mlp/{gate,up}_proj/kernel [D, F]       model/layers_i/mlp/down_proj/kernel [F, D]
+    model/final_norm/{scale,bias}         lm_head/kernel [D, V]  (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for incremental decoding (an immutable pytree).
+
+    k, v:  [L, B, S, K, Dh]  keys (after RoPE / q-k norm) and values, in the cache dtype.
+    mask:  [B, S] int32      1 on slots holding a real token's key.
+    index: int32 scalar      the next slot to write.
+    """
+
+    k: Array
+    v: Array
+    mask: Array
+    index: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache of `max_len` slots per row (all slots invalid, `index = 0`).
+
+    `dtype` defaults to the config's compute dtype. The caller sizes `max_len` to hold the prompt
+    plus every generated token: writes past the end are clamped by XLA, not detected.
+    """
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"init_cache: batch and max_len must be > 0, got batch={batch}, max_len={max_len}")
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# positions, masks, RoPE
+# ----------------------------------------------------------------------------------------------
+def positions_from_mask(attention_mask: Array) -> Array:
+    """`max(cumsum(mask) - 1, 0)` `[B, T]` int32: each row counts from its first real token."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+    """Position of each token within its packed segment `[B, T]` int32 (0 at each segment start)."""
+    t = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], dtype=bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=segment_ids.ndim - 1)
+    return idx - start
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies `[Dh/2]` float32, `theta^(-2i/Dh)`, with linear or llama3 scaling applied.
+
+    llama3 (Meta's Llama 3.1 recipe): wavelengths `λ = 2π/f` longer than `L0/low` are divided by
+    `factor`, shorter than `L0/high` are kept, and in between interpolated with
+    `s = (L0/λ - low)/(high - low)`: `f' = (1-s) f/factor + s f`, where `L0` is
+    `original_max_position_embeddings`.
+    """
+    dh = config.head_dim
+    inv = (1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / dh))).astype(np.float32)
+    rs = config.rope_scaling_dict
+    if rs is None:
+        return inv
+    rtype = rs.get("rope_type", rs.get("type", "default"))
+    if rtype == "default":
+        return inv
+    factor = float(rs["factor"])
+    if rtype == "linear":
+        return (inv / factor).astype(np.float32)
+    # llama3
+    low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old = float(rs["original_max_position_embeddings"])
+    low_wl, high_wl = old / low, old / high
+    wavelen = 2 * np.pi / inv
+    out = np.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate `x [B, T, H, Dh]` by angle `pos · f_i` on the pairs `(x_i, x_{i+Dh/2})` (HF/NeoX layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def _activation(name: str):
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu
+    return jax.nn.silu  # silu / swish (validated by ModelConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+# ----------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """`scale · x / sqrt(mean(x²) + eps)`, statistics in float32 (as transformers)."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def _norm(config: ModelConfig, name: str | None = None):
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                            use_fast_variance=False, name=name)
+    return RMSNorm(config.norm_eps, config.dtype, config.param_dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with RoPE or none (gpt2), optional q/k norm."""
+
+    config: ModelConfig
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x, positions, allowed, cache_k, cache_v, cache_index):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        dense = lambda feats, axis, bias, name: nn.DenseGeneral(  # noqa: E731
+            feats, axis=axis, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init, name=name
+        )
+        b, t, _ = x.shape
+        q = dense((c.num_heads, c.head_dim), -1, c.attention_bias, "q_proj")(x)  # [B,T,H,Dh]
+        k = dense((c.num_kv_heads, c.head_dim), -1, c.attention_bias, "k_proj")(x)  # [B,T,K,Dh]
+        v = dense((c.num_kv_heads, c.head_dim), -1, c.attention_bias, "v_proj")(x)
+        if c.qk_norm:
+            q = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
+        if not c.learned_positions:
+            inv_freq = rope_inv_freq(c)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        if cache_k is not None:
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.asarray(self.layer_idx, jnp.int32), zero, cache_index, zero, zero)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+            k = cache_k[self.layer_idx].astype(c.dtype)
+            v = cache_v[self.layer_idx].astype(c.dtype)
+        g = c.num_heads // c.num_kv_heads
+        qg = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(c.head_dim ** -0.5, c.dtype)
+        scores = scores.astype(jnp.float32)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.attention_out_bias, dtype=c.dtype,
+                              param_dtype=c.param_dtype, kernel_init=init, name="o_proj")(out)
+        return out, cache_k, cache_v
+
+
+class MLP(nn.Module):
+    """SwiGLU `down(act(gate(x)) · up(x))` or, for gpt2, `down(gelu(up(x)))`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dense = lambda feats, name: nn.Dense(  # noqa: E731
+            feats, use_bias=c.mlp_bias, dtype=c.dtype, param_dtype=c.param_dtype,
+            kernel_init=nn.initializers.normal(c.initializer_range), name=name
+        )
+        act = _activation(c.hidden_act)
+        if c.gated_mlp:
+            h = act(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
+        else:
+            h = act(dense(c.intermediate_size, "up_proj")(x))
+        return dense(c.hidden_size, "down_proj")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    config: ModelConfig
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x, positions, allowed, cache_k, cache_v, cache_index):
+        c = self.config
+        h, cache_k, cache_v = Attention(c, self.layer_idx, name="attn")(
+            _norm(c, "attn_norm")(x), positions, allowed, cache_k, cache_v, cache_index
+        )
+        x = x + h
+        x = x + MLP(c, name="mlp")(_norm(c, "mlp_norm")(x))
+        return x, cache_k, cache_v
+
+
+def _check_inputs(input_ids, attention_mask, positions, segment_ids, cache):
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids: expected an integer array [B, T], got {input_ids.dtype}{list(input_ids.shape)}")
+    for name, a in (("attention_mask", attention_mask), ("positions", positions), ("segment_ids", segment_ids)):
+        if a is not None and tuple(a.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name}: expected shape {list(input_ids.shape)} like input_ids, got {list(a.shape)}")
+    if cache is not None:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+        if cache.k.shape[1] != input_ids.shape[0]:
+            raise ValueError(f"cache batch {cache.k.shape[1]} != input_ids batch {input_ids.shape[0]}")
+
+
+class Transformer(nn.Module):
+    """Embeddings + L blocks + final norm. Returns `(hidden [B,T,D] final-normed, cache or None)`."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                              embedding_init=init)
+        if c.learned_positions:
+            self.pos_embed = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=c.dtype,
+                                      param_dtype=c.param_dtype, embedding_init=init)
+        block = nn.remat(Block) if c.remat else Block
+        self.layers = [block(c, i) for i in range(c.num_layers)]
+        self.final_norm = _norm(c)
+
+    def attend(self, hidden: Array) -> Array:
+        """`hidden @ embedding.T` (tied output projection) in the compute dtype."""
+        return self.embed.attend(hidden)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
+        c = self.config
+        input_ids = jnp.asarray(input_ids)
+        attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+        positions = None if positions is None else jnp.asarray(positions)
+        _check_inputs(input_ids, attention_mask, positions, segment_ids, cache)
+        b, t = input_ids.shape
+        if attention_mask is not None:
+            valid = attention_mask.astype(bool)
+        elif segment_ids is not None:
+            valid = segment_ids != 0
+        else:
+            valid = jnp.ones((b, t), bool)
+
+        if cache is None:
+            q_slot = jnp.arange(t, dtype=jnp.int32)
+            k_slot = q_slot
+            key_valid = valid
+            if positions is None:
+                positions = positions_from_segments(segment_ids) if segment_ids is not None else positions_from_mask(valid)
+            cache_k = cache_v = cache_index = None
+        else:
+            index = cache.index.astype(jnp.int32)
+            key_valid = jax.lax.dynamic_update_slice(cache.mask, valid.astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
+            q_slot = index + jnp.arange(t, dtype=jnp.int32)
+            k_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
+            if positions is None:
+                before = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]
+                positions = jnp.maximum(before + jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+            key_valid = key_valid.astype(bool)
+            cache_k, cache_v, cache_index = cache.k, cache.v, index
+        allowed = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [B,T,S]
+        if c.sliding_window is not None:
+            allowed &= (q_slot[:, None] - k_slot[None, :] < c.sliding_window)[None]
+        if segment_ids is not None:
+            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        positions = positions.astype(jnp.int32)
+
+        x = self.embed(input_ids)
+        if c.learned_positions:
+            x = x + self.pos_embed(positions)
+        for layer in self.layers:
+            x, cache_k, cache_v = layer(x, positions, allowed, cache_k, cache_v, cache_index)
+        x = self.final_norm(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=cache_k, v=cache_v, mask=key_valid.astype(jnp.int32), index=cache.index + t)
+        return x, new_cache
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model.
+
+    `model.apply(params, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
+    cache=None)` -> logits `[B, T, V]` float32, or `(logits, cache)` when a `KVCache` is given.
+
+    - `attention_mask [B, T]`: 1 on real tokens (left or right padding); pads are never attended to.
+    - `positions` default to `max(cumsum(mask) - 1, 0)` (counted from each row's first real token);
+      with `segment_ids` to the index within each segment; with a cache they continue from the
+      number of valid slots already in the cache.
+    - `segment_ids [B, T]` (packed rows, 0 = pad): attention never crosses segments.
+    - cache: the T new keys are written at slots `index..index+T`, marked valid per
+      `attention_mask`; each query attends to the valid slots at or before its own slot.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.model = Transformer(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                                    kernel_init=nn.initializers.normal(c.initializer_range))
+
+    def logits_from_hidden(self, hidden: Array) -> Array:
+        """`[B, T, D]` final-normed hidden -> logits `[B, T, V]` float32."""
+        out = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None):
+        """Final-normed hidden states `[B, T, D]` (compute dtype), or `(hidden, cache)` with a cache."""
+        h, new_cache = self.model(input_ids, attention_mask, positions, segment_ids, cache)
+        return h if cache is None else (h, new_cache)
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None):
+        h, new_cache = self.model(input_ids, attention_mask, positions, segment_ids, cache)
+        logits = self.logits_from_hidden(h)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_params(model: nn.Module, rng: Array, *, seq_len: int = 1) -> dict:
+    """Random parameters `{"params": ...}` for `model` (shapes do not depend on `seq_len`)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return {"params": model.init(rng, ids)["params"]}
