@@ -1,0 +1,140 @@
+"""Pieces the SFT and reward trainers share: model/tokenizer/data set-up, validation, CLI glue."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.config import ConfigError, apply_overrides, load_config_file
+from rlhf_jax.training.configs import ModelSection
+
+
+def get_task_or_none(name: str, key: str = "task"):
+    if not name:
+        return None
+    from rlhf_jax.tasks import get_task, list_tasks
+    try:
+        return get_task(name)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"config key {key!r}: unknown task {name!r} ({e}); "
+                          f"available: {list_tasks()}") from None
+
+
+def resolve_tokenizer_dir(data_tokenizer: str, model_path: str, task) -> str:
+    """``data.tokenizer``, else the model directory (HF dirs usually carry one), else the task's."""
+    if data_tokenizer:
+        return data_tokenizer
+    if model_path and any(os.path.exists(os.path.join(model_path, f))
+                          for f in ("tokenizer.json", "tokenizer_config.json")):
+        return model_path
+    if task is not None:
+        return task.tokenizer_dir
+    return ""
+
+
+def check_path(key: str, path: str, *, kind: str = "file") -> None:
+    """ConfigError naming ``key`` when a data path (comma-separated, globs, tfds:) is missing."""
+    if not path or path.startswith("tfds:"):
+        return
+    import glob
+    for part in path.split(","):
+        part = os.path.expanduser(part.strip())
+        if not part:
+            continue
+        if any(c in part for c in "*?["):
+            if not glob.glob(part):
+                raise ConfigError(f"config key {key!r}: no file matches {part!r}")
+        elif kind == "dir" and not os.path.isdir(part):
+            raise ConfigError(f"config key {key!r}: directory {part!r} does not exist")
+        elif kind == "file" and not os.path.exists(part):
+            raise ConfigError(f"config key {key!r}: {part!r} does not exist")
+
+
+def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng: jax.Array):
+    """``(model, params, model_config)`` from a HF directory, the task's config, or a tiny config."""
+    from rlhf_jax import models
+    if section.path:
+        model, params = models.from_pretrained(
+            section.path, dtype=jnp.dtype(section.dtype), param_dtype=jnp.dtype(section.param_dtype),
+            head=head, rng=rng, remat=section.remat)
+        mconfig = model.config
+    else:
+        sizes = section.size_overrides()
+        if section.name == "task":
+            if task is None:
+                raise ConfigError("config key 'model.name': 'task' needs config key 'task' set")
+            mconfig = task.model_config(**sizes)
+        else:
+            if "vocab_size" not in sizes:
+                sizes["vocab_size"] = len(tokenizer)
+            for attr, key in (("pad_token_id", "pad_token_id"), ("eos_token_id", "eos_token_id"),
+                              ("bos_token_id", "bos_token_id")):
+                val = getattr(tokenizer, attr, None)
+                if val is not None:
+                    sizes[key] = int(val)
+            mconfig = models.tiny_config(arch=section.arch, **sizes)
+        cls = {None: models.CausalLM, "scalar": models.ScalarHeadModel,
+               "value": models.CausalLMWithValueHead}[head]
+        model = cls(mconfig)
+        params = models.init_params(model, rng)
+    if tokenizer is not None:
+        try:
+            models.check_tokenizer_compat(mconfig, tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"config key 'model': {e}") from None
+    return model, params, mconfig
+
+
+def export_model(export_dir: Path, model, params, tokenizer_dir: str) -> str:
+    """Hugging Face directory (weights via ``rlhf_jax.models.save_pretrained``) + tokenizer files."""
+    from rlhf_jax import models
+    from rlhf_jax.training.loop import host_params
+    host = host_params(params)
+    if jax.process_index() != 0:
+        return str(export_dir)
+    models.save_pretrained(str(export_dir), model, host)
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        for name in os.listdir(tokenizer_dir):
+            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens",
+                                "chat_template")):
+                shutil.copy2(os.path.join(tokenizer_dir, name), export_dir / name)
+    return str(export_dir)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    from rlhf_jax.training.distributed import add_distributed_arguments
+    parser.add_argument("--config", default=None,
+                        help="experiments/*.py file with get_config() (default: built-in defaults)")
+    parser.add_argument("--out", default=None, help=f"run directory (default: config out_dir, {default_out})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out (exact resume)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. optim.learning_rate=1e-3 data.batch_size=16")
+    add_distributed_arguments(parser)
+
+
+def config_from_args(args, default_cfg) -> Any:
+    """Config file (or defaults) + ``KEY=VALUE`` overrides + --out/--resume, validated."""
+    import dataclasses
+    cfg = load_config_file(args.config) if args.config else default_cfg
+    if not isinstance(cfg, type(default_cfg)):
+        raise ConfigError(f"config file {args.config!r}: get_config() returned "
+                          f"{type(cfg).__name__}, expected {type(default_cfg).__name__}")
+    overrides = [o for o in (args.overrides or [])]
+    cfg = apply_overrides(cfg, overrides)
+    if args.out:
+        cfg = dataclasses.replace(cfg, out_dir=args.out)
+    if args.resume:
+        cfg = dataclasses.replace(cfg, resume=True)
+    return cfg
+
+
+def init_distributed_from_args(args) -> None:
+    from rlhf_jax.training.distributed import init_distributed
+    init_distributed(args.coordinator, args.num_processes, args.process_id, args.local_device_ids,
+                     auto=args.distributed_auto)

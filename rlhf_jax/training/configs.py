@@ -1,0 +1,91 @@
+"""Config sections shared by the trainers (frozen dataclasses, overridable as ``section.key=value``)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+from rlhf_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Where the model comes from.
+
+    ``path``: a Hugging Face model directory (config.json + safetensors) to start from.
+    Otherwise the model is built from scratch: ``name="task"`` takes the embedded
+    task's tiny config (``task.model_config()``), ``name="tiny"`` takes
+    ``rlhf_jax.models.tiny_config(arch=...)`` with the size fields below (0 = that
+    config's default; ``vocab_size`` 0 = the tokenizer's size).
+    """
+    path: str = ""
+    name: Literal["tiny", "task"] = "tiny"
+    arch: str = "llama"
+    vocab_size: int = 0
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    max_position_embeddings: int = 0
+    dtype: str = "float32"        # compute dtype (bfloat16 on accelerators)
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def validate(self, prefix: str = "model.") -> None:
+        if self.path and not os.path.isdir(self.path):
+            raise ConfigError(f"config key {prefix + 'path'!r}: {self.path!r} is not a directory")
+        if self.path and not os.path.isfile(os.path.join(self.path, "config.json")):
+            raise ConfigError(f"config key {prefix + 'path'!r}: {self.path!r} has no config.json")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"config key {prefix + key!r}: expected float32/bfloat16/float16, "
+                                  f"got {getattr(self, key)!r}")
+        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "intermediate_size", "max_position_embeddings"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"config key {prefix + f!r}: must be >= 0, got {getattr(self, f)}")
+
+    def size_overrides(self) -> dict:
+        keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "intermediate_size", "max_position_embeddings")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) > 0}
+        out.update(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device layout: ``data × fsdp`` devices (``-1`` = the rest), compiled with ``jit``
+    and NamedShardings, or ``pmap`` data parallelism (params replicated, fsdp must be 1)."""
+    data: int = -1
+    fsdp: int = 1
+    mode: Literal["jit", "pmap"] = "jit"
+
+    def validate(self, n_devices: int, prefix: str = "mesh.") -> tuple[int, int]:
+        """The resolved ``(data, fsdp)`` or a ConfigError naming the key."""
+        data, fsdp = self.data, self.fsdp
+        if data == 0 or data < -1:
+            raise ConfigError(f"config key {prefix + 'data'!r}: must be >= 1 or -1, got {data}")
+        if fsdp == 0 or fsdp < -1:
+            raise ConfigError(f"config key {prefix + 'fsdp'!r}: must be >= 1 or -1, got {fsdp}")
+        if data == -1 and fsdp == -1:
+            raise ConfigError(f"config key {prefix + 'data'!r}: data and fsdp cannot both be -1")
+        if data == -1:
+            if n_devices % fsdp:
+                raise ConfigError(f"config key {prefix + 'fsdp'!r}: {fsdp} does not divide the "
+                                  f"{n_devices} devices")
+            data = n_devices // fsdp
+        if fsdp == -1:
+            if n_devices % data:
+                raise ConfigError(f"config key {prefix + 'data'!r}: {data} does not divide the "
+                                  f"{n_devices} devices")
+            fsdp = n_devices // data
+        if data * fsdp != n_devices:
+            raise ConfigError(f"config key {prefix + 'data'!r}: data={data} x fsdp={fsdp} != "
+                              f"{n_devices} devices")
+        if self.mode == "pmap" and fsdp != 1:
+            raise ConfigError(f"config key {prefix + 'fsdp'!r}: pmap mode is pure data parallel; "
+                              f"fsdp must be 1, got {fsdp}")
+        return data, fsdp

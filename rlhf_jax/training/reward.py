@@ -1,0 +1,325 @@
+"""Reward model (Bradley–Terry): pure step, trainer ``train_reward(cfg)``, ``rlhf-jax reward``.
+
+Spec §2. The reward of a sequence is the scalar head at its last real token.
+Pairwise batches (``chosen_ids/chosen_mask/rejected_ids/rejected_mask [B, L]``,
+``margin [B]``): ``-log σ(r_c - r_r - m) + c·(r_c + r_r)²`` averaged over pairs;
+chosen and rejected go through ONE forward pass of ``[2B, L]``. K-wise ranking
+batches (``response_ids/response_mask [B, K, L]``, ``ranks/rank_mask [B, K]``):
+all ordered pairs of a prompt, averaged within the prompt, prompts weighted
+equally. Micro-batches and devices carry (sum, count) of pairs or prompts.
+
+After training, optional normalisation: ``shift = -mean r`` over a calibration
+set of reference (SFT/demonstration) responses, so they score mean 0. The shift
+is recorded in the final checkpoint's ``extra`` item, in
+``export/reward_normalization.json`` and in the result; a user of the model adds it.
+
+    rlhf-jax reward --config experiments/reward_sorting.py --out runs/rm
+    rlhf-jax reward task=sort model.name=task format=ranking steps=200 --out runs/rm
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config import ConfigError, to_dict
+from rlhf_jax.data import DataConfig
+from rlhf_jax.training import loop, steps
+from rlhf_jax.training.checkpoint import CheckpointConfig
+from rlhf_jax.training.common import (add_common_arguments, build_model, check_path, config_from_args,
+                                      export_model, get_task_or_none, init_distributed_from_args,
+                                      resolve_tokenizer_dir)
+from rlhf_jax.training.configs import MeshConfig, ModelSection
+from rlhf_jax.training.metrics import LogConfig
+from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
+from rlhf_jax.training.sft import run_eval
+from rlhf_jax.training.state import TrainState
+
+PAIR_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "margin", "example_mask")
+RANK_KEYS = ("response_ids", "response_mask", "ranks", "rank_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """A reward-model run. ``format``: ``preference`` (pairs) or ``ranking`` (K-wise).
+
+    Data: ``data.path`` in that format, or the embedded ``task``'s simulated labels
+    (``label_noise``; ``ranking_k`` responses per prompt for rankings). Evaluation
+    every ``eval_every`` steps on ``eval_path`` (or the task's validation split):
+    held-out loss, accuracy and margin. ``normalize``: shift rewards so the
+    calibration responses (``calibration_path``, an ``sft``-format file of
+    prompt + reference response, or the task's validation demonstrations) score
+    mean 0.
+    """
+    task: str = ""
+    format: Literal["preference", "ranking"] = "preference"
+    label_noise: float = -1.0          # < 0: the task's default labeller noise
+    ranking_k: int = 4
+    model: ModelSection = ModelSection()
+    data: DataConfig = DataConfig(batch_size=8, max_length=128, pack=False)
+    eval_path: str = ""
+    eval_batches: int = 4
+    optim: OptimConfig = OptimConfig(learning_rate=1e-4)
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    steps: int = 100
+    micro_batches: int = 1
+    center_coef: float = 0.0
+    use_margin: bool = True
+    eval_every: int = 50
+    normalize: bool = False
+    calibration_path: str = ""
+    calibration_batches: int = 8
+    seed: int = 0
+    out_dir: str = "runs/reward"
+    export: bool = True
+    resume: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardStepConfig:
+    """Static step options (hashable; part of the compiled program's identity)."""
+    micro_batches: int = 1
+    center_coef: float = 0.0
+    use_margin: bool = True
+
+
+def sequence_rewards(apply_fn, params, ids, mask) -> jax.Array:
+    """``r[b]`` = scalar head at the last real token of row ``b``; ``ids, mask [N, L]``."""
+    from rlhf_jax.models import last_token_values
+    values = apply_fn(params, ids, attention_mask=mask)
+    return last_token_values(values, mask)
+
+
+def reward_sums(params, batch: dict, rng, *, apply_fn, center_coef: float = 0.0,
+                use_margin: bool = True):
+    """``(loss_sum, sums)`` for a pairwise or ranking (micro-)batch (chosen by its keys)."""
+    from rlhf_jax.losses import bradley_terry_loss, ranking_loss
+    if "chosen_ids" in batch:
+        b = batch["chosen_ids"].shape[0]
+        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        r = sequence_rewards(apply_fn, params, ids, mask)
+        rc, rr = r[:b], r[b:]
+        pair_mask = batch.get("example_mask")
+        if pair_mask is None:
+            pair_mask = jnp.ones((b,), jnp.float32)
+        margin = batch.get("margin") if use_margin else None
+        loss, met = bradley_terry_loss(rc, rr, margin=margin, center_coef=center_coef,
+                                       mask=pair_mask)
+        n = met["num_pairs"]
+        total = loss * n
+        return total, {"loss": (total, n), "accuracy": (met["accuracy"] * n, n),
+                       "margin": (met["margin"] * n, n),
+                       "chosen_reward": (met["chosen_reward"] * n, n),
+                       "rejected_reward": (met["rejected_reward"] * n, n)}
+    bsz, k, length = batch["response_ids"].shape
+    r = sequence_rewards(apply_fn, params, batch["response_ids"].reshape(bsz * k, length),
+                         batch["response_mask"].reshape(bsz * k, length)).reshape(bsz, k)
+    loss, met = ranking_loss(r, batch["ranks"], batch["rank_mask"])
+    n = met["num_prompts"]
+    total = loss * n
+    # margin: mean reward of the best-ranked minus the worst-ranked response per prompt
+    rm = batch["rank_mask"] > 0
+    ranks = batch["ranks"]
+    top = jnp.min(jnp.where(rm, ranks, jnp.iinfo(jnp.int32).max), -1, keepdims=True)
+    bottom = jnp.max(jnp.where(rm, ranks, jnp.iinfo(jnp.int32).min), -1, keepdims=True)
+    best = jnp.sum(jnp.where(rm & (ranks == top), r, 0.0), -1)
+    worst = jnp.sum(jnp.where(rm & (ranks == bottom), r, 0.0), -1)
+    has = (jnp.sum(rm, -1) >= 2).astype(jnp.float32)
+    return total, {"loss": (total, n), "accuracy": (met["accuracy"] * n, n),
+                   "margin": (jnp.sum((best - worst) * has), jnp.sum(has))}
+
+
+def reward_step(state: TrainState, batch: dict, *, cfg: RewardStepConfig = RewardStepConfig(),
+                axis_name: str | None = None):
+    """One reward-model update on a pairwise or ranking batch; pure. Metrics: ``loss``,
+    ``accuracy`` (chosen scored higher / pairs ordered right), ``margin`` (mean r_c − r_r;
+    best − worst for rankings), ``count`` (pairs or prompts), ``grad_norm``."""
+    fn = functools.partial(reward_sums, apply_fn=state.apply_fn, center_coef=cfg.center_coef,
+                           use_margin=cfg.use_margin)
+    return steps.update_step(state, batch, fn, micro_batches=cfg.micro_batches, axis_name=axis_name)
+
+
+def reward_eval_sums(params, batch: dict, *, apply_fn, use_margin: bool = True) -> dict:
+    _, sums = reward_sums(params, batch, None, apply_fn=apply_fn, center_coef=0.0,
+                          use_margin=use_margin)
+    return sums
+
+
+def calibration_shift(apply_fn, params, batches, placement=None) -> tuple[float, int]:
+    """``(-mean r, n)`` over the sequences of SFT-format batches (each row's real tokens).
+
+    Packed rows are not allowed here (one sequence per row); pass ``pack=False`` batches.
+    """
+    f = jax.jit(lambda p, ids, m: sequence_rewards(apply_fn, p, ids, m))
+    total, n = 0.0, 0
+    for b in batches:
+        mask = np.asarray(b["attention_mask"])
+        keep = mask.sum(-1) > 0
+        if "example_mask" in b:
+            keep &= np.asarray(b["example_mask"]) > 0
+        r = np.asarray(jax.device_get(f(params, b["input_ids"], mask)))
+        total += float(r[keep].sum())
+        n += int(keep.sum())
+    if n == 0:
+        raise ValueError("reward normalisation: the calibration set has no sequence")
+    return -total / n, n
+
+
+def validate_reward_config(cfg: RewardConfig) -> None:
+    if not isinstance(cfg, RewardConfig):
+        raise ConfigError(f"expected a RewardConfig, got {type(cfg).__name__}")
+    if cfg.steps < 1:
+        raise ConfigError(f"config key 'steps': must be >= 1, got {cfg.steps}")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"config key 'eval_every': must be >= 0, got {cfg.eval_every}")
+    if cfg.eval_batches < 1:
+        raise ConfigError(f"config key 'eval_batches': must be >= 1, got {cfg.eval_batches}")
+    if cfg.calibration_batches < 1:
+        raise ConfigError(f"config key 'calibration_batches': must be >= 1")
+    if cfg.ranking_k < 2:
+        raise ConfigError(f"config key 'ranking_k': must be >= 2, got {cfg.ranking_k}")
+    if cfg.label_noise > 1.0:
+        raise ConfigError(f"config key 'label_noise': must be <= 1 (negative = task default)")
+    if cfg.center_coef < 0:
+        raise ConfigError(f"config key 'center_coef': must be >= 0, got {cfg.center_coef}")
+    if cfg.data.pack:
+        raise ConfigError("config key 'data.pack': reward models take one sequence per row; "
+                          "set data.pack=false")
+    cfg.optim.validate()
+    cfg.checkpoint.validate()
+    cfg.log.validate()
+    cfg.model.validate()
+    loop.validate_layout(cfg.mesh, cfg.data.batch_size, cfg.micro_batches)
+    task = get_task_or_none(cfg.task)
+    if not cfg.data.path and task is None:
+        raise ConfigError("config key 'data.path': empty and no 'task' given; nothing to train on")
+    check_path("data.path", cfg.data.path)
+    check_path("eval_path", cfg.eval_path)
+    check_path("calibration_path", cfg.calibration_path)
+    if cfg.normalize and not cfg.calibration_path and task is None:
+        raise ConfigError("config key 'calibration_path': normalize=true needs a calibration set "
+                          "(an sft-format file) or a task")
+    tok = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
+    if not tok:
+        raise ConfigError("config key 'data.tokenizer': empty (and neither model.path nor task has "
+                          "a tokenizer)")
+    check_path("data.tokenizer", tok, kind="dir")
+
+
+def train_reward(cfg: RewardConfig) -> loop.TrainResult:
+    """Trains a scalar-head reward model; returns paths, final metrics and (if asked) the shift."""
+    validate_reward_config(cfg)
+    from rlhf_jax import models
+    from rlhf_jax.data import load_tokenizer, make_iterator
+    task = get_task_or_none(cfg.task)
+    tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
+    tokenizer = load_tokenizer(tok_dir)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tok_dir))
+    placement = loop.make_placement(cfg.mesh)
+    rng = jax.random.PRNGKey(cfg.seed)
+    model, params, mconfig = build_model(cfg.model, task=task, tokenizer=tokenizer, head="scalar",
+                                         rng=jax.random.fold_in(rng, 1))
+    tx = make_optimizer(cfg.optim, params, total_steps=cfg.steps)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              rng=jax.random.fold_in(rng, 2))
+    fmt = cfg.format
+    noise = None if cfg.label_noise < 0 else cfg.label_noise
+
+    def records(split):
+        if fmt == "preference":
+            return task.preference_records(split, noise=noise)
+        return task.ranking_records(split, k=cfg.ranking_k, noise=noise)
+
+    nproc, pid = jax.process_count(), jax.process_index()
+    per_host = cfg.data.batch_size // nproc
+    kw = {"num_responses": cfg.ranking_k} if fmt == "ranking" and not cfg.data.num_responses else {}
+    train_it = make_iterator(cfg.data, fmt, tokenizer=tokenizer,
+                             source=None if cfg.data.path else records("train"),
+                             host_id=pid, num_hosts=nproc, batch_size=per_host,
+                             seed=cfg.data.seed or cfg.seed, **kw)
+
+    def eval_iter():
+        src = cfg.eval_path or (records("validation") if task is not None else None)
+        if src is None:
+            return None
+        return make_iterator(cfg.data, fmt, tokenizer=tokenizer, source=src, host_id=pid,
+                             num_hosts=nproc, batch_size=per_host, shuffle=False, num_epochs=1, **kw)
+
+    batch_keys = PAIR_KEYS if fmt == "preference" else RANK_KEYS
+    eval_jit = jax.jit(functools.partial(reward_eval_sums, apply_fn=model.apply,
+                                         use_margin=cfg.use_margin))
+
+    def eval_fn(st):
+        return run_eval(placement, st.params, eval_iter, eval_jit, batch_keys, cfg.eval_batches)
+
+    def final_extra(st):
+        if not cfg.normalize:
+            return None, {}
+        src = cfg.calibration_path or task.sft_records("validation")
+        it = make_iterator(cfg.data, "sft", tokenizer=tokenizer, source=src, host_id=0, num_hosts=1,
+                           batch_size=per_host, shuffle=False, num_epochs=1, pack=False)
+        params = loop.host_params(st.params)
+        batches = [b for _, b in zip(range(cfg.calibration_batches), it)]
+        shift, n = calibration_shift(model.apply, params, batches)
+        return {"reward_shift": jnp.float32(shift)}, {"reward_shift": shift, "calibration_size": n}
+
+    def tokens(b):
+        key = "chosen_ids" if fmt == "preference" else "response_ids"
+        return float(b[key].size * (2 if fmt == "preference" else 1))
+
+    factor = schedule_factor(cfg.optim, cfg.steps)
+    final_state, result = loop.run_training(
+        state=state, step_fn=reward_step,
+        step_static={"cfg": RewardStepConfig(cfg.micro_batches, cfg.center_coef, cfg.use_margin)},
+        data_iter=train_it, batch_keys=batch_keys, total_steps=cfg.steps, out_dir=cfg.out_dir,
+        config_dict=to_dict(cfg), placement=placement, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log,
+        eval_every=cfg.eval_every, eval_fn=eval_fn, resume=cfg.resume, tokens_per_batch=tokens,
+        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True),
+        lr_fn=lambda i: cfg.optim.learning_rate * float(factor(i)), final_extra_fn=final_extra,
+        desc="reward")
+    export_dir = None
+    if cfg.export:
+        export_dir = export_model(Path(result.out_dir) / "export", model, final_state.params, tok_dir)
+        if jax.process_index() == 0:
+            norm = {"reward_shift": result.extra.get("reward_shift", 0.0),
+                    "normalized": bool(cfg.normalize),
+                    "calibration_size": result.extra.get("calibration_size", 0),
+                    "usage": "reward = model_score + reward_shift"}
+            (Path(export_dir) / "reward_normalization.json").write_text(json.dumps(norm, indent=2) + "\n")
+    return dataclasses.replace(result, export_dir=export_dir, state=final_state, model=model)
+
+
+def load_reward_shift(export_dir: str | Path) -> float:
+    """The shift recorded by ``train_reward`` in an export directory (0.0 if none was recorded)."""
+    p = Path(export_dir) / "reward_normalization.json"
+    if not p.exists():
+        return 0.0
+    return float(json.loads(p.read_text())["reward_shift"])
+
+
+# ------------------------------------------------------------------ CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, RewardConfig.out_dir)
+
+
+def run(args) -> int:
+    init_distributed_from_args(args)
+    cfg = config_from_args(args, RewardConfig())
+    result = train_reward(cfg)
+    if jax.process_index() == 0:
+        ev = result.eval_metrics
+        print(f"reward: {result.final_step} steps; eval accuracy {ev.get('accuracy', float('nan')):.3f}"
+              f" margin {ev.get('margin', float('nan')):.3f}; out {result.out_dir}"
+              + (f"; shift {result.extra['reward_shift']:.4f}" if "reward_shift" in result.extra else ""))
+    return 0

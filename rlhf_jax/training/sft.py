@@ -1,0 +1,231 @@
+"""Supervised fine-tuning: the pure step, the trainer ``train_sft(cfg)`` and ``rlhf-jax sft``.
+
+Loss (spec §1): token cross-entropy on response tokens, ``Σ m·ℓ / Σ m`` over the
+GLOBAL batch (``reduction="token"``) or the mean of per-sequence means
+(``"sequence"``); numerators and denominators are carried through micro-batches
+and devices and divided once (``steps.update_step``).
+
+    rlhf-jax sft --config experiments/sft_sorting.py --out runs/sft optim.learning_rate=1e-3
+    rlhf-jax sft task=sorting model.name=task steps=200 --out runs/sft      # no config file
+    rlhf-jax sft ... --resume                                              # continue a killed run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Literal
+
+import jax
+
+from rlhf_jax.config import ConfigError, to_dict
+from rlhf_jax.data import DataConfig
+from rlhf_jax.training import loop, steps
+from rlhf_jax.training.checkpoint import CheckpointConfig
+from rlhf_jax.training.common import (add_common_arguments, build_model, check_path, config_from_args,
+                                      export_model, get_task_or_none, init_distributed_from_args,
+                                      resolve_tokenizer_dir)
+from rlhf_jax.training.configs import MeshConfig, ModelSection
+from rlhf_jax.training.metrics import LogConfig
+from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
+from rlhf_jax.training.state import TrainState
+
+SFT_BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Everything an SFT run needs. ``data.batch_size`` is the GLOBAL batch (all hosts).
+
+    Data: ``data.path`` (JSONL/Parquet/``tfds:``) in the ``sft`` format, or, when empty,
+    the embedded ``task``'s demonstrations. Held-out loss from ``eval_path`` (or the
+    task's ``validation`` split) every ``eval_every`` steps over ``eval_batches`` batches.
+    """
+    task: str = ""
+    model: ModelSection = ModelSection()
+    data: DataConfig = DataConfig(batch_size=8, max_length=128)
+    eval_path: str = ""
+    eval_batches: int = 4
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    steps: int = 100
+    micro_batches: int = 1
+    reduction: Literal["token", "sequence"] = "token"
+    eval_every: int = 50
+    seed: int = 0
+    out_dir: str = "runs/sft"
+    export: bool = True
+    resume: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStepConfig:
+    """Static step options (hashable: part of the compiled program's identity)."""
+    micro_batches: int = 1
+    reduction: Literal["token", "sequence"] = "token"
+
+
+def sft_sums(params, batch: dict, rng, *, apply_fn, reduction: str = "token"):
+    """``(loss_numerator, sums)`` of one (micro-)batch; see ``steps`` for the contract.
+
+    ``batch``: ``input_ids, targets, loss_mask, attention_mask [B, L]`` and, for packed
+    rows, ``positions, segment_ids [B, L]``. ``logits[b, t]`` predicts ``targets[b, t]``.
+    """
+    from rlhf_jax.losses import sft_loss
+    logits = apply_fn(params, batch["input_ids"], attention_mask=batch["attention_mask"],
+                      positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    _, met = sft_loss(logits, batch["targets"], batch["loss_mask"], reduction=reduction)
+    num, den = met["loss_numerator"], met["loss_denominator"]
+    ntok = met["num_tokens"]
+    return num, {"loss": (num, den), "nll": (met["nll"] * ntok, ntok),
+                 "accuracy": (met["accuracy"] * ntok, ntok)}
+
+
+def sft_step(state: TrainState, batch: dict, *, cfg: SFTStepConfig = SFTStepConfig(),
+             axis_name: str | None = None):
+    """One SFT update: ``(state, batch) -> (state, metrics)``; pure, jit/pmap it with the
+    state donated. Metrics: ``loss``, ``nll``, ``accuracy`` (token means), ``count``
+    (loss tokens), ``grad_norm`` (before clipping)."""
+    fn = functools.partial(sft_sums, apply_fn=state.apply_fn, reduction=cfg.reduction)
+    return steps.update_step(state, batch, fn, micro_batches=cfg.micro_batches, axis_name=axis_name)
+
+
+def sft_eval_sums(params, batch: dict, *, apply_fn, reduction: str = "token") -> dict:
+    """Held-out ``sums`` of one batch (add them on the host, divide once)."""
+    _, sums = sft_sums(params, batch, None, apply_fn=apply_fn, reduction=reduction)
+    return sums
+
+
+# ------------------------------------------------------------------ trainer
+
+def validate_sft_config(cfg: SFTConfig) -> None:
+    """Every check that does not need a model: fails before anything compiles."""
+    if not isinstance(cfg, SFTConfig):
+        raise ConfigError(f"expected an SFTConfig, got {type(cfg).__name__}")
+    if cfg.steps < 1:
+        raise ConfigError(f"config key 'steps': must be >= 1, got {cfg.steps}")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"config key 'eval_every': must be >= 0, got {cfg.eval_every}")
+    if cfg.eval_batches < 1:
+        raise ConfigError(f"config key 'eval_batches': must be >= 1, got {cfg.eval_batches}")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"config key 'data.max_length': must be >= 2, got {cfg.data.max_length}")
+    cfg.optim.validate()
+    cfg.checkpoint.validate()
+    cfg.log.validate()
+    cfg.model.validate()
+    loop.validate_layout(cfg.mesh, cfg.data.batch_size, cfg.micro_batches)
+    task = get_task_or_none(cfg.task)
+    if not cfg.data.path and task is None:
+        raise ConfigError("config key 'data.path': empty and no 'task' given; nothing to train on")
+    check_path("data.path", cfg.data.path)
+    check_path("eval_path", cfg.eval_path)
+    tok = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
+    if not tok:
+        raise ConfigError("config key 'data.tokenizer': empty (and neither model.path nor task has "
+                          "a tokenizer)")
+    check_path("data.tokenizer", tok, kind="dir")
+
+
+def _iterators(cfg, fmt: str, task, tokenizer, records_fn, eval_records_fn):
+    from rlhf_jax.data import make_iterator
+    nproc, pid = jax.process_count(), jax.process_index()
+    per_host = cfg.data.batch_size // nproc
+    train_src = None if cfg.data.path else records_fn("train")
+    train_it = make_iterator(cfg.data, fmt, tokenizer=tokenizer, source=train_src,
+                             host_id=pid, num_hosts=nproc, batch_size=per_host,
+                             seed=cfg.data.seed or cfg.seed)
+
+    def eval_iter():
+        if cfg.eval_path:
+            src = cfg.eval_path
+        elif task is not None:
+            src = eval_records_fn("validation")
+        else:
+            return None
+        return make_iterator(cfg.data, fmt, tokenizer=tokenizer, source=src, host_id=pid,
+                             num_hosts=nproc, batch_size=per_host, shuffle=False, num_epochs=1)
+    return train_it, eval_iter
+
+
+def run_eval(placement, params, eval_iter_fn, eval_jit, batch_keys, max_batches: int) -> dict:
+    it = eval_iter_fn()
+    if it is None:
+        return {}
+    total = None
+    for n, batch in enumerate(it):
+        if n >= max_batches:
+            break
+        batch = {k: batch[k] for k in batch_keys if k in batch}
+        if placement.mode == "jit":
+            batch = loop.put(placement, batch)
+        total = steps.add_sums(total, eval_jit(params, batch))
+    if total is None:
+        return {}
+    return steps.finalize_sums(total)
+
+
+def train_sft(cfg: SFTConfig) -> loop.TrainResult:
+    """Trains a causal LM with SFT from ``cfg``; returns paths and final metrics.
+
+    Writes ``out_dir/{config.json, run.json, metrics.jsonl, tb/, checkpoints/, export/}``.
+    """
+    validate_sft_config(cfg)
+    from rlhf_jax import models
+    from rlhf_jax.data import load_tokenizer
+    task = get_task_or_none(cfg.task)
+    tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
+    tokenizer = load_tokenizer(tok_dir)
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=tok_dir)
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    placement = loop.make_placement(cfg.mesh)
+    rng = jax.random.PRNGKey(cfg.seed)
+    model, params, mconfig = build_model(cfg.model, task=task, tokenizer=tokenizer, head=None,
+                                         rng=jax.random.fold_in(rng, 1))
+    tx = make_optimizer(cfg.optim, params, total_steps=cfg.steps)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              rng=jax.random.fold_in(rng, 2))
+    train_it, eval_iter_fn = _iterators(
+        cfg, "sft", task, tokenizer,
+        (lambda split: task.sft_records(split)) if task else None,
+        (lambda split: task.sft_records(split)) if task else None)
+
+    eval_jit = jax.jit(functools.partial(sft_eval_sums, apply_fn=model.apply, reduction=cfg.reduction))
+
+    def eval_fn(st):
+        return run_eval(placement, st.params, eval_iter_fn, eval_jit, SFT_BATCH_KEYS, cfg.eval_batches)
+
+    factor = schedule_factor(cfg.optim, cfg.steps)
+    final_state, result = loop.run_training(
+        state=state, step_fn=sft_step,
+        step_static={"cfg": SFTStepConfig(cfg.micro_batches, cfg.reduction)},
+        data_iter=train_it, batch_keys=SFT_BATCH_KEYS, total_steps=cfg.steps,
+        out_dir=cfg.out_dir, config_dict=to_dict(cfg), placement=placement,
+        ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, eval_every=cfg.eval_every, eval_fn=eval_fn,
+        resume=cfg.resume, tokens_per_batch=lambda b: float(b["input_ids"].size),
+        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True),
+        lr_fn=lambda i: cfg.optim.learning_rate * float(factor(i)), desc="sft")
+    export_dir = None
+    if cfg.export:
+        export_dir = export_model(Path(result.out_dir) / "export", model, final_state.params, tok_dir)
+    return dataclasses.replace(result, export_dir=export_dir, state=final_state, model=model)
+
+
+# ------------------------------------------------------------------ CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, SFTConfig.out_dir)
+
+
+def run(args) -> int:
+    init_distributed_from_args(args)
+    cfg = config_from_args(args, SFTConfig())
+    result = train_sft(cfg)
+    if jax.process_index() == 0:
+        print(f"sft: {result.final_step} steps; train {result.train_metrics.get('loss', float('nan')):.4f}"
+              f" eval {result.eval_metrics.get('loss', float('nan')):.4f}; out {result.out_dir}"
+              + (f"; export {result.export_dir}" if result.export_dir else ""))
+    return 0
