@@ -416,3 +416,20 @@ def test_bad_row_raises_only_when_reached(tok):
     with pytest.raises(DataError) as e:
         next(it)
     assert (e.value.line, e.value.field, e.value.reason) == (3, "prompt", "wrong_type")
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_finite_multi_host_iterators_stay_in_lock_step(tok, drop_remainder):
+    recs = PROMPTS[:9]                                             # hosts get 5 and 4 rows
+    its = [data.prompt_batches(recs, tok, batch_size=2, max_prompt_length=4, seed=1, num_epochs=1,
+                               host_id=h, num_hosts=2, drop_remainder=drop_remainder)
+           for h in range(2)]
+    got = [list(it) for it in its]
+    assert len(got[0]) == len(got[1]) == (2 if drop_remainder else 3)
+    idx = [_indices(g) for g in got]
+    assert not set(idx[0]) & set(idx[1])
+    if not drop_remainder:
+        assert sorted(idx[0] + idx[1]) == list(range(9))           # nothing lost
+        assert got[1][-1]["example_mask"].sum() == 0               # host 1 pads its last batch
+    else:
+        assert len(idx[0]) == len(idx[1]) == 4

@@ -359,7 +359,7 @@ def test_cli_validate_inspect_to_tfds(tmp_path, capsys, files):
     src = tmp_path / "qa.jsonl"
     write_jsonl(src, [{"q": "hello", "a": "yes"}, {"q": "red", "a": "blue"}])
     assert cli_main(["data", "to-tfds", f"train={src}", f"test={src}", "--format", "sft",
-                     "--field-map", "prompt=q", "completion=a", "--name", "qa_sft",
+                     "--field-map", "prompt=q", "--field-map", "completion=a", "--name", "qa_sft",
                      "--data-dir", str(tmp_path / "d")]) == 0
     assert "tfds:qa_sft" in capsys.readouterr().out
     recs, _ = data.read_records("tfds:qa_sft", "sft", split="test", data_dir=str(tmp_path / "d"))

@@ -1,6 +1,6 @@
 """``rlhf-jax data``: validate, inspect and convert datasets.
 
-    rlhf-jax data validate FILE... --format preference [--field-map prompt=question]
+    rlhf-jax data validate FILE... --format preference [--field-map prompt=question ...]
     rlhf-jax data inspect FILE --format sft [--tokenizer DIR --max-length 512] [-n 3]
     rlhf-jax data to-tfds [SPLIT=]FILE... --format preference --name my_prefs --data-dir DIR
 
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(to-tfds: [SPLIT=]FILE, split defaults to train)")
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                         help="record format (auto: guessed from the first row's fields)")
-    parser.add_argument("--field-map", nargs="*", default=[], metavar="CANONICAL=COLUMN",
-                        help="read field CANONICAL from column COLUMN")
+    parser.add_argument("--field-map", action="append", default=[], metavar="CANONICAL=COLUMN",
+                        help="read field CANONICAL from column COLUMN (repeat the flag)")
     parser.add_argument("--split", default="train", help="TFDS split to read (tfds:NAME inputs)")
     parser.add_argument("--data-dir", default=None, help="TFDS data_dir (reading and to-tfds)")
     parser.add_argument("--skip-bad-rows", action="store_true",

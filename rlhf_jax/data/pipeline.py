@@ -116,6 +116,7 @@ class DataIterator:
         self._pending = None  # (epoch, pos, example, counts) read but not consumed
         self._parsed: dict = {}  # (epoch, pos) -> (record, location, error), read ahead
         self._good_in_epoch = 0
+        self._batches = 0
         self._finished = False
 
     # --- order ----------------------------------------------------------------------------
@@ -227,44 +228,66 @@ class DataIterator:
         return batch
 
     def _next_packed(self):
+        """First-fit packing of consecutive examples into the B rows of one batch.
+
+        Each example goes into the first row with room; the batch is complete when the next
+        example fits in no row (it then starts the next batch) or every row is full. The examples
+        of a batch are consecutive in the epoch order, so the resume position stays one index."""
         L, B = self.opts.max_length, self.batch_size
-        rows: list[list[dict]] = []
-        row: list[dict] = []
-        used = 0
-        while len(rows) < B:
+        rows: list[list[dict]] = [[] for _ in range(B)]
+        used = [0] * B
+        ended = False
+        while min(used) < L:
             ex = self._peek()
             if ex is None:
+                ended = True
                 break
             n = len(ex["ids"])
-            if used + n > L:
-                rows.append(row)
-                row, used = [], 0
-                continue
-            row.append(self._consume())
-            used += n
-            if used == L:
-                rows.append(row)
-                row, used = [], 0
-        if row:
-            rows.append(row)
-        if not rows or (len(rows) < B and self.drop_remainder):
+            b = next((i for i in range(B) if used[i] + n <= L), None)
+            if b is None:
+                break
+            rows[b].append(self._consume())
+            used[b] += n
+        rows = [r for r in rows if r]
+        if not rows or (ended and len(rows) < B and self.drop_remainder):
             return None
         batch = batching.sft_batch(rows, B, L, self.encoder.pad_id)
         self._count_tokens(batch["attention_mask"], batch["loss_mask"])
         return batch
 
+    def lockstep_batches(self) -> int | None:
+        """Batches every host yields from a finite multi-host iterator of one example per row.
+
+        Hosts' slices differ by at most one row per epoch, so a host could end a batch earlier
+        than another and leave it waiting in a collective. Hosts therefore all stop after
+        ``ceil(epochs * ceil(N/n) / B)`` batches (a host that runs out first adds all-padding
+        batches), or ``floor(epochs * floor(N/n) / B)`` with ``drop_remainder``. None when it
+        does not apply (one host, infinite, or packed)."""
+        if self.num_hosts == 1 or self.num_epochs is None or self.pack:
+            return None
+        n, h, B, E = self.num_rows, self.num_hosts, self.batch_size, self.num_epochs
+        if self.drop_remainder:
+            return (E * (n // h)) // B
+        return -(-E * -(-n // h) // B)
+
     def _next_rows(self):
         B = self.batch_size
+        target = self.lockstep_batches()
+        if target is not None and self._batches >= target:
+            return None
         examples = []
         while len(examples) < B:
             if self._peek() is None:
                 break
             examples.append(self._consume())
-        if not examples or (len(examples) < B and self.drop_remainder):
+        # below the lock-step count a batch is always emitted (all padding if this host ran out)
+        if target is None and (not examples or (len(examples) < B and self.drop_remainder)):
             return None
+        self._batches += 1
         pad = self.encoder.pad_id
         if self.fmt == "sft":
-            L = batching.bucket_length(max(len(ex["ids"]) for ex in examples), self.buckets)
+            longest = max([len(ex["ids"]) for ex in examples] + [1])
+            L = batching.bucket_length(longest, self.buckets)
             batch = batching.sft_batch([[ex] for ex in examples], B, L, pad)
             example_mask, index = batching._row_info(examples, B)
             batch.update(example_mask=example_mask, example_index=index)
@@ -299,6 +322,7 @@ class DataIterator:
                 "position": self._pos, "seed": self.seed, "shuffle": self.shuffle,
                 "host_id": self.host_id, "num_hosts": self.num_hosts, "num_rows": self.num_rows,
                 "good_in_epoch": self._good_in_epoch, "finished": self._finished,
+                "batches": self._batches,
                 "stats": self.stats.to_dict()}
 
     def restore(self, state: Mapping[str, Any]) -> "DataIterator":
@@ -314,6 +338,7 @@ class DataIterator:
                                 f"this iterator has {key}={mine!r}", reason="bad_state")
         self._epoch, self._pos = int(state["epoch"]), int(state["position"])
         self._good_in_epoch = int(state.get("good_in_epoch", 0))
+        self._batches = int(state.get("batches", 0))
         self._finished = bool(state.get("finished", False))
         self._pending = None
         self._parsed = {}
