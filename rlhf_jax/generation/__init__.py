@@ -1,6 +1,7 @@
 """rlhf_jax.generation: batched sampling with a KV cache, compiled once per shape bucket."""
 from rlhf_jax.generation.bucketing import bucket_length, default_buckets, left_pad_sequences, left_pad_to
 from rlhf_jax.generation.decode import GenerationOutput, decode_loop
+from rlhf_jax.generation.engine import generate
 from rlhf_jax.generation.sampling import filter_logits, sample_tokens, scale_logits
 from rlhf_jax.generation.stopping import is_stop_token, normalize_stop_ids, response_mask, truncate_after_stop
 
@@ -10,6 +11,7 @@ __all__ = [
     "decode_loop",
     "default_buckets",
     "filter_logits",
+    "generate",
     "is_stop_token",
     "left_pad_sequences",
     "left_pad_to",

@@ -1,0 +1,146 @@
+"""``generate``: prefill + KV-cache decode of a ``CausalLM``, one compiled program per shape bucket.
+
+Flow for prompts ``[B, P]`` (left-padded, ``prompt_mask`` 1 on real tokens):
+
+1. widen the prompts on the left to the bucket ``P' >= P`` (``bucketing``), so a stream of
+   prompt lengths compiles a bounded number of times;
+2. allocate a cache of ``P' + N - 1`` slots (``models.init_cache``) and run the whole prompt
+   through the trunk once (prefill); only the last position goes through the LM head;
+3. ``decode_loop``: ``N - 1`` one-token steps inside ``lax.while_loop``, each writing its key
+   and value in place (``dynamic_update_slice`` on the loop-carried cache), with positions
+   ``len_b + t`` continuing each row's count (``len_b`` = real prompt tokens of row b);
+   early exit once every row has stopped.
+
+``generate`` pads to the bucket on the caller's side, then calls a ``jax.jit`` program with
+``model``, ``max_new_tokens``, ``greedy``, ``stop_token_ids`` and ``pad_token_id`` static; ``temperature``,
+``top_k`` and ``top_p`` are traced, so changing them never recompiles. Called inside an outer
+``jax.jit`` (the PPO iteration) it is simply inlined. Sharding follows the inputs: with
+``prompt_ids`` sharded over a ``data`` mesh axis and params as the training state leaves
+them, every op in the loop is batch-parallel.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.generation.bucketing import bucket_length, left_pad_to
+from rlhf_jax.generation.decode import GenerationOutput, decode_loop
+from rlhf_jax.generation.stopping import normalize_stop_ids
+
+Array = jax.Array
+
+
+def _check_model(model) -> None:
+    for attr in ("config", "hidden_states", "logits_from_hidden"):
+        if not hasattr(model, attr):
+            raise TypeError(
+                f"generate: model must be an rlhf_jax.models.CausalLM (with .{attr}); got {type(model).__name__}. "
+                "For CausalLMWithValueHead params, use models.split_value_head and a CausalLM(config)."
+            )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "max_new_tokens", "greedy", "stop_token_ids", "pad_token_id"),
+)
+def _generate(model, params, prompt_ids, prompt_mask, rng, temperature, top_k, top_p, *, max_new_tokens,
+              greedy, stop_token_ids, pad_token_id):
+    from rlhf_jax.models import init_cache  # generation -> models (ARCHITECTURE.md)
+
+    cls = type(model)
+    ids, mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
+    batch, width = ids.shape
+
+    cache = init_cache(model.config, batch, width + max_new_tokens - 1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    hidden, cache = model.apply(params, ids, mask, positions=positions, cache=cache, method=cls.hidden_states)
+    # Left padding puts every row's last real token in the last column.
+    first_logits = model.apply(params, hidden[:, -1:], method=cls.logits_from_hidden)[:, 0]
+    next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)  # position of the first new token
+    ones = jnp.ones((batch, 1), jnp.int32)
+
+    def step(carry, last_tokens):
+        cache, pos = carry
+        hidden, cache = model.apply(params, last_tokens[:, None], ones, positions=pos[:, None], cache=cache,
+                                    method=cls.hidden_states)
+        logits = model.apply(params, hidden, method=cls.logits_from_hidden)[:, 0]
+        return logits, (cache, pos + 1)
+
+    out, _ = decode_loop(
+        step, (cache, next_pos), first_logits, rng=rng, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, greedy=greedy, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+    )
+    return out
+
+
+def generate(
+    model,
+    params,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    *,
+    rng: Array,
+    max_new_tokens: int,
+    temperature: Any = 1.0,
+    top_k: Any = 0,
+    top_p: Any = 1.0,
+    greedy: bool = False,
+    stop_token_ids: int | Sequence[int] = (),
+    pad_token_id: int = 0,
+    prompt_buckets: Sequence[int] | None = None,
+) -> GenerationOutput:
+    """Samples ``max_new_tokens`` tokens after each (left-padded) prompt.
+
+    Args:
+      model: an ``rlhf_jax.models.CausalLM`` (static: hashed by its config).
+      params: its parameters ``{"params": ...}``.
+      prompt_ids: ``[B, P]`` int, LEFT-padded; every row needs at least one real token.
+      prompt_mask: ``[B, P]``, 1 on real prompt tokens.
+      rng: PRNG key (may be None when ``greedy``); the output is a pure function of it (token ``t`` uses ``fold_in(rng, t)``).
+      max_new_tokens: static ``N``.
+      temperature: traced scalar ``T > 0``; sampling and log-probs use ``logits / T``.
+      top_k: traced int scalar; ``<= 0`` disables.
+      top_p: traced float scalar in ``(0, 1]``; ``1`` disables.
+      greedy: static; argmax decoding (``T`` still scales the returned log-probs).
+      stop_token_ids: static int or ints; a row ends after its first stop token.
+      pad_token_id: static; written after a row's stop token and used to widen prompts.
+      prompt_buckets: static prompt widths to pad up to (``None``: powers of two ``>= 16``).
+
+    Returns:
+      ``GenerationOutput`` with ``tokens [B, N]`` int32, ``logprobs [B, N]`` float32
+      ``= log_softmax(logits / T)[token]`` (the unfiltered temperature-scaled distribution, so a
+      full forward pass over prompt + response at the same ``T`` recomputes them exactly; 0 on pad),
+      ``mask [B, N]`` int32 (1 up to and including the first stop token) and ``stopped [B]``.
+    """
+    _check_model(model)
+    # numpy stays numpy until the jitted call (the bucket padding is then a host op)
+    prompt_ids = prompt_ids if hasattr(prompt_ids, "shape") else np.asarray(prompt_ids)
+    prompt_mask = prompt_mask if hasattr(prompt_mask, "shape") else np.asarray(prompt_mask)
+    if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"generate: prompt_ids and prompt_mask must both be [B, P]; got {list(prompt_ids.shape)} and "
+            f"{list(prompt_mask.shape)}"
+        )
+    if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+        raise ValueError(f"generate: prompt_ids must be integer token ids, got dtype {prompt_ids.dtype}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be a Python int >= 1, got {max_new_tokens!r}")
+    if not isinstance(pad_token_id, int) or pad_token_id < 0:
+        raise ValueError(f"generate: pad_token_id must be a Python int >= 0, got {pad_token_id!r}")
+    if rng is None:
+        if not greedy:
+            raise ValueError("generate: rng is required for sampling (greedy=False)")
+        rng = jax.random.key(0)  # unused by greedy decoding
+    # Bucket before entering the jitted program: its cache is keyed on the input shape.
+    width = bucket_length(prompt_ids.shape[1], prompt_buckets)
+    prompt_ids, prompt_mask = left_pad_to(prompt_ids, prompt_mask, width, pad_token_id)
+    return _generate(
+        model, params, prompt_ids, prompt_mask, rng,
+        jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32),
+        max_new_tokens=max_new_tokens, greedy=bool(greedy), stop_token_ids=normalize_stop_ids(stop_token_ids),
+        pad_token_id=pad_token_id,
+    )
