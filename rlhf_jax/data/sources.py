@@ -145,7 +145,12 @@ def _decode_bytes(value: Any, location: Location, path: str = "") -> Any:
 
 
 class ParquetSource(RecordSource):
-    """A Parquet file read one row group at a time through pyarrow (the HF datasets export)."""
+    """A Parquet file (the HF datasets export) read through pyarrow.
+
+    The table is loaded (memory-mapped, columnar) on first access and rows are converted one at a
+    time, so a shuffled order costs no repeated row-group decoding. Files larger than memory are
+    better converted to TFDS (``rlhf-jax data to-tfds``), whose array_record files are read
+    record by record."""
 
     def __init__(self, path: str | os.PathLike):
         import pyarrow.parquet as pq
@@ -156,41 +161,31 @@ class ParquetSource(RecordSource):
             raise DataError("no such file", location=Location(self.path, 0, "file"),
                             reason="missing_file")
         try:
-            self._file = pq.ParquetFile(self.path)
+            self._file = pq.ParquetFile(self.path, memory_map=True)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a broken file
             raise DataError(f"cannot read as Parquet: {e}", location=Location(self.path, 0, "file"),
                             reason="bad_file") from e
-        meta = self._file.metadata
-        self._starts = [0]
-        for g in range(meta.num_row_groups):
-            self._starts.append(self._starts[-1] + meta.row_group(g).num_rows)
-        self._cached_group = -1
-        self._cached_rows: list[dict[str, Any]] = []
+        self._len = self._file.metadata.num_rows
+        self._table = None
 
     def __len__(self) -> int:
-        return self._starts[-1]
+        return self._len
 
     def get(self, index: int) -> tuple[dict[str, Any], Location]:
         self._check_index(index)
-        group = bisect.bisect_right(self._starts, index) - 1
-        if group != self._cached_group:
-            self._cached_table = self._file.read_row_group(group)
-            try:
-                self._cached_rows = self._cached_table.to_pylist()
-            except UnicodeDecodeError:
-                # a string column holds bytes that are not UTF-8 (pyarrow does not check on
-                # read): convert row by row so only the bad row fails, naming its column
-                self._cached_rows = None
-            self._cached_group = group
+        if self._table is None:
+            self._table = self._file.read()
         loc = Location(self.path, index + 1, "row")
-        j = index - self._starts[group]
-        if self._cached_rows is not None:
-            row = self._cached_rows[j]
-        else:
+        one = self._table.slice(index, 1)
+        try:
+            row = one.to_pylist()[0]
+        except UnicodeDecodeError:
+            # a string column holds bytes that are not UTF-8 (pyarrow does not check on read):
+            # find the column to name it
             row = {}
-            for name in self._cached_table.column_names:
+            for name in one.column_names:
                 try:
-                    row[name] = self._cached_table.column(name)[j].as_py()
+                    row[name] = one.column(name)[0].as_py()
                 except UnicodeDecodeError as e:
                     raise DataError(f"non-UTF-8 bytes (byte {e.start}: {e.reason}) in a string "
                                     "column; text must be UTF-8", location=loc, field=name,
