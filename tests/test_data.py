@@ -14,6 +14,8 @@ from rlhf_jax.data.tokenize import Encoder
 from tests.test_data_utils import make_tokenizer
 
 PAD, BOS, EOS, IM_START, IM_END = 0, 1, 2, 4, 5
+U = lambda c: {"role": "user", "content": c}          # noqa: E731
+A = lambda c: {"role": "assistant", "content": c}     # noqa: E731
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,18 @@ def test_chat_template_loss_only_on_assistant_tokens(tok):
                               num_epochs=1))
     sel = b["targets"][0][b["loss_mask"][0] == 1].tolist()
     assert sel == supervised
+
+
+def test_generation_prompt_not_in_the_rendered_answer(tmp_path):
+    # like DeepSeek-R1: the generation prompt opens a block that rendered answers do not contain
+    t = make_tokenizer(tmp_path / "t")
+    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                       "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant"
+                       "\nI{% endif %}")
+    msgs = [U("hello"), A("the cat"), U("what ?"), A("red sky")]
+    full, mask = Encoder(t).conversation(msgs)
+    assert [i for i, m in zip(full, mask) if m] == \
+        ids(t, "the cat") + [IM_END] + ids(t, "red sky") + [IM_END]
 
 
 def test_conversation_prefix_instability_is_an_error(tmp_path):
@@ -369,6 +383,12 @@ def test_infinite_iterator_rolls_over_epochs(tok):
     n = len(PROMPTS)
     assert sorted(got[:n]) == list(range(n)) and it.epoch >= 1
     assert len(got) == 48                                      # no padding rows when repeating
+
+
+def test_empty_source_is_an_error(tok, tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no rows"):
+        data.prompt_batches(str(tmp_path / "e.jsonl"), tok, batch_size=2, max_prompt_length=4)
 
 
 def test_all_rows_bad_is_an_error_not_a_hang(tok):

@@ -110,6 +110,8 @@ class DataIterator:
         self.host_id, self.num_hosts = int(host_id), int(num_hosts)
         self.drop_remainder = drop_remainder
         self.num_rows = len(self.source)
+        if self.num_rows == 0:
+            raise DataError(f"{self.source.name}: no rows", reason="empty_dataset")
         self.stats = DataStats()
         self._epoch, self._pos = 0, 0
         self._order_epoch, self._order = -1, np.zeros((0,), np.int64)

@@ -30,6 +30,7 @@ max_prompt_length or L - 1``:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -175,9 +176,15 @@ class Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = self.render(messages[:i], generation_prompt=True)
             end = self.render(messages[: i + 1], generation_prompt=False)
-            if not (full.startswith(start) and full.startswith(end) and len(end) >= len(start)):
+            before = self.render(messages[:i], generation_prompt=False)
+            start = self.render(messages[:i], generation_prompt=True)
+            if not full.startswith(start):
+                # e.g. a generation prompt that opens a "<think>" block the rendered answer does
+                # not have: the answer starts where the two renderings part
+                start = os.path.commonprefix([start, end])
+            if not (full.startswith(end) and full.startswith(before)
+                    and len(before) <= len(start) <= len(end)):
                 raise DataError(f"the chat template is not prefix-stable at message {i}: the "
                                 "rendered conversation does not extend the rendering of its first "
                                 "turns, so assistant tokens cannot be located",
@@ -335,8 +342,6 @@ def tokenize_record(rec: dict, fmt: str, enc: Encoder, opts: TokenizeOptions, lo
 
 def load_tokenizer(path: str):
     """``transformers.AutoTokenizer`` from a local directory (no hub access, no remote code)."""
-    import os
-
     if not os.path.isdir(path):
         raise DataError(f"tokenizer directory {path!r} does not exist", reason="tokenizer")
     from transformers import AutoTokenizer
