@@ -4,6 +4,7 @@ from rlhf_jax.generation.decode import GenerationOutput, decode_loop
 from rlhf_jax.generation.engine import generate
 from rlhf_jax.generation.sampling import filter_logits, sample_tokens, scale_logits
 from rlhf_jax.generation.stopping import is_stop_token, normalize_stop_ids, response_mask, truncate_after_stop
+from rlhf_jax.generation.text import generate_text
 
 __all__ = [
     "GenerationOutput",
@@ -12,6 +13,7 @@ __all__ = [
     "default_buckets",
     "filter_logits",
     "generate",
+    "generate_text",
     "is_stop_token",
     "left_pad_sequences",
     "left_pad_to",
