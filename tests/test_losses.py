@@ -3,6 +3,7 @@
 Parity with TRL's implementations lives in tests/test_losses_trl.py.
 """
 
+import functools
 import math
 
 import chex
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
+import jax.test_util
 
 import rlhf_jax.losses as L
 
@@ -55,14 +56,12 @@ def test_sft_sum_and_count_accumulates_to_global_mean():
   logits = jnp.asarray(rng.normal(size=(4, 5, 7)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 7, size=(4, 5)))
   mask = jnp.asarray(rng.integers(0, 2, size=(4, 5)))
-  full, _ = L.sft_loss(logits, targets, mask)
+  loss_and_grad = jax.jit(jax.value_and_grad(lambda z, t, m, n: L.sft_loss(z, t, m, normalizer=n)[0]))
+  full, g_full = jax.jit(jax.value_and_grad(lambda z: L.sft_loss(z, targets, mask)[0]))(logits)
   n_global = jnp.sum(mask)
-  micro = [L.sft_loss(logits[i:i + 2], targets[i:i + 2], mask[i:i + 2], normalizer=n_global)[0] for i in (0, 2)]
-  close(sum(micro), full, 1e-5)
-  g_full = jax.grad(lambda z: L.sft_loss(z, targets, mask)[0])(logits)
-  g_micro = jnp.concatenate([
-      jax.grad(lambda z, i=i: L.sft_loss(z, targets[i:i + 2], mask[i:i + 2], normalizer=n_global)[0])(logits[i:i + 2])
-      for i in (0, 2)])
+  micro = [loss_and_grad(logits[i:i + 2], targets[i:i + 2], mask[i:i + 2], n_global) for i in (0, 2)]
+  close(sum(l for l, _ in micro), full, 1e-5)
+  g_micro = jnp.concatenate([g for _, g in micro])
   close(g_micro, g_full, 1e-6)
 
 
@@ -451,8 +450,9 @@ def test_padding_never_changes_a_loss_or_advantage():
   garbage = 123.0  # padding content must never matter
 
   def both(fn, *arrays, **kw):
-    a = fn(*arrays, mask, **kw)
-    b = fn(*(_pad(x, P, garbage) for x in arrays), pm, **kw)
+    fn = jax.jit(functools.partial(fn, **kw))  # one compile per call instead of op-by-op dispatch
+    a = fn(*arrays, mask)
+    b = fn(*(_pad(x, P, garbage) for x in arrays), pm)
     return a, b
 
   def same(a, b):
@@ -516,6 +516,10 @@ def test_check_grads_on_hand_written_losses():
   f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
   mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])
   kw = dict(modes=["rev"], order=1, atol=5e-2, rtol=5e-2, eps=1e-3)
+
+  def check_grads(fn, args, **kw):  # jit first: numerical differencing evaluates fn many times
+    return jax.test_util.check_grads(jax.jit(fn), args, **kw)
+
   logits = f(2, 4, 5)
   targets = jnp.asarray(rng.integers(0, 5, size=(2, 4)))
   check_grads(lambda z: L.sft_loss(z, targets, mask)[0], (logits,), **kw)
