@@ -31,6 +31,10 @@ RECORDS = {
         {"messages": [{"role": "system", "content": "tell me"}, U("what is it ?"), A("a cat"),
                       U("good"), A("yes")]},
     ],
+    "sft_conversational_pairs": [
+        {"prompt": [U("hello")], "completion": [A("yes")]},
+        {"prompt": [{"role": "system", "content": "good"}, U("red ?")], "completion": [A("no")]},
+    ],
     "preference": [
         {"prompt": "hello", "chosen": "yes", "rejected": "no", "margin": 0.0},
         {"prompt": "what is two plus two ?", "chosen": "four", "rejected": "five", "margin": 1.5},
@@ -92,7 +96,8 @@ def test_round_trip(files, key, kind):
     assert stats.examples == len(RECORDS[key]) and stats.skipped_total == 0
 
 
-@pytest.mark.parametrize("key", ["sft", "sft_messages", "preference_messages", "ranking", "prompt"])
+@pytest.mark.parametrize("key", ["sft", "sft_messages", "sft_conversational_pairs",
+                                 "preference_messages", "ranking", "prompt"])
 def test_same_batches_from_every_source(files, tok, key):
     paths, tfds_dir = files
     kw = dict(batch_size=2, max_length=32, seed=4, num_epochs=1, data_dir=tfds_dir)
@@ -367,3 +372,17 @@ def test_cli_validate_inspect_to_tfds(tmp_path, capsys, files):
     assert cli_main(["data", "to-tfds", str(src), "--format", "sft", "--name", "Bad-Name",
                      "--data-dir", str(tmp_path / "d")]) == 1
     assert "lower_snake_case" in capsys.readouterr().err
+
+
+def test_hh_transcripts_through_jsonl_parquet_and_tfds(tmp_path):
+    base = "\n\nHuman: what is two plus two ?\n\nAssistant:"
+    raw = [{"chosen": base + " four", "rejected": base + " five", "margin": 1},
+           {"chosen": [U("hi"), A("yes")], "rejected": [U("hi"), A("no")]}]
+    want = [{"prompt": base, "chosen": " four", "rejected": " five", "margin": 1.0},
+            {"prompt": [U("hi")], "chosen": [A("yes")], "rejected": [A("no")], "margin": 0.0}]
+    jl = write_jsonl(tmp_path / "hh.jsonl", raw)
+    pq_path = write_parquet(tmp_path / "hh.parquet", raw[:1])
+    assert data.read_records(str(jl), "preference")[0] == want
+    assert data.read_records(str(pq_path), "preference")[0] == want[:1]
+    data.files_to_tfds({"train": str(jl)}, "hh_mixed", tmp_path / "d", fmt="preference")
+    assert data.read_records("tfds:hh_mixed", "preference", data_dir=str(tmp_path / "d"))[0] == want
