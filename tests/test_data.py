@@ -453,3 +453,28 @@ def test_finite_multi_host_iterators_stay_in_lock_step(tok, drop_remainder):
         assert got[1][-1]["example_mask"].sum() == 0               # host 1 pads its last batch
     else:
         assert len(idx[0]) == len(idx[1]) == 4
+
+
+def test_prefetch_iterator_matches_and_resumes(tok):
+    mk = lambda: data.sft_batches(SFT * 3, tok, batch_size=2, seq_len=16, seed=3, num_epochs=2)
+    direct = mk()
+    pre = data.PrefetchIterator(mk(), size=2)
+    for _ in range(3):
+        a, b = next(direct), next(pre)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # the state is that of the last batch handed out, not of the batches queued behind it
+    assert pre.state() == direct.state() and pre.stats.examples == direct.stats.examples
+    rest_direct = list(direct)
+    rest_resumed = list(data.PrefetchIterator(mk().restore(pre.state())))
+    pre.close()
+    assert len(rest_direct) == len(rest_resumed)
+    for a, b in zip(rest_direct, rest_resumed):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    bad = data.PrefetchIterator(data.prompt_batches([{"prompt": "hi"}, {"prompt": 3}], tok,
+                                                    batch_size=1, max_prompt_length=4,
+                                                    shuffle=False))
+    next(bad)
+    with pytest.raises(DataError, match="expected a string"):
+        next(bad)

@@ -16,8 +16,8 @@ from rlhf_jax.data.batching import (bucket_length, default_buckets, preference_b
 from rlhf_jax.data.errors import DataError, DataStats, Location
 from rlhf_jax.data.formats import (FORMATS, detect_format, parse_field_map, parse_record,
                                    split_shared_prefix)
-from rlhf_jax.data.pipeline import (DataConfig, DataIterator, epoch_order, host_rows, make_iterator,
-                                    preference_batches, prompt_batches, ranking_batches, read_records,
+from rlhf_jax.data.pipeline import (DataConfig, DataIterator, PrefetchIterator, epoch_order,
+                                    host_rows, make_iterator, preference_batches, prompt_batches, ranking_batches, read_records,
                                     sft_batches)
 from rlhf_jax.data.sources import (ConcatSource, JsonlSource, MemorySource, ParquetSource,
                                    RecordSource, open_source)
@@ -42,7 +42,7 @@ __all__ = [
     "MemorySource", "ConcatSource", "open_source", "TRUNCATION_POLICIES", "TokenizeOptions",
     "Encoder", "load_tokenizer", "tokenize_record", "normalized_ranks", "sft_batch",
     "preference_batch", "ranking_batch", "prompt_batch", "default_buckets", "bucket_length",
-    "DataIterator", "DataConfig", "make_iterator", "sft_batches", "preference_batches",
+    "DataIterator", "PrefetchIterator", "DataConfig", "make_iterator", "sft_batches", "preference_batches",
     "ranking_batches", "prompt_batches", "read_records", "epoch_order", "host_rows",
     *_TFDS_NAMES,
 ]

@@ -348,6 +348,81 @@ class DataIterator:
         return self
 
 
+class PrefetchIterator:
+    """Runs a :class:`DataIterator` ``size`` batches ahead in a background thread.
+
+    Tokenising and packing then overlap with the training step. ``state()`` and ``stats`` are
+    those of the last batch *returned* (not of the batches waiting in the queue), so a checkpoint
+    taken between steps resumes exactly; to resume, ``restore`` the inner iterator before
+    wrapping it. An exception in the worker (e.g. a DataError) is raised by ``next``.
+    """
+
+    _END = object()
+
+    def __init__(self, iterator: DataIterator, size: int = 2):
+        import queue
+        import threading
+
+        if size < 1:
+            raise ValueError(f"size={size}; need >= 1")
+        self._it = iterator
+        self._queue: "queue.Queue" = queue.Queue(maxsize=size)
+        self._state = iterator.state()
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._work, name="rlhf_jax-data", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            for batch in self._it:
+                if not self._put((batch, self._it.state())):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return self._state
+
+    @property
+    def stats(self) -> DataStats:
+        return DataStats.from_dict(self._state["stats"])
+
+    def close(self) -> None:
+        """Stops the worker thread (batches still queued are discarded)."""
+        self._stop.set()
+        self._done = True
+        self._thread.join(timeout=5)
+
+
 # --- convenience constructors -------------------------------------------------------------
 
 def sft_batches(source, tokenizer, *, batch_size: int, seq_len: int, pack: bool = True, **kw) -> DataIterator:
