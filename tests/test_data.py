@@ -478,3 +478,21 @@ def test_prefetch_iterator_matches_and_resumes(tok):
     next(bad)
     with pytest.raises(DataError, match="expected a string"):
         next(bad)
+
+
+def test_field_map_renames_at_once():
+    from rlhf_jax.data.formats import apply_field_map
+
+    row = {"a": "x", "b": "y", "keep": 1}
+    assert apply_field_map(row, {"chosen": "b", "rejected": "a"}) == {"chosen": "y", "rejected": "x",
+                                                                     "keep": 1}
+    swapped = apply_field_map({"chosen": "x", "rejected": "y"}, {"chosen": "rejected",
+                                                                 "rejected": "chosen"})
+    assert swapped == {"chosen": "y", "rejected": "x"}
+    once = apply_field_map(row, {"prompt": "a"})
+    assert apply_field_map(once, {"prompt": "a"}) == once == {"prompt": "x", "b": "y", "keep": 1}
+    recs, _ = data.read_records([{"q": "hello", "good": "yes", "bad": "no"}], "preference",
+                                field_map=("prompt=q", "chosen=good", "rejected=bad"))
+    assert recs == [{"prompt": "hello", "chosen": "yes", "rejected": "no", "margin": 0.0}]
+    with pytest.raises(DataError, match="field map entry"):
+        data.parse_field_map(("prompt",))

@@ -33,17 +33,20 @@ HH_ASSISTANT_MARKER = "\n\nAssistant:"
 
 
 def apply_field_map(raw: Mapping[str, Any], field_map: Mapping[str, str] | None) -> dict[str, Any]:
-    """Renames source columns to canonical names: ``field_map = {canonical: column}``."""
+    """Renames source columns to canonical names: ``field_map = {canonical: column}``.
+
+    All renames happen at once (so ``{"chosen": "rejected", "rejected": "chosen"}`` swaps); a
+    canonical field whose column is absent keeps a same-named field if the row has one (so
+    applying a map twice is harmless), else it is missing and the parser names both."""
     if not field_map:
         return dict(raw)
-    out = dict(raw)
+    columns = set(field_map.values())
+    out = {k: v for k, v in raw.items() if k not in columns}
     for canonical, column in field_map.items():
-        if column == canonical:
-            continue
-        if column in out:
-            if canonical in raw and canonical not in field_map.values():
-                out.pop(canonical, None)  # the mapped column wins over a same-named column
-            out[canonical] = out.pop(column)
+        if column in raw:
+            out[canonical] = raw[column]
+        elif canonical in raw:
+            out[canonical] = raw[canonical]
     return out
 
 
