@@ -89,7 +89,8 @@ def _response_mask(lengths: Sequence[int], prompt_lens: Sequence[int], batch_siz
     return out
 
 
-def _row_info(examples, batch_size):
+def row_info(examples, batch_size):
+    """`example_mask [B]` (1 on real rows) and `example_index [B]` (source row, -1 on padding)."""
     example_mask = np.zeros((batch_size,), np.int32)
     example_mask[:len(examples)] = 1
     index = np.full((batch_size,), -1, np.int64)
@@ -110,7 +111,7 @@ def preference_batch(examples: Sequence[dict[str, Any]], batch_size: int, bucket
     plens = [ex["prompt_len"] for ex in examples]
     margin = np.zeros((batch_size,), np.float32)
     margin[:len(examples)] = [ex["margin"] for ex in examples]
-    example_mask, index = _row_info(examples, batch_size)
+    example_mask, index = row_info(examples, batch_size)
     return {
         "chosen_ids": c_ids, "chosen_mask": c_mask,
         "rejected_ids": r_ids, "rejected_mask": r_mask,
@@ -145,7 +146,7 @@ def ranking_batch(examples: Sequence[dict[str, Any]], batch_size: int, buckets: 
         nk = len(ex["responses"])
         ranks[b, :nk] = ex["ranks"]
         rank_mask[b, :nk] = 1
-    example_mask, index = _row_info(examples, batch_size)
+    example_mask, index = row_info(examples, batch_size)
     return {"response_ids": ids, "response_mask": mask, "response_loss_mask": loss, "ranks": ranks,
             "rank_mask": rank_mask, "example_mask": example_mask, "example_index": index}
 
@@ -163,6 +164,6 @@ def prompt_batch(examples: Sequence[dict[str, Any]], batch_size: int, buckets: S
         n = len(ex["ids"])
         ids[i, P - n:] = ex["ids"]
         mask[i, P - n:] = 1
-    example_mask, index = _row_info(examples, batch_size)
+    example_mask, index = row_info(examples, batch_size)
     return {"prompt_ids": ids, "prompt_mask": mask, "example_mask": example_mask,
             "example_index": index}

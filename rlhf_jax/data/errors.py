@@ -21,7 +21,7 @@ class Location:
     """Where a raw record came from: ``path`` (a file or ``tfds:name/split``) and ``line``.
 
     ``line`` is the 1-based line number for JSONL and the 1-based row number for Parquet, TFDS and
-    in-memory sources (``unit`` says which).
+    in-memory sources (``unit`` says which; ``"file"`` with line 0 for a whole-file problem).
     """
 
     path: str
@@ -29,6 +29,8 @@ class Location:
     unit: str = "line"
 
     def __str__(self) -> str:
+        if self.unit == "file":  # the whole file (it is missing or unreadable)
+            return self.path
         return f"{self.path}:{self.line}" if self.unit == "line" else f"{self.path} {self.unit} {self.line}"
 
 

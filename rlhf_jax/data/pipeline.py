@@ -291,7 +291,7 @@ class DataIterator:
             longest = max([len(ex["ids"]) for ex in examples] + [1])
             L = batching.bucket_length(longest, self.buckets)
             batch = batching.sft_batch([[ex] for ex in examples], B, L, pad)
-            example_mask, index = batching._row_info(examples, B)
+            example_mask, index = batching.row_info(examples, B)
             batch.update(example_mask=example_mask, example_index=index)
             self._count_tokens(batch["attention_mask"], batch["loss_mask"])
         elif self.fmt == "preference":
