@@ -178,10 +178,13 @@ def _masked_like(masked_tree, full_mask):
         masked_tree, full_mask, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
+def _is_hp_state(x) -> bool:
+    # optax.InjectHyperparamsState / InjectStatefulHyperparamsState (the class differs by version)
+    return isinstance(x, tuple) and hasattr(x, "_fields") and "hyperparams" in x._fields
+
+
 def _hyperparam_states(opt_state):
-    return [s for s in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
-        if isinstance(s, optax.InjectHyperparamsState)]
+    return [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_hp_state) if _is_hp_state(s)]
 
 
 def get_hyperparam(opt_state, name: str) -> jax.Array:
@@ -202,7 +205,7 @@ def set_hyperparam(opt_state, name: str, value) -> Any:
     found = []
 
     def upd(s):
-        if isinstance(s, optax.InjectHyperparamsState):
+        if _is_hp_state(s):
             if name not in s.hyperparams:
                 raise KeyError(f"unknown hyper-parameter {name!r}; have {sorted(s.hyperparams)}")
             found.append(True)
@@ -211,8 +214,7 @@ def set_hyperparam(opt_state, name: str, value) -> Any:
             return s._replace(hyperparams=hp)
         return s
 
-    out = jax.tree_util.tree_map(upd, opt_state,
-                                 is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
+    out = jax.tree_util.tree_map(upd, opt_state, is_leaf=_is_hp_state)
     if not found:
         raise KeyError("optimizer state has no injected hyper-parameters")
     return out
