@@ -84,7 +84,8 @@ def sft_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype:
     module, params = build(shape, dtype=dtype)
     holder = {"state": _train_state(module, params)}
     step = _jitted_step(sft_step, SFTStepConfig())
-    dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    # Unpacked rows, like the PyTorch loop: no segment ids, default positions (plain causal mask).
+    dev_batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
 
     def call():
         holder["state"], metrics = step(holder["state"], dev_batch)
@@ -136,10 +137,13 @@ def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_
 
 
 def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epochs: int, minibatches: int,
-               dtype: str):
-    """Four random models (policy, reference = policy's weights, reward, value) and the PPO config."""
-    PPOConfig = need("rlhf_jax.rl.config", "PPOConfig")
-    PPOFrozen, init_ppo_state = need("rlhf_jax.rl.ppo", "PPOFrozen", "init_ppo_state")
+               dtype: str) -> dict[str, Any]:
+    """Four random models (policy, reference = the policy's weights, reward, value) and the config.
+
+    Returns ``cfg`` (``rlhf_jax.rl.PPOConfig``: full-length responses, separate value model), the
+    ``PPOFrozen`` and the modules/params/optimizers of policy and value.
+    """
+    PPOConfig, PPOFrozen = need("rlhf_jax.rl", "PPOConfig", "PPOFrozen")
     cfg = PPOConfig(batch_size=batch, max_new_tokens=response_length, ppo_epochs=epochs, minibatches=minibatches,
                     value_model="separate", stop_token_ids=(), pad_token_id=shape["pad_token_id"],
                     temperature=1.0, kl_coef=0.05)
@@ -148,52 +152,90 @@ def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epoch
     value, value_params = build(shape, head="scalar", dtype=dtype, seed=2)
     frozen = PPOFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
                        value_model=value, reward_model=reward)
-
-    def fresh_state(seed: int = 0, hparams=None):
-        import jax
-
-        copy = lambda t: jax.tree_util.tree_map(lambda x: x.copy(), t)  # noqa: E731 (state is donated)
-        return init_ppo_state(policy_model=policy, policy_params=copy(policy_params),
-                              policy_tx=_optimizer(policy_params, weight_decay=0.0),
-                              value_model=value, value_params=copy(value_params),
-                              value_tx=_optimizer(value_params, weight_decay=0.0), cfg=cfg, hparams=hparams,
-                              rng=seed)
-
-    return cfg, frozen, fresh_state
+    return dict(cfg=cfg, frozen=frozen, policy_model=policy, policy_params=policy_params,
+                policy_tx=_optimizer(policy_params, weight_decay=0.0), value_model=value,
+                value_params=value_params, value_tx=_optimizer(value_params, weight_decay=0.0))
 
 
 def ppo_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, response_length: int, epochs: int,
                        minibatches: int, iterations: int, dtype: str) -> dict[str, Any]:
     """Seconds per ``rlhf_jax.rl.ppo_iteration`` (rollout + reward + reference + value + updates).
 
-    One compiled program per iteration; the first call (compilation) is reported apart.
+    One compiled program per iteration, the state donated; the first call (compilation included)
+    is reported apart and not in the median.
     """
     import jax
     import jax.numpy as jnp
 
-    ppo_iteration = need("rlhf_jax.rl.ppo", "ppo_iteration")
-    batch = prompts["prompt_ids"].shape[0]
-    cfg, frozen, fresh_state = _ppo_setup(shape, batch, response_length=response_length, epochs=epochs,
-                                          minibatches=minibatches, dtype=dtype)
-    state = fresh_state()
+    init_ppo_state, ppo_iteration = need("rlhf_jax.rl", "init_ppo_state", "ppo_iteration")
+    if iterations < 2:
+        raise ValueError(f"iterations must be >= 2 (the first compiles), got {iterations}")
+    s = _ppo_setup(shape, prompts["prompt_ids"].shape[0], response_length=response_length, epochs=epochs,
+                   minibatches=minibatches, dtype=dtype)
+    copy = lambda t: jax.tree_util.tree_map(lambda x: x.copy(), t)  # noqa: E731 (the state is donated)
+    state = init_ppo_state(policy_model=s["policy_model"], policy_params=copy(s["policy_params"]),
+                           policy_tx=s["policy_tx"], value_model=s["value_model"],
+                           value_params=copy(s["value_params"]), value_tx=s["value_tx"], cfg=s["cfg"], rng=0)
     dev_prompts = {k: jnp.asarray(v) for k, v in prompts.items()}
     times = []
     for _ in range(iterations):
         t = time.perf_counter()
-        state, metrics = ppo_iteration(state, frozen, dev_prompts, cfg=cfg)
+        state, metrics = ppo_iteration(state, s["frozen"], dev_prompts, cfg=s["cfg"])
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     timed = times[1:]
     return {"median_s": float(np.median(timed)), "best_s": float(np.min(timed)), "times_s": times,
-            "first_call_s": times[0]}
+            "first_call_s": times[0], "first_ratio_mean": float(metrics.get("first_ratio_mean", np.nan))}
 
 
 def sweep_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, n_runs: int, iterations: int,
-               response_length: int, epochs: int, minibatches: int, dtype: str) -> dict[str, Any]:
-    """Throughput of N PPO runs (seeds × kl_coef values) vmapped in one program vs one after another.
+               response_length: int, epochs: int, minibatches: int, dtype: str, reps: int = 1) -> dict[str, Any]:
+    """Throughput of N PPO runs vmapped in one program vs the same N runs one after another.
 
-    Uses ``rlhf_jax.rl.make_train(...)`` (PureJaxRL style): ``train(rng, hparams) -> (state, metrics)``
-    running ``iterations`` PPO iterations; N sequential = the jitted single run called N times;
-    vmapped = ``jax.jit(jax.vmap(train))`` over N keys and N hyper-parameter values.
+    ``train = rlhf_jax.rl.make_train(cfg, setup, num_iterations=iterations)``; the N runs are
+    ``stack_hparams``' grid of kl_coef values × seeds (2 values × N/2 seeds for even N, else N
+    values × 1 seed) with ``sweep_keys``. Sequential: ``jax.jit(train)`` called once per run;
+    vmapped: ``jax.jit(jax.vmap(train))`` called once. Compilation (one warm-up call each) is
+    excluded. Returns PPO iterations per second both ways and ``speedup`` = t(sequential)/t(vmapped)
+    (= N·t(one)/t(N vmapped), the issue's "≥ 0.7·N × the throughput of one").
     """
-    raise NotAvailable("rlhf_jax.rl.make_train is not in this tree")
+    import jax
+    import jax.numpy as jnp
+
+    make_train, RLSetup, stack_hparams, sweep_keys = need("rlhf_jax.rl", "make_train", "RLSetup", "stack_hparams",
+                                                          "sweep_keys")
+    s = _ppo_setup(shape, prompts["prompt_ids"].shape[0], response_length=response_length, epochs=epochs,
+                   minibatches=minibatches, dtype=dtype)
+    setup = RLSetup(frozen=s["frozen"], policy_model=s["policy_model"], policy_params=s["policy_params"],
+                    policy_tx=s["policy_tx"], prompts={k: jnp.asarray(v) for k, v in prompts.items()},
+                    value_model=s["value_model"], value_params=s["value_params"], value_tx=s["value_tx"])
+    train = make_train(s["cfg"], setup, num_iterations=iterations)
+    if n_runs % 2 == 0 and n_runs >= 2:
+        grid, seeds = {"kl_coef": [0.02, 0.1]}, n_runs // 2
+    else:
+        grid, seeds = {"kl_coef": list(np.linspace(0.01, 0.1, n_runs))}, 1
+    hparams, seed_index = stack_hparams(s["cfg"], grid, num_seeds=seeds)
+    keys = sweep_keys(0, seed_index)
+    if keys.shape[0] != n_runs:
+        raise RuntimeError(f"stack_hparams gave {keys.shape[0]} runs, expected {n_runs}")
+    one = jax.jit(train)
+    many = jax.jit(jax.vmap(train))
+    pick = lambda i: jax.tree_util.tree_map(lambda x: x[i], hparams)  # noqa: E731
+
+    def sequential():
+        return [one(pick(i), keys[i])[1] for i in range(n_runs)]
+
+    t_seq = time_calls(sequential, reps=reps, warmup=1, sync=block)
+    t_vm = time_calls(lambda: many(hparams, keys)[1], reps=reps, warmup=1, sync=block)
+    total = n_runs * iterations
+    return {
+        "n_runs": n_runs,
+        "iterations_per_run": iterations,
+        "grid": {k: [float(v) for v in vals] for k, vals in grid.items()},
+        "seeds": seeds,
+        "sequential": t_seq,
+        "vmapped": t_vm,
+        "sequential_iters_per_s": total / t_seq.median,
+        "vmapped_iters_per_s": total / t_vm.median,
+        "speedup": t_seq.median / t_vm.median,
+    }

@@ -357,7 +357,7 @@ def item_sweep(ctx: Context, shape_names: list[str]) -> list[Row]:
     probe = ctx.probe()
     res, status, note = _side(ctx, "rlhf_jax", lambda: _ours("sweep_time")(
         shape, p, n_runs=wl.sweep_runs, iterations=wl.sweep_iterations, response_length=wl.ppo_response,
-        epochs=wl.ppo_epochs, minibatches=wl.ppo_minibatches, dtype=ctx.dtype))
+        epochs=wl.ppo_epochs, minibatches=wl.ppo_minibatches, dtype=ctx.dtype, reps=1 if ctx.quick else 2))
     n = wl.sweep_runs
     return [Row(
         item="sweep", shape=name, metric="PPO iterations/s", higher_is_better=True,
