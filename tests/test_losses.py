@@ -5,6 +5,10 @@ Parity with TRL's implementations lives in tests/test_losses_trl.py.
 
 import functools
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import chex
 import jax
@@ -267,6 +271,60 @@ def test_whitening_with_axis_name_equals_global():
   close(ev, jnp.full((4,), L.explained_variance(v, x, m)), 1e-5)
   mm = jax.vmap(lambda a, b: L.masked_mean(a, b, axis_name="d"), axis_name="d")(xs, ms)
   close(mm, jnp.full((4,), L.masked_mean(x, m)), 1e-6)
+
+
+_SHARD_MAP_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import rlhf_jax.losses as L
+    assert len(jax.devices()) == 8
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 5)) * 2 + 1, jnp.float32)
+    m = jnp.asarray(rng.integers(0, 2, size=(16, 5)))
+    lp = jnp.asarray(-np.abs(rng.normal(size=(16, 5))), jnp.float32)
+    old = lp + 0.3 * jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+
+    def per_device(x, m, lp, old):
+      w = L.masked_whiten(x, m, axis_name="data")
+      n = jax.lax.psum(jnp.sum(m), "data")               # global token count: divide once
+      loss, _ = L.ppo_policy_loss(lp, old, w, m, normalizer=n)
+      return w, jax.lax.psum(loss, "data")[None]
+
+    f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P("data"), P("data"))))
+    sh = NamedSharding(mesh, P("data"))
+    w, loss = f(*(jax.device_put(a, sh) for a in (x, m, lp, old)))
+    gw = L.masked_whiten(x, m)
+    gl, _ = L.ppo_policy_loss(lp, old, gw, m)
+    np.testing.assert_allclose(np.asarray(w), np.asarray(gw), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(loss), float(gl), rtol=1e-5, atol=1e-5)
+    local = jax.jit(jax.shard_map(lambda a, b: L.masked_whiten(a, b), mesh=mesh, in_specs=(P("data"),) * 2,
+                                  out_specs=P("data")))(jax.device_put(x, sh), jax.device_put(m, sh))
+    assert not np.allclose(np.asarray(local), np.asarray(gw), atol=1e-3)
+    print("SHARD_MAP_OK")
+""")
+
+
+def test_whitening_and_divide_once_under_shard_map_on_8_devices():
+  """8 fake CPU devices (subprocess): per-device whitening with axis_name equals global whitening, and
+  per-device policy losses with the psum'ed token count as normalizer sum to the global loss."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "SHARD_MAP_OK" in out.stdout
+
+
+def test_integer_rewards_accepted_and_update_alias():
+  close(L.grpo_advantages(jnp.array([1, 0, 1, 1]), 2, scale="none"), [0.5, -0.5, 0.0, 0.0])
+  close(L.bradley_terry_loss(jnp.array([1, 0]), jnp.array([0, 1]))[0], (softplus(-1.0) + softplus(1.0)) / 2)
+  ctrl = L.AdaptiveKLController(beta=0.1, target=6.0, horizon=10000.0)  # plain construction works too
+  close(L.update(ctrl, 30.0, 100).beta, 0.1 * (1 + 0.2 * 100 / 10000))
+  close(L.AdaptiveKLController(beta=0.1, target=None, horizon=10000.0).update(30.0, 100).beta, 0.1)
+  with pytest.raises(ValueError, match="`rewards` must be real-valued"):
+    L.rloo_advantages(jnp.zeros(2, jnp.complex64), 2)
 
 
 def test_explained_variance_by_hand():

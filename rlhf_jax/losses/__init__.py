@@ -10,7 +10,7 @@ from rlhf_jax.losses.common import (explained_variance, masked_mean, masked_sum,
 from rlhf_jax.losses.dpo import dpo_loss
 from rlhf_jax.losses.grpo import grpo_policy_loss
 from rlhf_jax.losses.kl import (AdaptiveKLController, apply_missing_eos_penalty, kl_estimate, kl_penalized_rewards,
-                                last_token_index, update_kl_controller)
+                                last_token_index, update, update_kl_controller)
 from rlhf_jax.losses.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses.reward import bradley_terry_loss, ranking_loss
 from rlhf_jax.losses.sft import sequence_logprobs, sft_loss
@@ -40,5 +40,6 @@ __all__ = [
     "rloo_advantages",
     "sequence_logprobs",
     "sft_loss",
+    "update",
     "update_kl_controller",
 ]

@@ -7,7 +7,7 @@ from typing import Any, Tuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import Array, as_float, check_choice, check_float, check_mask, check_ndim, check_shape
+from rlhf_jax.losses.common import Array, as_float, check_choice, check_mask, check_ndim, check_real, check_shape
 
 
 def gae_advantages(rewards: Array, values: Array, mask: Array, *, gamma: Any = 1.0, lam: Any = 0.95
@@ -24,9 +24,9 @@ def gae_advantages(rewards: Array, values: Array, mask: Array, *, gamma: Any = 1
   float32. Whitening (global batch) is a separate step: :func:`rlhf_jax.losses.masked_whiten`.
   """
   fn = "gae_advantages"
-  rewards = check_float(fn, "rewards", rewards)
+  rewards = check_real(fn, "rewards", rewards)
   check_ndim(fn, "rewards", rewards, 2, "[B, T]")
-  values = check_float(fn, "values", values)
+  values = check_real(fn, "values", values)
   check_shape(fn, "values", values, rewards.shape, "`rewards`")
   m = check_mask(fn, "mask", mask, rewards.shape, "`rewards`")
   gamma = as_float(gamma)
@@ -52,7 +52,7 @@ def gae_advantages(rewards: Array, values: Array, mask: Array, *, gamma: Any = 1
 
 
 def _check_groups(fn: str, rewards: Any, group_size: int) -> Array:
-  rewards = check_float(fn, "rewards", rewards)
+  rewards = check_real(fn, "rewards", rewards)
   check_ndim(fn, "rewards", rewards, 1, "[B]")
   if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
     raise ValueError(f"{fn}: `group_size` must be a positive Python int (it is a shape) but got {group_size!r}")

@@ -50,6 +50,16 @@ def check_float(fn: str, name: str, x: Any) -> Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def check_real(fn: str, name: str, x: Any) -> Array:
+  """A real-valued quantity (rewards, values, advantages): bool/int/float accepted, returned as >= float32."""
+  x = jnp.asarray(x)
+  if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)):
+    raise ValueError(f"{fn}: argument `{name}` must be real-valued (bool, integer or float) but has dtype {x.dtype}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(jnp.float32)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def check_int(fn: str, name: str, x: Any) -> Array:
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -136,7 +146,7 @@ def masked_whiten(x: Array, mask: Array, *, shift_mean: bool = True, axis_name: 
   Shapes: ``x``, ``mask``: any shape, equal. Returns ``x``'s shape, float32.
   """
   fn = "masked_whiten"
-  x = check_float(fn, "x", x)
+  x = check_real(fn, "x", x)
   m = check_mask(fn, "mask", mask, _shape(x), "`x`")
   mean = masked_mean(x, m, axis_name=axis_name)
   var = masked_var(x, m, unbiased=True, axis_name=axis_name)
@@ -153,8 +163,8 @@ def explained_variance(values: Array, returns: Array, mask: Array, *, axis_name:
   returns have zero variance (undefined). Shapes: all ``[B, T]`` (or any equal shape) -> scalar.
   """
   fn = "explained_variance"
-  values = check_float(fn, "values", values)
-  returns = check_float(fn, "returns", returns)
+  values = check_real(fn, "values", values)
+  returns = check_real(fn, "returns", returns)
   check_shape(fn, "returns", returns, values.shape, "`values`")
   m = check_mask(fn, "mask", mask, values.shape, "`values`")
   var_r = masked_var(returns, m, unbiased=False, axis_name=axis_name)

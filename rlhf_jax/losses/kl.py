@@ -8,7 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import Array, as_float, check_choice, check_float, check_mask, check_ndim, check_shape
+from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, check_mask, check_ndim, check_real,
+                                    check_shape)
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -56,7 +57,7 @@ def apply_missing_eos_penalty(scores: Array, has_eos: Array, penalty: Any) -> Ar
   """``scores - penalty`` where a response has no stop token, unchanged elsewhere (TRL's
   ``missing_eos_penalty``). ``penalty`` is traced. Shapes: ``scores [B]``, ``has_eos [B]`` bool."""
   fn = "apply_missing_eos_penalty"
-  scores = check_float(fn, "scores", scores)
+  scores = check_real(fn, "scores", scores)
   has_eos = jnp.asarray(has_eos)
   check_shape(fn, "has_eos", has_eos, scores.shape, "`scores`")
   return jnp.where(has_eos.astype(bool), scores, scores - as_float(penalty))
@@ -79,7 +80,7 @@ def kl_penalized_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Arra
   fn = "kl_penalized_rewards"
   logp = check_float(fn, "logp", logp)
   check_ndim(fn, "logp", logp, 2, "[B, T]")
-  scores = check_float(fn, "scores", scores)
+  scores = check_real(fn, "scores", scores)
   check_shape(fn, "scores", scores, logp.shape[:1], "`logp`'s batch axis")
   m = check_mask(fn, "mask", mask, logp.shape, "`logp`")
   kl = kl_estimate(logp, ref_logp, estimator=estimator, mask=m)
@@ -136,3 +137,6 @@ class AdaptiveKLController:
 def update_kl_controller(ctrl: AdaptiveKLController, kl: Any, n_steps: Any) -> AdaptiveKLController:
   """Functional form of :meth:`AdaptiveKLController.update`."""
   return ctrl.update(kl, n_steps)
+
+
+update = update_kl_controller  # `update(ctrl, kl, n_steps) -> ctrl`, the name issue 3 uses

@@ -7,8 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, check_mask, check_ndim, check_shape,
-                                    reduce_loss)
+from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, check_mask, check_ndim, check_real,
+                                    check_shape, reduce_loss)
 
 _POLICY_REDUCTIONS = ("token", "sequence", "sum", "dr-grpo", "seq-mean-token-sum-norm")
 
@@ -25,7 +25,7 @@ def clipped_policy_objective(logp: Array, old_logp: Array, advantages: Array, ma
   check_ndim(fn, "logp", logp, 2, "[B, T]")
   old_logp = check_float(fn, "old_logp", old_logp)
   check_shape(fn, "old_logp", old_logp, logp.shape, "`logp`")
-  adv = check_float(fn, "advantages", advantages)
+  adv = check_real(fn, "advantages", advantages)
   if adv.shape == logp.shape[:1]:
     adv = adv[:, None]
   elif adv.shape != logp.shape:
@@ -104,11 +104,11 @@ def ppo_value_loss(values: Array, old_values: Array, returns: Array, mask: Array
   """
   fn = "ppo_value_loss"
   check_choice(fn, "reduction", reduction, _POLICY_REDUCTIONS)
-  v = check_float(fn, "values", values)
+  v = check_real(fn, "values", values)
   check_ndim(fn, "values", v, 2, "[B, T]")
-  v_old = check_float(fn, "old_values", old_values)
+  v_old = check_real(fn, "old_values", old_values)
   check_shape(fn, "old_values", v_old, v.shape, "`values`")
-  ret = check_float(fn, "returns", returns)
+  ret = check_real(fn, "returns", returns)
   check_shape(fn, "returns", ret, v.shape, "`values`")
   m = check_mask(fn, "mask", mask, v.shape, "`values`")
   live = m > 0

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import Array, as_float, check_float, check_int, check_mask, check_ndim, check_shape
+from rlhf_jax.losses.common import Array, as_float, check_int, check_mask, check_ndim, check_real, check_shape
 
 
 def bradley_terry_loss(chosen_rewards: Array, rejected_rewards: Array, *, margin: Optional[Any] = None,
@@ -26,15 +26,15 @@ def bradley_terry_loss(chosen_rewards: Array, rejected_rewards: Array, *, margin
   ``chosen_reward``, ``rejected_reward`` (means), ``num_pairs``.
   """
   fn = "bradley_terry_loss"
-  rc = check_float(fn, "chosen_rewards", chosen_rewards)
-  rr = check_float(fn, "rejected_rewards", rejected_rewards)
+  rc = check_real(fn, "chosen_rewards", chosen_rewards)
+  rr = check_real(fn, "rejected_rewards", rejected_rewards)
   check_ndim(fn, "chosen_rewards", rc, 1, "[B]")
   check_shape(fn, "rejected_rewards", rr, rc.shape, "`chosen_rewards`")
   w = jnp.ones_like(rc) if mask is None else check_mask(fn, "mask", mask, rc.shape, "`chosen_rewards`")
   if margin is None:
     m = jnp.zeros_like(rc)
   else:
-    m = check_float(fn, "margin", margin)
+    m = check_real(fn, "margin", margin)
     if m.ndim != 0:
       check_shape(fn, "margin", m, rc.shape, "`chosen_rewards`")
     m = jnp.broadcast_to(m, rc.shape)
@@ -71,7 +71,7 @@ def ranking_loss(rewards: Array, ranks: Array, mask: Array) -> Tuple[Array, Dict
   averaged over prompts), ``num_pairs``, ``num_prompts``.
   """
   fn = "ranking_loss"
-  r = check_float(fn, "rewards", rewards)
+  r = check_real(fn, "rewards", rewards)
   check_ndim(fn, "rewards", r, 2, "[B, K]")
   rk = check_int(fn, "ranks", ranks)
   check_shape(fn, "ranks", rk, r.shape, "`rewards`")
