@@ -57,7 +57,7 @@ def clipped_policy_objective(logp: Array, old_logp: Array, advantages: Array, ma
       "clipfrac": _masked_token_mean(clipped.astype(jnp.float32), m),
       "approx_kl": 0.5 * _masked_token_mean(jnp.square(log_ratio), m),
       "ratio_mean": _masked_token_mean(ratio, m),
-      "ratio_max": jnp.max(jnp.where(live, ratio, -jnp.inf)),
+      "ratio_max": jnp.where(jnp.any(live), jnp.max(jnp.where(live, ratio, -jnp.inf)), 0.0),
       "num_tokens": jnp.sum(m),
   })
   return per_token, metrics, m
