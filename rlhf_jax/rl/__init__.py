@@ -6,14 +6,14 @@ Public API (see docs/DESIGN.md, section "RL"):
 * PPO: ``PPOState``, ``PPOFrozen``, ``init_ppo_state``, ``ppo_iteration`` (one jitted program),
   ``ppo_rollout`` + ``ppo_update`` (the two halves, for a Python reward), ``ppo_iteration_pure``;
 * GRPO/RLOO: ``init_grpo_state``, ``grpo_iteration``, ``rloo_iteration``, ``grpo_rollout``, ``grpo_update``;
-* DPO: ``DPOFrozen``, ``dpo_step``, ``dpo_eval``, ``precompute_reference_logps``;
+* DPO: ``DPOFrozen``, ``init_dpo_state``, ``dpo_step``, ``dpo_eval``, ``precompute_reference_logps``;
 * sweeps: ``make_train`` (pure ``train(hparams, rng)`` for ``jax.jit(jax.vmap(train))``),
   ``RLSetup``, ``stack_hparams``, ``sweep_keys``;
 * host loops: ``train_ppo``, ``train_grpo``, ``train_rloo``, ``train_dpo`` (``rlhf_jax.rl.trainer``).
 """
 from rlhf_jax.rl.config import (DPOConfig, DPOHParams, GRPOConfig, GRPOHParams, PPOConfig, PPOHParams,
                                 static_part)
-from rlhf_jax.rl.dpo import DPOFrozen, dpo_eval, dpo_step, precompute_reference_logps
+from rlhf_jax.rl.dpo import DPOFrozen, dpo_eval, dpo_step, init_dpo_state, precompute_reference_logps
 from rlhf_jax.rl.grpo import (grpo_iteration, grpo_iteration_pure, grpo_rollout, grpo_update, init_grpo_state,
                               rloo_iteration)
 from rlhf_jax.rl.ppo import (TRACE_COUNTS, PPOFrozen, PPOState, init_ppo_state, ppo_iteration,

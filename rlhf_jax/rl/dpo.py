@@ -2,8 +2,9 @@
 
 A preference batch (``rlhf_jax.data`` layout) holds right-padded full sequences
 ``chosen_ids/chosen_mask/rejected_ids/rejected_mask [B, L]`` (prompt + completion, mask 1 on real
-tokens) and the completion masks ``chosen_loss_mask/rejected_loss_mask [B, L]`` (1 on the
-completion tokens only). The sequence log-prob of a completion is
+tokens), the completion masks ``chosen_loss_mask/rejected_loss_mask [B, L]`` (1 on the
+completion tokens only) and optionally ``example_mask [B]`` (0 on padding pairs, which then do
+not count). The sequence log-prob of a completion is
 
     logπ(y|x) = Σ_t loss_mask[t+1] · log softmax(logits[t])[ids[t+1]]
 
@@ -23,7 +24,7 @@ from flax import struct
 
 from rlhf_jax import losses
 from rlhf_jax.rl.config import DPOConfig, DPOHParams, static_part
-from rlhf_jax.rl.ppo import set_learning_rate
+from rlhf_jax.rl.ppo import own_copy, set_learning_rate
 from rlhf_jax.training.state import TrainState
 
 Array = jax.Array
@@ -39,6 +40,15 @@ class DPOFrozen:
     policy's Flax module (static)."""
     ref_params: Any
     model: Any = struct.field(pytree_node=False, default=None)
+
+
+def init_dpo_state(*, model, params, tx: optax.GradientTransformation, cfg: DPOConfig,
+                   hparams: DPOHParams | None = None, rng: Array | int = 0) -> TrainState:
+    """The policy's ``TrainState`` (all leaves copied: the state is donated, the reference is not)."""
+    cfg.validate()
+    hparams = DPOHParams.from_config(cfg) if hparams is None else hparams
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+    return own_copy(state.replace(opt_state=set_learning_rate(state.opt_state, hparams.lr)))
 
 
 def check_preference_batch(batch: dict, where: str = "dpo") -> None:
@@ -109,14 +119,14 @@ def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, *, cfg: DPO
         loss, m = losses.dpo_loss(pol["chosen_logp"], pol["rejected_logp"], ref["ref_chosen_logp"],
                                   ref["ref_rejected_logp"], beta=hparams.beta, loss_type=cfg.loss_type,
                                   label_smoothing=hparams.label_smoothing, chosen_len=pol["chosen_len"],
-                                  rejected_len=pol["rejected_len"])
+                                  rejected_len=pol["rejected_len"], mask=batch.get("example_mask"))
         m = dict(m)
         m["policy_chosen_logp"] = jnp.mean(pol["chosen_logp"])
         m["policy_rejected_logp"] = jnp.mean(pol["rejected_logp"])
         return loss, m
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     state = state.replace(opt_state=set_learning_rate(state.opt_state, hparams.lr))
     return state.apply_gradients(grads), metrics
 
@@ -131,7 +141,7 @@ def dpo_eval_pure(params, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig, hpa
     _, m = losses.dpo_loss(pol["chosen_logp"], pol["rejected_logp"], ref["ref_chosen_logp"],
                            ref["ref_rejected_logp"], beta=hparams.beta, loss_type=cfg.loss_type,
                            label_smoothing=hparams.label_smoothing, chosen_len=pol["chosen_len"],
-                           rejected_len=pol["rejected_len"])
+                           rejected_len=pol["rejected_len"], mask=batch.get("example_mask"))
     return m
 
 
@@ -140,7 +150,7 @@ _dpo_eval_jit = jax.jit(dpo_eval_pure, static_argnames=("cfg",))
 
 
 def _device_batch(batch: dict) -> dict:
-    keys = list(_REQUIRED) + [k for k in ("ref_chosen_logp", "ref_rejected_logp") if k in batch]
+    keys = list(_REQUIRED) + [k for k in ("ref_chosen_logp", "ref_rejected_logp", "example_mask") if k in batch]
     return {k: jnp.asarray(batch[k]) for k in keys}
 
 

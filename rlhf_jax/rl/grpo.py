@@ -44,11 +44,11 @@ def init_grpo_state(*, policy_model, policy_params, policy_tx: optax.GradientTra
     hparams = GRPOHParams.from_config(cfg) if hparams is None else hparams
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
-    policy = TrainState.create(apply_fn=policy_model.apply, params=own_copy(policy_params), tx=policy_tx,
+    policy = TrainState.create(apply_fn=policy_model.apply, params=policy_params, tx=policy_tx,
                                rng=jax.random.fold_in(rng, 1))
     policy = policy.replace(opt_state=set_learning_rate(policy.opt_state, hparams.lr))
-    return PPOState(policy=policy, value=None, kl_ctl=losses.AdaptiveKLController.create(hparams.kl_coef),
-                    rng=jnp.asarray(rng), step=jnp.zeros((), jnp.int32))
+    return own_copy(PPOState(policy=policy, value=None, kl_ctl=losses.AdaptiveKLController.create(hparams.kl_coef),
+                             rng=jnp.asarray(rng), step=jnp.zeros((), jnp.int32)))
 
 
 def group_advantages(scores: Array, old_logp: Array, ref_logp: Array, mask: Array, *, cfg: GRPOConfig,
@@ -81,7 +81,7 @@ def _grpo_minibatch_step(carry, batch, *, frozen: PPOFrozen, cfg: GRPOConfig, hp
         return loss, metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy.params)
-    metrics["policy_grad_norm"] = optax.global_norm(grads)
+    metrics["policy_grad_norm"] = optax.tree.norm(grads)
     return (apply_grads(policy, grads, hparams.lr), value), metrics
 
 

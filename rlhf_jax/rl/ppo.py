@@ -90,6 +90,21 @@ class PPOState:
     rng: Array
     step: Array
 
+    def arrays(self) -> dict[str, Any]:
+        """The leaves to checkpoint (``training.CheckpointManager`` saves this dict)."""
+        out = {"policy": self.policy.arrays(), "kl_ctl": {"beta": self.kl_ctl.beta, "target": self.kl_ctl.target,
+                                                           "horizon": self.kl_ctl.horizon},
+               "rng": self.rng, "step": self.step}
+        if self.value is not None:
+            out["value"] = self.value.arrays()
+        return out
+
+    def with_arrays(self, tree: dict[str, Any]) -> "PPOState":
+        """Inverse of :meth:`arrays` (a state restored into this one's structure)."""
+        value = None if self.value is None else self.value.with_arrays(tree["value"])
+        return self.replace(policy=self.policy.with_arrays(tree["policy"]), value=value,
+                            kl_ctl=self.kl_ctl.replace(**tree["kl_ctl"]), rng=tree["rng"], step=tree["step"])
+
 
 @struct.dataclass
 class PPOFrozen:
@@ -98,6 +113,8 @@ class PPOFrozen:
     ref_params: the frozen reference policy's ``CausalLM`` params (for a ``CausalLMWithValueHead``
       policy: ``models.split_value_head(policy_params)[0]``).
     reward_params: the reward model's params (None with a reward function).
+    reward_shift: subtracted from the reward model's scores (the normalisation shift ``train_reward``
+      records, so that the SFT policy scores mean 0).
     Static fields (part of the compiled program): ``policy_model`` (the Flax module of the policy,
     used for generation and the reference), ``value_model`` (module of the separate value model,
     None when shared), ``reward_model`` (module of the reward model) or ``reward_fn`` (a JAX
@@ -105,6 +122,7 @@ class PPOFrozen:
     """
     ref_params: Any
     reward_params: Any = None
+    reward_shift: Any = 0.0
     policy_model: Any = struct.field(pytree_node=False, default=None)
     value_model: Any = struct.field(pytree_node=False, default=None)
     reward_model: Any = struct.field(pytree_node=False, default=None)
@@ -123,14 +141,15 @@ def init_ppo_state(*, policy_model, policy_params, policy_tx: optax.GradientTran
     """A fresh ``PPOState``; optimizers carry ``hparams.lr``/``value_lr`` as their injected rate.
 
     ``policy_tx``/``value_tx`` should come from ``training.make_optimizer`` (their learning rate
-    is overwritten by the traced ``hparams.lr`` at every update). The params are copied, so the
-    same arrays may also serve as the frozen reference (the state is donated, the copy is not).
+    is overwritten by the traced ``hparams.lr`` at every update). Every leaf is copied into a fresh
+    buffer, so the same arrays may also serve as the frozen reference or the hyper-parameters (the
+    state is donated to the iteration; those are not).
     """
     cfg.validate()
     hparams = PPOHParams.from_config(cfg) if hparams is None else hparams
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
-    policy = TrainState.create(apply_fn=policy_model.apply, params=own_copy(policy_params), tx=policy_tx,
+    policy = TrainState.create(apply_fn=policy_model.apply, params=policy_params, tx=policy_tx,
                                rng=jax.random.fold_in(rng, 1))
     policy = policy.replace(opt_state=set_learning_rate(policy.opt_state, hparams.lr))
     value = None
@@ -138,14 +157,15 @@ def init_ppo_state(*, policy_model, policy_params, policy_tx: optax.GradientTran
         if value_model is None or value_params is None or value_tx is None:
             raise ValueError("init_ppo_state: ppo.value_model='separate' needs value_model, value_params "
                              "and value_tx")
-        value = TrainState.create(apply_fn=value_model.apply, params=own_copy(value_params), tx=value_tx,
+        value = TrainState.create(apply_fn=value_model.apply, params=value_params, tx=value_tx,
                                   rng=jax.random.fold_in(rng, 2))
         value = value.replace(opt_state=set_learning_rate(value.opt_state, hparams.value_lr))
     elif value_params is not None:
         raise ValueError("init_ppo_state: ppo.value_model='shared' takes the value head from the policy; "
                          "do not pass value_params")
-    return PPOState(policy=policy, value=value, kl_ctl=make_kl_controller(cfg, hparams),
-                    rng=jnp.asarray(rng), step=jnp.zeros((), jnp.int32))
+    state = PPOState(policy=policy, value=value, kl_ctl=make_kl_controller(cfg, hparams),
+                     rng=jnp.asarray(rng), step=jnp.zeros((), jnp.int32))
+    return own_copy(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +233,7 @@ def score_rollout(frozen: PPOFrozen, rollout: R.Rollout, *, chunk: int) -> Array
         scores = frozen.reward_fn(*args)
     elif frozen.reward_model is not None:
         scores = R.chunked(lambda *a: R.reward_model_scores(frozen.reward_model, frozen.reward_params, *a),
-                           chunk, *args)
+                           chunk, *args) - jnp.asarray(frozen.reward_shift, jnp.float32)
     else:
         raise ValueError("PPOFrozen has neither reward_fn nor reward_model: a Python reward must go through "
                          "ppo_rollout -> host scores -> ppo_update")
@@ -240,8 +260,9 @@ def _ppo_rollout_impl(state: PPOState, frozen: PPOFrozen, prompts: dict, rng: Ar
 # ---------------------------------------------------------------------------------------------
 
 def own_copy(tree):
-    """A copy of a params pytree with fresh buffers: the state is donated to the jitted iteration, so it
-    must never share buffers with the frozen reference/reward params or the caller's arrays."""
+    """A copy of a pytree with fresh buffers: the state is donated to the jitted iteration, so it must
+    never share buffers with the frozen reference/reward params, the hyper-parameters or the caller's
+    arrays. (Under a trace the copy is a no-op.)"""
     return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
@@ -286,10 +307,10 @@ def _minibatch_step(carry, batch, *, frozen, cfg, hparams):
     grad_fn = jax.value_and_grad(_minibatch_losses, argnums=(0, 1), has_aux=True)
     (_, metrics), (g_pol, g_val) = grad_fn(policy.params, value_params, frozen, batch, cfg=cfg,
                                           hparams=hparams)
-    metrics["policy_grad_norm"] = optax.global_norm(g_pol)
+    metrics["policy_grad_norm"] = optax.tree.norm(g_pol)
     policy = apply_grads(policy, g_pol, hparams.lr)
     if value is not None:
-        metrics["value_grad_norm"] = optax.global_norm(g_val)
+        metrics["value_grad_norm"] = optax.tree.norm(g_val)
         value = apply_grads(value, g_val, hparams.value_lr)
     return (policy, value), metrics
 
