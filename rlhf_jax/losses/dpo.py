@@ -24,7 +24,9 @@ def dpo_loss(policy_chosen_logp: Array, policy_rejected_logp: Array, ref_chosen_
     ``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)`` (TRL 1.12's ``sigmoid`` ignores ε; equal at ε = 0).
   * ``hinge`` (SLiC): ``relu(1 - βΔ)``.
   * ``ipo`` (Azar et al. 2023), length-normalised as TRL does:
-    ``(Δ_c/|c| - Δ_r/|r| - 1/(2β))²`` — needs ``chosen_len``/``rejected_len`` (token counts, clamped ≥ 1).
+    ``(Δ_c/|c| - Δ_r/|r| - 1/(2β))²`` with ``chosen_len``/``rejected_len`` the completion token counts
+    (clamped ≥ 1). Pass them for the spec's form; without them ``|c| = |r| = 1`` (the paper's eq. 17
+    on the log-ratios as given, e.g. already per-token averages).
   * ``robust`` (Chowdhury et al. 2024, TRL's ``robust``):
     ``[-(1-ε) log σ(βΔ) + ε log σ(-βΔ)] / (1 - 2ε)``, unbiased under label-flip rate ε < 1/2.
 
@@ -56,14 +58,17 @@ def dpo_loss(policy_chosen_logp: Array, policy_rejected_logp: Array, ref_chosen_
   elif loss_type == "hinge":
     per_pair = jax.nn.relu(1.0 - beta * delta)
   elif loss_type == "ipo":
-    if chosen_len is None or rejected_len is None:
-      raise ValueError(f"{fn}: loss_type='ipo' is length-normalised and needs `chosen_len` and `rejected_len`")
-    lc = jnp.asarray(chosen_len)
-    lr = jnp.asarray(rejected_len)
-    check_shape(fn, "chosen_len", lc, pc.shape, "`policy_chosen_logp`")
-    check_shape(fn, "rejected_len", lr, pc.shape, "`policy_chosen_logp`")
-    lc = jnp.maximum(lc.astype(jnp.float32), 1.0)
-    lr = jnp.maximum(lr.astype(jnp.float32), 1.0)
+    if (chosen_len is None) != (rejected_len is None):
+      raise ValueError(f"{fn}: loss_type='ipo' needs both `chosen_len` and `rejected_len` (or neither)")
+    if chosen_len is None:
+      lc = lr = jnp.ones_like(pc)  # Δ taken as given: IPO eq. 17 without length normalisation
+    else:
+      lc = jnp.asarray(chosen_len)
+      lr = jnp.asarray(rejected_len)
+      check_shape(fn, "chosen_len", lc, pc.shape, "`policy_chosen_logp`")
+      check_shape(fn, "rejected_len", lr, pc.shape, "`policy_chosen_logp`")
+      lc = jnp.maximum(lc.astype(jnp.float32), 1.0)
+      lr = jnp.maximum(lr.astype(jnp.float32), 1.0)
     per_pair = jnp.square(d_c / lc - d_r / lr - 1.0 / (2.0 * beta))
   else:
     per_pair = (-(1.0 - eps) * jax.nn.log_sigmoid(beta * delta)
