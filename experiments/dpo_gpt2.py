@@ -1,0 +1,28 @@
+"""DPO (sigmoid, β=0.1) at the GPT-2 124M shape from the SFT policy (accelerators).
+
+    rlhf-jax dpo --config experiments/dpo_gpt2.py                          # after sft_gpt2.py
+    rlhf-jax dpo --config experiments/dpo_gpt2.py policy.path=/path/to/gpt2 data.path=prefs.jsonl dpo.beta=0.05
+"""
+from rlhf_jax.data import DataConfig
+from rlhf_jax.training.checkpoint import CheckpointConfig
+from rlhf_jax.training.configs import MeshConfig, ModelSection
+from rlhf_jax.training.metrics import LogConfig
+from rlhf_jax.rl.config import DPOConfig
+from rlhf_jax.rl.trainer import RL_OPTIM, DPOTrainConfig
+
+
+def get_config() -> DPOTrainConfig:
+    return DPOTrainConfig(
+        task="sentiment",
+        policy=ModelSection(path="runs/sft_gpt2/export", dtype="bfloat16", remat=False),
+        data=DataConfig(batch_size=32, max_length=128, pack=False),
+        dpo=DPOConfig(loss_type="sigmoid", beta=0.1, lr=5e-7),
+        optim=RL_OPTIM,
+        mesh=MeshConfig(data=-1, fsdp=1),
+        steps=500,
+        eval_every=100,
+        eval_batches=8,
+        checkpoint=CheckpointConfig(every=250, keep=2),
+        log=LogConfig(every=10),
+        out_dir="runs/dpo_gpt2",
+    )

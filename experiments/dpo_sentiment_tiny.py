@@ -1,0 +1,32 @@
+"""DPO (sigmoid, β=0.1) from the SFT policy on the sentiment task's simulated-labeller pairs (CPU).
+
+    rlhf-jax sft --config experiments/sft_sentiment_tiny.py
+    rlhf-jax dpo --config experiments/dpo_sentiment_tiny.py
+    rlhf-jax dpo --config experiments/dpo_sentiment_tiny.py dpo.loss_type=ipo dpo.beta=0.5 noise=0.3
+
+``noise`` is the labeller's BT temperature (< 0: the task default); reference log-probs are
+precomputed once over the training pairs (``dpo.precompute_ref``).
+"""
+from rlhf_jax.data import DataConfig
+from rlhf_jax.rl.config import DPOConfig
+from rlhf_jax.rl.trainer import RL_OPTIM, DPOTrainConfig
+from rlhf_jax.training.checkpoint import CheckpointConfig
+from rlhf_jax.training.configs import ModelSection
+from rlhf_jax.training.metrics import LogConfig
+
+
+def get_config() -> DPOTrainConfig:
+    return DPOTrainConfig(
+        task="sentiment",
+        policy=ModelSection(path="runs/sft_sentiment_tiny/export", name="task"),
+        data=DataConfig(batch_size=16, max_length=24, pack=False),
+        noise=-1.0,
+        dpo=DPOConfig(loss_type="sigmoid", beta=0.1, lr=1e-4),
+        optim=RL_OPTIM,
+        checkpoint=CheckpointConfig(every=0, keep=1),
+        log=LogConfig(every=10, progress=False),
+        steps=100,
+        eval_every=50,
+        eval_batches=2,
+        out_dir="runs/dpo_sentiment_tiny",
+    )

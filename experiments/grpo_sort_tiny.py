@@ -1,0 +1,29 @@
+"""GRPO (G=4 samples per prompt, k3 KL in the loss) on the sort task's gold reward (CPU, ~1 min).
+
+    rlhf-jax grpo --config experiments/grpo_sort_tiny.py
+    rlhf-jax grpo --config experiments/grpo_sort_tiny.py policy.path=runs/sft_sort_tiny/export grpo.kl_coef=0.02
+    rlhf-jax sweep experiments/grpo_sort_tiny.py --vmap --grid grpo.lr=3e-4,1e-3 --seeds 2 --out runs/grpo_lr
+"""
+from rlhf_jax.data import DataConfig
+from rlhf_jax.rl.config import GRPOConfig
+from rlhf_jax.rl.trainer import RL_OPTIM, GRPOTrainConfig, RewardSection
+from rlhf_jax.training.checkpoint import CheckpointConfig
+from rlhf_jax.training.configs import ModelSection
+from rlhf_jax.training.metrics import LogConfig
+
+
+def get_config() -> GRPOTrainConfig:
+    return GRPOTrainConfig(
+        task="sort",
+        policy=ModelSection(name="task", hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=2,
+                            head_dim=16),
+        reward=RewardSection(kind="gold"),
+        data=DataConfig(batch_size=8, max_length=32),
+        grpo=GRPOConfig(batch_size=8, group_size=4, max_new_tokens=10, kl_coef=0.04, lr=1e-3),
+        optim=RL_OPTIM,
+        checkpoint=CheckpointConfig(every=0, keep=1),
+        log=LogConfig(every=5, progress=False),
+        iterations=40,
+        sample_every=0,
+        out_dir="runs/grpo_sort_tiny",
+    )

@@ -1,0 +1,37 @@
+"""SFT at the GPT-2 124M shape, for accelerators (bf16 compute, fp32 master weights).
+
+    rlhf-jax sft --config experiments/sft_gpt2.py model.path=/path/to/gpt2
+    rlhf-jax sft --config experiments/sft_gpt2.py model.path=/path/to/gpt2 data.path=sft.jsonl steps=2000
+
+Without ``model.path`` the model is built from random weights at this shape (smoke runs and
+benchmarks); with ``model.path=/path/to/gpt2`` (a Hugging Face directory: config.json, safetensors,
+tokenizer) it is loaded from the checkpoint and the task's text is tokenised with ITS tokenizer.
+Data: the embedded sentiment task's records by default; ``data.path=FILE`` (JSONL/Parquet/tfds:)
+for your own.
+"""
+from rlhf_jax.data import DataConfig
+from rlhf_jax.training.checkpoint import CheckpointConfig
+from rlhf_jax.training.configs import MeshConfig, ModelSection
+from rlhf_jax.training.metrics import LogConfig
+from rlhf_jax.training.optim import OptimConfig
+from rlhf_jax.training.sft import SFTConfig
+
+MODEL = ModelSection(
+    name="tiny", arch="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
+    head_dim=64, intermediate_size=3072, max_position_embeddings=1024, dtype="bfloat16", param_dtype="float32")
+
+
+def get_config() -> SFTConfig:
+    return SFTConfig(
+        task="sentiment",
+        model=MODEL,
+        data=DataConfig(batch_size=64, max_length=128),
+        optim=OptimConfig(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01),
+        mesh=MeshConfig(data=-1, fsdp=1),
+        steps=1000,
+        eval_every=200,
+        eval_batches=8,
+        checkpoint=CheckpointConfig(every=500, keep=2),
+        log=LogConfig(every=10),
+        out_dir="runs/sft_gpt2",
+    )
