@@ -230,7 +230,34 @@ def item_sft(ctx: Context, shape_names: list[str]) -> list[Row]:
             probe_gflops=m["probe"],
             details={"ours": m["ours"], "peer": m["peer"]},
         ))
+        rows.append(_sft_trainer_row(ctx, name, m))
     return rows
+
+
+def _sft_trainer_row(ctx: Context, name: str, m: dict[str, Any]) -> Row:
+    """Our SFT step (measured just before) against trl's SFTTrainer on the same rows."""
+    from benchmarks import torch_side
+
+    wl = ctx.workload
+    batch = data.sft_batch(m["shape"]["vocab_size"], wl.sft_batch, wl.sft_seq)
+
+    def peer_fn():
+        _peer_cpu_only(ctx)
+        ensure_trl(ctx.allow_install)
+        return torch_side.sft_trainer_step_time(m["shape"], batch, reps=_reps(ctx, name))
+
+    probe = ctx.probe()
+    peer, s2, n2 = _side(ctx, "trl SFTTrainer", peer_fn)
+    status, note = _row_status(m["status"], (s2, n2))
+    tok = m["tokens"]
+    return Row(
+        item="sft", shape=name, metric="train tokens/s", higher_is_better=True,
+        ours=tok / m["ours"]["timing"].median if m["ours"] else None,
+        peer=tok / peer["timing"].median if peer else None,
+        peer_name=f"trl {TRL_VERSION} SFTTrainer", target=TARGETS["sft"], status=status,
+        note=note or "same rows; SFTTrainer's defaults (per-step accuracy/entropy metrics), fp32, no checkpointing",
+        probe_gflops=probe, details={"ours": m["ours"], "peer": peer},
+    )
 
 
 def item_rm(ctx: Context, shape_names: list[str]) -> list[Row]:
@@ -306,11 +333,19 @@ def item_gen(ctx: Context, shape_names: list[str]) -> list[Row]:
         modes = res["modes"] if res else {"greedy": None, "sampling": None}
         for mode, r in modes.items():
             r = r or {}
+            row_status, row_note = status, note
+            if status == "ok" and ctx.platform != "cpu":
+                row_status, row_note = "not available", "transformers peer: the PyTorch here is a CPU build"
+            desc = f"batch {wl.gen_batch}, prompt {wl.gen_prompt}, {wl.gen_new} new tokens, full length"
+            if res and mode == "greedy" and "decode_step_s" in res:
+                desc += (f"; decode step {res['decode_step_s'] * 1e3:.2f} ms vs bandwidth floor "
+                         f"{res['floor_step_s'] * 1e3:.2f} ms ({res['step_over_floor']:.2f}x the floor)")
             rows.append(Row(
                 item="gen", shape=name, metric=f"new tokens/s ({mode})", higher_is_better=True,
                 ours=r.get("ours_tokens_per_s"), peer=r.get("peer_tokens_per_s"),
-                peer_name="transformers generate", target=TARGETS.get(("gen", name)), status=status,
-                note=note or r.get("note", ""), probe_gflops=probe, details=r,
+                peer_name="transformers generate", target=TARGETS.get(("gen", name)), status=row_status,
+                note=row_note or desc, probe_gflops=probe,
+                details={**r, **{k: v for k, v in (res or {}).items() if k != "modes"}},
             ))
     return rows
 

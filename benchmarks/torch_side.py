@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.timing import time_calls
+from benchmarks.timing import Timing, time_calls
 
 
 def hf_config(shape: dict[str, Any], **overrides: Any):
@@ -206,3 +206,50 @@ def trl_ppo_iteration_time(
         "times_s": [float(t) for t in per_iter],
         "threads": torch.get_num_threads(),
     }
+
+
+def sft_trainer_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, reps: int,
+                          warmup: int = 1) -> dict[str, Any]:
+    """Seconds per optimizer step of trl 1.12's ``SFTTrainer`` on the same rows (its own defaults
+    otherwise: loss on every token, its per-step token-accuracy/entropy metrics).
+
+    float32, no gradient checkpointing, AdamW (lr 1e-5, weight decay 0.01, constant schedule),
+    gradient clipping at norm 1 (the Trainer default), like the plain loop. Rows are the ``L``
+    ``input_ids`` of the batch (the model shifts labels inside), repeated for every step. Times
+    come from a callback at each step end; the first ``warmup`` steps are not counted.
+    """
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    ends: list[float] = []
+
+    class _Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    steps = warmup + reps
+    b, seq = batch["input_ids"].shape
+    rows = [list(map(int, r)) for r in batch["input_ids"]] * steps
+    tok = word_tokenizer(
+        shape["vocab_size"], pad_id=shape["pad_token_id"], eos_id=shape["eos_token_id"], bos_id=shape["bos_token_id"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = SFTConfig(
+            output_dir=tmp, per_device_train_batch_size=b, max_steps=steps, learning_rate=1e-5, weight_decay=0.01,
+            lr_scheduler_type="constant", max_grad_norm=1.0, bf16=False, gradient_checkpointing=False,
+            report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, use_cpu=True,
+            max_length=seq, packing=False, dataloader_num_workers=0, seed=0,
+        )
+        trainer = SFTTrainer(model=build_model(shape), args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}),
+                             processing_class=tok, callbacks=[_Clock()])
+        trainer.train()
+    per_step = np.diff(np.asarray(ends))
+    if len(per_step) != steps:
+        raise RuntimeError(f"SFTTrainer ran {len(per_step)} steps, expected {steps}")
+    timed = per_step[warmup:]
+    return {"timing": Timing(float(np.median(timed)), float(np.min(timed)), tuple(float(t) for t in timed),
+                             float(np.sum(per_step[:warmup])))}

@@ -100,14 +100,16 @@ def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
     assert {"date", "command", "machine", "probes", "rows", "workload", "dtype"} <= set(result)
     assert result["probes"]["matmul_peak_flops"] > 0 and result["probes"]["copy_bandwidth_bytes_per_s"] > 0
     rows = result["rows"]
-    assert [(r["item"], r["shape"]) for r in rows] == [("sft", "micro"), ("rm", "micro"), ("mfu", "micro")]
+    assert [(r["item"], r["shape"], r["peer_name"]) for r in rows] == [
+        ("sft", "micro", "PyTorch loop"), ("sft", "micro", f"trl {run.TRL_VERSION} SFTTrainer"),
+        ("rm", "micro", "PyTorch loop"), ("mfu", "micro", "PyTorch loop")]
     for r in rows:
         assert r["status"] in report.STATUSES
-        assert r["peer"] is not None and r["peer"] > 0  # the PyTorch loop always runs on CPU
+        assert r["peer"] is not None and r["peer"] > 0  # the PyTorch peers always run on CPU
         if r["status"] == "ok":
             assert r["ours"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["peer"])
         else:
             assert r["ours"] is None and r["note"]
     md = (tmp_path / "latest.md").read_text()
-    assert md.count("| micro |") == 3 and "matmul peak" in md
+    assert md.count("| micro |") == 4 and "matmul peak" in md
     assert "| item | shape | metric |" in capsys.readouterr().out
