@@ -35,6 +35,7 @@ class RLSetup:
     frozen: ``PPOFrozen`` (reference params, reward model or reward function, static modules).
     policy_model/policy_params/policy_tx: the policy's module, initial params, optax transformation.
     value_model/value_params/value_tx: the separate value model (None for shared heads / GRPO).
+    algo: set by ``trainer.build_setup``: the algorithm section with its stop/pad ids resolved.
     prompts: ``{"prompt_ids": [N_pool, P], "prompt_mask": [N_pool, P]}`` left-padded prompt pool.
     """
     frozen: Any
@@ -45,6 +46,7 @@ class RLSetup:
     value_model: Any = None
     value_params: Any = None
     value_tx: Any = None
+    algo: Any = None  # the resolved algorithm config (stop/pad ids from the tokenizer) of a trainer config
 
 
 def sample_prompt_batch(prompts: dict, batch_size: int, key: Array) -> dict:
@@ -75,8 +77,8 @@ def make_train(cfg, setup: RLSetup | None = None, *, num_iterations: int | None 
     algo = cfg
     if not isinstance(cfg, (PPOConfig, GRPOConfig)):
         from rlhf_jax.rl.trainer import algorithm_config, build_setup
-        algo = algorithm_config(cfg)
         setup = build_setup(cfg) if setup is None else setup
+        algo = setup.algo if setup.algo is not None else algorithm_config(cfg)
         num_iterations = cfg.iterations if num_iterations is None else num_iterations
     if setup is None or num_iterations is None:
         raise ValueError("make_train(PPOConfig|GRPOConfig, ...) needs setup= and num_iterations=")

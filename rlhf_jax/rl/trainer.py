@@ -325,7 +325,7 @@ def build_setup(cfg, *, num_prompts: int = 0) -> RLSetup:
         ids.append(np.asarray(b["prompt_ids"])[keep])
         masks.append(np.asarray(b["prompt_mask"])[keep])
     prompts = {"prompt_ids": np.concatenate(ids)[:want], "prompt_mask": np.concatenate(masks)[:want]}
-    return dataclasses.replace(built.setup, prompts=prompts)
+    return dataclasses.replace(built.setup, prompts=prompts, algo=built.algo)
 
 
 # ---------------------------------------------------------------------------------------------
