@@ -121,10 +121,10 @@ def test_top_k_one_equals_greedy():
     for seed in range(3):
         tok, lp = sample_tokens(jax.random.key(seed), logits, temperature=0.7, top_k=1)
         np.testing.assert_array_equal(np.asarray(tok), np.asarray(greedy_tok))
-        np.testing.assert_allclose(np.asarray(lp), np.asarray(greedy_lp), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(greedy_lp), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(greedy_tok), np.argmax(np.asarray(logits), -1))
     want = jax.nn.log_softmax(logits / 0.7, -1)[jnp.arange(64), greedy_tok]
-    np.testing.assert_allclose(np.asarray(greedy_lp), np.asarray(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(greedy_lp), np.asarray(want), rtol=0, atol=1e-6)
 
 
 def test_sampling_does_not_retrace_when_knobs_change():
@@ -259,3 +259,24 @@ def test_decode_loop_sampling_is_deterministic_in_the_key():
     a, b, c = run(jax.random.key(5)), run(jax.random.key(5)), run(jax.random.key(6))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_inverse_cdf_hits_only_positive_weights_in_proportion():
+    # V = 600 spans three 256-blocks (the last one padded); positive weights in blocks 0 and 2 only
+    w = np.zeros((1, 600), np.float32)
+    w[0, [3, 10, 550, 599]] = [1.0, 3.0, 2.0, 2.0]
+    u = np.concatenate([(np.arange(8000) + 0.5) / 8000, [0.0, np.nextafter(np.float32(1), np.float32(0))]])
+    idx = jax.jit(jax.vmap(lambda ui: sampling._inverse_cdf(jnp.asarray(w), ui[None])[0]))(jnp.asarray(u, jnp.float32))
+    idx = np.asarray(idx)
+    assert set(np.unique(idx)) == {3, 10, 550, 599}
+    freq = np.array([np.mean(idx[:8000] == i) for i in (3, 10, 550, 599)])
+    np.testing.assert_allclose(freq, [1 / 8, 3 / 8, 2 / 8, 2 / 8], atol=1e-3)
+    assert idx[-2] == 3 and idx[-1] == 599  # u = 0 and the largest u < 1
+
+
+def test_keep_threshold_with_ties_and_negative_logits():
+    z = jnp.asarray([[-3.0, -1.0, -1.0, -2.0, -jnp.inf], [0.5, -0.0, 0.0, -0.5, 2.0]])
+    out = np.isfinite(np.asarray(filter_logits(z, top_k=2)))
+    np.testing.assert_array_equal(out, [[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]])  # tied 2nd place kept
+    out = np.isfinite(np.asarray(filter_logits(z, top_k=3)))
+    np.testing.assert_array_equal(out, [[0, 1, 1, 1, 0], [1, 1, 1, 0, 1]])
