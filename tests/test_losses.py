@@ -566,6 +566,20 @@ def test_padding_never_changes_a_loss_or_advantage():
   assert np.isfinite(loss_nan)
   g = jax.grad(lambda x: L.ppo_policy_loss(x, _pad(old, P, jnp.nan), _pad(adv, P, jnp.nan), pm)[0])(nan_logp)
   assert np.all(np.isfinite(g))
+  nan_logits = _pad(logits, P, jnp.nan)
+  nan_targets = _pad(targets, P, 0)
+  grads = [
+      jax.grad(lambda z: L.sft_loss(z, nan_targets, pm)[0])(nan_logits),
+      jax.grad(lambda z: L.sequence_logprobs(z, nan_targets, pm).sum())(nan_logits),
+      jax.grad(lambda z: L.entropy_from_logits(z, pm))(nan_logits),
+      jax.grad(lambda x: L.kl_estimate(x, _pad(ref, P, jnp.nan), estimator="k3", mask=pm).sum())(nan_logp),
+      jax.grad(lambda x: L.grpo_policy_loss(x, _pad(old, P, jnp.nan), adv[:, 0], pm, ref_logp=_pad(ref, P, jnp.nan),
+                                            kl_coef=0.1)[0])(nan_logp),
+      jax.grad(lambda x: L.gae_advantages(x, _pad(vals, P, jnp.nan), pm)[0].sum())(_pad(ret, P, jnp.nan)),
+      jax.grad(lambda x: L.masked_whiten(x, pm).sum())(_pad(adv, P, jnp.nan)),
+  ]
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g))), g
 
 
 # ------------------------------------------------------------------------------ gradients (check_grads)

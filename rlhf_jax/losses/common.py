@@ -126,6 +126,8 @@ def masked_var(x: Array, mask: Array, *, unbiased: bool = True, axis_name: Optio
   ``masked_var``). Two passes for numerical stability. ``n ≤ 1`` with ``unbiased`` gives 0.
   """
   mask = jnp.asarray(mask, jnp.float32)
+  x = jnp.asarray(x)
+  x = jnp.where(mask > 0, x, 0.0)  # before the square: non-finite padding must not reach a gradient
   n = _psum(jnp.sum(mask), axis_name)
   mean = masked_sum(x, mask, axis_name=axis_name) / jnp.maximum(n, 1.0)
   sq = masked_sum(jnp.square(x - mean), mask, axis_name=axis_name)
@@ -148,6 +150,7 @@ def masked_whiten(x: Array, mask: Array, *, shift_mean: bool = True, axis_name: 
   fn = "masked_whiten"
   x = check_real(fn, "x", x)
   m = check_mask(fn, "mask", mask, _shape(x), "`x`")
+  x = jnp.where(m > 0, x, 0.0)
   mean = masked_mean(x, m, axis_name=axis_name)
   var = masked_var(x, m, unbiased=True, axis_name=axis_name)
   y = (x - mean) * jax.lax.rsqrt(var + as_float(eps))

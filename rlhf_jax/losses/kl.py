@@ -29,15 +29,15 @@ def kl_estimate(logp: Array, ref_logp: Array, *, estimator: str = "k1", mask: Op
   logp = check_float(fn, "logp", logp)
   ref_logp = check_float(fn, "ref_logp", ref_logp)
   check_shape(fn, "ref_logp", ref_logp, logp.shape, "`logp`")
-  logr = ref_logp - logp
+  m = None if mask is None else check_mask(fn, "mask", mask, logp.shape, "`logp`")
+  logr = ref_logp - logp if m is None else jnp.where(m > 0, ref_logp - logp, 0.0)
   if estimator == "k1":
     kl = -logr
   elif estimator == "k2":
     kl = 0.5 * jnp.square(logr)
   else:
     kl = jnp.expm1(logr) - logr
-  if mask is not None:
-    m = check_mask(fn, "mask", mask, logp.shape, "`logp`")
+  if m is not None:
     kl = jnp.where(m > 0, kl, 0.0)
   return kl
 

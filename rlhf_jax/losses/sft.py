@@ -23,6 +23,8 @@ def _check_logits_targets(fn: str, logits: Any, targets: Any, mask: Any, targets
   targets = check_int(fn, targets_name, targets)
   check_shape(fn, targets_name, targets, logits.shape[:2], "`logits` without its vocabulary axis")
   m = check_mask(fn, "mask", mask, logits.shape[:2], "`logits` without its vocabulary axis")
+  # Select padding away BEFORE the non-linear math, so non-finite padding cannot reach a gradient.
+  logits = jnp.where(m[..., None] > 0, logits, 0.0)
   return logits, targets, m
 
 
