@@ -65,7 +65,12 @@ class SweepPoint:
 
     @property
     def name(self) -> str:
-        parts = [o.replace("/", "_").replace("=", "-") for o in self.overrides]
+        parts = []
+        for o in self.overrides:
+            key, _, value = o.partition("=")
+            if "/" in value:  # a file or directory: its name says enough
+                value = Path(value).stem
+            parts.append(f"{key}-{value}".replace("/", "_"))
         return f"{self.index:03d}_" + "_".join(parts) if parts else f"{self.index:03d}"
 
 
@@ -519,6 +524,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-on-error", action="store_true",
                         help="sequential sweeps: stop at the first failing point instead of going on")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to every point")
+    # `sweep CONFIG --grid a=1,2 steps=2`: the overrides may come after the options, which plain
+    # parse_args cannot split from the CONFIG positional; intermixed parsing can.
+    parser.parse_args = parser.parse_intermixed_args
 
 
 def run(args: argparse.Namespace) -> int:
