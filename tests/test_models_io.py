@@ -1,5 +1,6 @@
 """rlhf_jax.models: HF save/load round trips, heads, sharded checkpoints, errors, FLOP/param counts."""
 
+import functools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from rlhf_jax.models import (
     count_params,
     flops_per_token,
     from_pretrained,
+    init_cache,
     init_params,
     last_token_values,
     save_pretrained,
@@ -29,6 +31,12 @@ from rlhf_jax.models import (
     tiny_config,
 )
 from tests.hf_utils import FAMILIES, hf_logits, left_padded_batch, load_hf_model, make_hf_model
+
+
+@functools.lru_cache(maxsize=None)
+def fwd(model, method=None):
+    """`jax.jit(model.apply)` (cached per module): eager Flax compiles every op on first use, far slower."""
+    return jax.jit(model.apply if method is None else functools.partial(model.apply, method=method))
 
 T = 10
 
@@ -92,9 +100,9 @@ def test_reward_model_from_lm_checkpoint_and_seq_cls_round_trip(hf_dirs, tmp_pat
     w = np.asarray(rm_params["params"]["score"]["kernel"])
     assert w.shape == (64, 1) and 0.03 < w.std() < 0.3
     ids, mask = _batch(3)
-    values = rm.apply(rm_params, ids, mask)
+    values = fwd(rm)(rm_params, ids, mask)
     assert values.shape == (3, T) and values.dtype == jnp.float32
-    h = lm_model.apply(lm_params, ids, mask, method=CausalLM.hidden_states)
+    h = fwd(lm_model, CausalLM.hidden_states)(lm_params, ids, mask)
     np.testing.assert_allclose(np.asarray(values), np.asarray(h) @ w[:, 0], atol=1e-5)
     rewards = np.asarray(last_token_values(values, mask))
     np.testing.assert_allclose(rewards, np.asarray(values)[:, -1], atol=0)  # left padding: last slot
@@ -128,12 +136,12 @@ def test_value_head_model_save_load(hf_dirs, tmp_path):
     model, params = from_pretrained(hf_dirs["llama"], head="value", rng=jax.random.PRNGKey(5))
     assert isinstance(model, CausalLMWithValueHead)
     ids, mask = _batch(4)
-    logits, values = model.apply(params, ids, mask)
+    logits, values = fwd(model)(params, ids, mask)
     lm_params, head = split_value_head(params)
     lm_model, ref_params = from_pretrained(hf_dirs["llama"])
     jax.tree.map(np.testing.assert_array_equal, lm_params, ref_params)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(lm_model.apply(lm_params, ids, mask)), atol=1e-6)
-    h = np.asarray(lm_model.apply(lm_params, ids, mask, method=CausalLM.hidden_states))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(fwd(lm_model)(lm_params, ids, mask)), atol=1e-6)
+    h = np.asarray(fwd(lm_model, CausalLM.hidden_states)(lm_params, ids, mask))
     hv = head["params"]["value_head"]
     np.testing.assert_allclose(np.asarray(values), h @ np.asarray(hv["kernel"])[:, 0] + np.asarray(hv["bias"])[0],
                                atol=1e-5)
@@ -224,11 +232,14 @@ def test_check_tokenizer_compat():
 def test_bad_inputs_raise_clear_errors():
     cfg = tiny_config()
     model = CausalLM(cfg)
-    params = init_params(model, jax.random.PRNGKey(0))
+    params = jax.eval_shape(lambda k: init_params(model, k), jax.random.PRNGKey(0))  # errors come at trace time
     with pytest.raises(ValueError, match=r"attention_mask: expected shape \[2, 4\]"):
-        model.apply(params, jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 5), jnp.int32))
+        jax.eval_shape(model.apply, params, jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 5), jnp.int32))
     with pytest.raises(ValueError, match="input_ids: expected an integer array"):
-        model.apply(params, jnp.zeros((2, 4), jnp.float32))
+        jax.eval_shape(model.apply, params, jnp.zeros((2, 4), jnp.float32))
+    with pytest.raises(ValueError, match="segment_ids .* cannot be combined with a KV cache"):
+        jax.eval_shape(lambda p: model.apply(p, jnp.zeros((2, 4), jnp.int32), segment_ids=jnp.ones((2, 4), jnp.int32),
+                                             cache=init_cache(cfg, 2, 8)), params)
     with pytest.raises(ValueError, match="num_kv_heads"):
         tiny_config(num_heads=4, num_kv_heads=3)
 
@@ -247,7 +258,7 @@ def test_flops_per_token_hand_computed():
     n = 2 * (192 + 384) + 800
     assert flops_per_token(cfg, 10) == 6 * n + 6 * 2 * 2 * 4 * 10
     assert flops_per_token(cfg, 10, training=False) == 2 * n + 2 * 2 * 2 * 4 * 10
-    params = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+    params = jax.eval_shape(lambda k: init_params(CausalLM(cfg), k), jax.random.PRNGKey(0))  # shapes only, no compile
     # matmul params = all params minus input embedding and norms (tied=False: lm_head counted once)
     norms = 2 * (2 * 8) + 8
     assert count_params(params) - count_params(params, exclude=("embed",)) == 100 * 8

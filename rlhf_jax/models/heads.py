@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models.transformer import LMHead, Transformer
 
 Array = jax.Array
 
@@ -39,7 +39,8 @@ class ScalarHeadModel(nn.Module):
     def setup(self):
         c = self.config
         self.model = Transformer(c)
-        self.score = nn.Dense(1, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+        # heads compute in float32: a reward/value is one dot product, precision is free here
+        self.score = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=c.param_dtype,
                               kernel_init=head_init(c.hidden_size))
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
@@ -63,9 +64,8 @@ class CausalLMWithValueHead(nn.Module):
         c = self.config
         self.model = Transformer(c)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                                    kernel_init=nn.initializers.normal(c.initializer_range))
-        self.value_head = nn.Dense(1, use_bias=True, dtype=c.dtype, param_dtype=c.param_dtype,
+            self.lm_head = LMHead(c)
+        self.value_head = nn.Dense(1, use_bias=True, dtype=jnp.float32, param_dtype=c.param_dtype,
                                    kernel_init=head_init(c.hidden_size))
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):

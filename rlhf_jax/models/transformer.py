@@ -208,8 +208,8 @@ class Attention(nn.Module):
             v = cache_v[self.layer_idx].astype(c.dtype)
         g = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(c.head_dim ** -0.5, c.dtype)
-        scores = scores.astype(jnp.float32)
+        # scores accumulate in float32 whatever the compute dtype (bf16 scores would blur the softmax)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
@@ -268,6 +268,21 @@ def _check_inputs(input_ids, attention_mask, positions, segment_ids, cache):
             raise ValueError(f"cache batch {cache.k.shape[1]} != input_ids batch {input_ids.shape[0]}")
 
 
+class LMHead(nn.Module):
+    """Untied output projection `kernel [D, V]`; logits accumulated in float32 (log-probs of a bf16
+    model stay accurate enough for PPO ratios)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array) -> Array:
+        c = self.config
+        kernel = self.param("kernel", nn.initializers.normal(c.initializer_range), (c.hidden_size, c.vocab_size),
+                            c.param_dtype)
+        return jnp.einsum("btd,dv->btv", hidden.astype(c.dtype), kernel.astype(c.dtype),
+                          preferred_element_type=jnp.float32)
+
+
 class Transformer(nn.Module):
     """Embeddings + L blocks + final norm. Returns `(hidden [B,T,D] final-normed, cache or None)`."""
 
@@ -286,8 +301,9 @@ class Transformer(nn.Module):
         self.final_norm = _norm(c)
 
     def attend(self, hidden: Array) -> Array:
-        """`hidden @ embedding.T` (tied output projection) in the compute dtype."""
-        return self.embed.attend(hidden)
+        """`hidden @ embedding.T` (tied output projection) -> `[B, T, V]` accumulated in float32."""
+        emb = self.embed.embedding.astype(self.config.dtype)
+        return jnp.einsum("btd,vd->btv", hidden.astype(self.config.dtype), emb, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
         c = self.config
@@ -361,8 +377,7 @@ class CausalLM(nn.Module):
         c = self.config
         self.model = Transformer(c)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                                    kernel_init=nn.initializers.normal(c.initializer_range))
+            self.lm_head = LMHead(c)
 
     def logits_from_hidden(self, hidden: Array) -> Array:
         """`[B, T, D]` final-normed hidden -> logits `[B, T, V]` float32."""
@@ -383,4 +398,4 @@ class CausalLM(nn.Module):
 def init_params(model: nn.Module, rng: Array, *, seq_len: int = 1) -> dict:
     """Random parameters `{"params": ...}` for `model` (shapes do not depend on `seq_len`)."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
-    return {"params": model.init(rng, ids)["params"]}
+    return {"params": jax.jit(model.init)(rng, ids)["params"]}

@@ -14,5 +14,5 @@ def count_params(params, *, exclude: tuple[str, ...] = ()) -> int:
         names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
         if names & set(exclude):
             continue
-        total += int(np.prod(np.shape(leaf)))
+        total += int(np.prod(getattr(leaf, "shape", np.shape(leaf))))
     return total
