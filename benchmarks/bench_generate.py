@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any, Sequence
@@ -34,6 +35,10 @@ from benchmarks import probes
 from benchmarks import shapes as shape_table
 
 TARGETS = {"tiny": 3.0, "gpt2": 1.5}
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_generate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 MODES = ("greedy", "sampling")
 
 
@@ -120,10 +125,12 @@ def bench_shape(
         t0 = time.perf_counter()
         out = ours(mode, new_tokens, jax.random.key(0))  # compile + first run
         row["ours_compile_and_first_s"] = time.perf_counter() - t0
+        _log(f"{name} {mode}: ours compiled + first run in {row['ours_compile_and_first_s']:.1f}s")
         assert out.tokens.shape == (batch, new_tokens) and int(out.mask.sum()) == batch * new_tokens
         keys = iter(range(1, 10_000))
         sec, times = _median_time(lambda: ours(mode, new_tokens, jax.random.key(next(keys))), reps)
         row.update(ours_s=sec, ours_times_s=times, ours_tokens_per_s=batch * new_tokens / sec)
+        _log(f"{name} {mode}: ours {sec:.2f}s per call")
         if mode == "greedy":
             greedy_tokens["ours"] = np.asarray(out.tokens)
         if with_peer:
@@ -133,6 +140,7 @@ def bench_shape(
             if mode == "greedy":
                 greedy_tokens["peer"] = first[:, prompt_len:].numpy()
             sec, times = _median_time(lambda: peer(mode), reps)
+            _log(f"{name} {mode}: transformers {sec:.2f}s per call")
             row.update(peer_s=sec, peer_times_s=times, peer_tokens_per_s=batch * new_tokens / sec,
                        speedup=row["ours_tokens_per_s"] * sec / (batch * new_tokens))
             row["target"] = TARGETS.get(name)
