@@ -474,7 +474,13 @@ def test_dpo_variants_by_hand():
   close(L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo", chosen_len=jnp.array([2]),
                    rejected_len=jnp.array([4]))[0], (0.5 / 2 - (-1.0) / 4 - 1 / (2 * beta)) ** 2, 1e-6)
   eps = 0.1
+  # the spec's robust/cDPO: -(1-e) log s(bD) - e log s(-bD), optionally / (1-2e)
   close(L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)[0],
+        (1 - eps) * softplus(-beta * d) + eps * softplus(beta * d), 1e-6)
+  close(L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps, robust_normalize=True)[0],
+        ((1 - eps) * softplus(-beta * d) + eps * softplus(beta * d)) / (1 - 2 * eps), 1e-6)
+  # Chowdhury et al.'s rDPO (TRL's "robust"): the eps term has the opposite sign
+  close(L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="rdpo", label_smoothing=eps)[0],
         ((1 - eps) * softplus(-beta * d) - eps * softplus(beta * d)) / (1 - 2 * eps), 1e-6)
   close(L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid", label_smoothing=eps)[0],
         (1 - eps) * softplus(-beta * d) + eps * softplus(beta * d), 1e-6)

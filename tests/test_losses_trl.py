@@ -103,8 +103,10 @@ def test_dpo_matches_dpo_trainer_compute_loss(loss_type, label_smoothing):
                                 jnp.asarray(completion_mask[:, 1:]))
   logps = per_tok.sum(-1)
   lens = completion_mask[:, 1:].sum(-1)
+  # TRL's "robust" is Chowdhury et al.'s rDPO, which is our "rdpo" (our "robust" is the spec's cDPO form).
+  ours_type = "rdpo" if loss_type == "robust" else loss_type
   loss, met = L.dpo_loss(logps[:B], logps[B:], jnp.asarray(ref_logps[:B]), jnp.asarray(ref_logps[B:]), beta=beta,
-                         loss_type=loss_type, label_smoothing=label_smoothing, chosen_len=lens[:B],
+                         loss_type=ours_type, label_smoothing=label_smoothing, chosen_len=lens[:B],
                          rejected_len=lens[B:])
   close(loss, trl_loss)
   m = stub._metrics["train"]

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 
 from rlhf_jax.losses.common import Array, as_float, check_choice, check_float, check_mask, check_ndim, check_shape
 
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "rdpo")
 
 
 def dpo_loss(policy_chosen_logp: Array, policy_rejected_logp: Array, ref_chosen_logp: Array,
              ref_rejected_logp: Array, *, beta: Any, loss_type: str = "sigmoid", label_smoothing: Any = 0.0,
              chosen_len: Optional[Array] = None, rejected_len: Optional[Array] = None,
-             mask: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
+             mask: Optional[Array] = None, robust_normalize: bool = False) -> Tuple[Array, Dict[str, Array]]:
   """DPO loss family on sequence log-probabilities (summed over completion tokens).
 
   ``Δ_c = logπ(c) - logπ_ref(c)``, ``Δ_r = logπ(r) - logπ_ref(r)``, ``Δ = Δ_c - Δ_r``, ``ε = label_smoothing``:
@@ -27,8 +27,10 @@ def dpo_loss(policy_chosen_logp: Array, policy_rejected_logp: Array, ref_chosen_
     ``(Δ_c/|c| - Δ_r/|r| - 1/(2β))²`` with ``chosen_len``/``rejected_len`` the completion token counts
     (clamped ≥ 1). Pass them for the spec's form; without them ``|c| = |r| = 1`` (the paper's eq. 17
     on the log-ratios as given, e.g. already per-token averages).
-  * ``robust`` (Chowdhury et al. 2024, TRL's ``robust``):
-    ``[-(1-ε) log σ(βΔ) + ε log σ(-βΔ)] / (1 - 2ε)``, unbiased under label-flip rate ε < 1/2.
+  * ``robust`` (RLHF_SPEC §4, "robust/cDPO"): ``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)``, the expected loss
+    when a label is flipped with probability ε; divided by ``1 - 2ε`` when ``robust_normalize=True``.
+  * ``rdpo`` (Chowdhury et al. 2024, TRL 1.12's ``robust``): ``[-(1-ε) log σ(βΔ) + ε log σ(-βΔ)] / (1 - 2ε)``,
+    the unbiased estimator under label-flip rate ε < 1/2 (note the + sign: not the spec's ``robust``).
 
   ``beta`` and ``label_smoothing`` are traced. ``mask [B]`` (optional) drops padded pairs.
   Shapes: the four log-probs and lengths ``[B]``. Returns ``(loss, metrics)``: ``loss`` (mean over
@@ -70,7 +72,11 @@ def dpo_loss(policy_chosen_logp: Array, policy_rejected_logp: Array, ref_chosen_
       lc = jnp.maximum(lc.astype(jnp.float32), 1.0)
       lr = jnp.maximum(lr.astype(jnp.float32), 1.0)
     per_pair = jnp.square(d_c / lc - d_r / lr - 1.0 / (2.0 * beta))
-  else:
+  elif loss_type == "robust":
+    per_pair = -(1.0 - eps) * jax.nn.log_sigmoid(beta * delta) - eps * jax.nn.log_sigmoid(-beta * delta)
+    if robust_normalize:
+      per_pair = per_pair / (1.0 - 2.0 * eps)
+  else:  # rdpo
     per_pair = (-(1.0 - eps) * jax.nn.log_sigmoid(beta * delta)
                 + eps * jax.nn.log_sigmoid(-beta * delta)) / (1.0 - 2.0 * eps)
   n = jnp.maximum(jnp.sum(w), 1.0)

@@ -303,18 +303,18 @@ GRPO_HPARAM_FIELDS = tuple(f.name for f in dataclasses.fields(GRPOHParams))
 class DPOConfig:
     """DPO family (RLHF_SPEC §4): ``losses.dpo_loss`` on sequence log-probs of chosen/rejected.
 
-    Static: loss_type ("sigmoid"|"hinge"|"ipo"|"robust"), precompute_ref (reference log-probs
+    Static: loss_type ("sigmoid"|"hinge"|"ipo"|"robust"|"rdpo"), precompute_ref (reference log-probs
     computed once over the dataset before training, else on the fly each step).
     Traced (``DPOHParams``): beta (0.1), label_smoothing (0.0; robust/cDPO ε), lr (1e-6).
     """
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "rdpo"] = "sigmoid"
     precompute_ref: bool = True
     beta: float = 0.1
     label_smoothing: float = 0.0
     lr: float = 1e-6
 
     def validate(self, prefix: str = "dpo.") -> "DPOConfig":
-        if self.loss_type not in ("sigmoid", "hinge", "ipo", "robust"):
+        if self.loss_type not in ("sigmoid", "hinge", "ipo", "robust", "rdpo"):
             raise ConfigError(f"config key {prefix + 'loss_type'!r}: expected sigmoid|hinge|ipo|robust, "
                               f"got {self.loss_type!r}")
         if self.beta <= 0:
