@@ -66,6 +66,40 @@ SCRIPT = textwrap.dedent("""
     l, p = run_pmap()
     out["pmap"] = l
     out["pmap_maxdiff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p))
+
+    # the real tiny transformer and SFT step under fsdp (q/k/v kernels are [D, H, Dh])
+    from rlhf_jax import models
+    from rlhf_jax.training import OptimConfig, TrainState, make_optimizer
+    from rlhf_jax.training.sft import SFTStepConfig, sft_step
+    mc = models.tiny_config(vocab_size=64, hidden_size=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                            intermediate_size=64, max_position_embeddings=16)
+    lm = models.CausalLM(mc)
+
+    def lm_state():
+        params = models.init_params(lm, jax.random.PRNGKey(0))
+        tx = make_optimizer(OptimConfig(learning_rate=1e-2), params, total_steps=4)
+        return TrainState.create(apply_fn=lm.apply, params=params, tx=tx, rng=0)
+
+    def lm_batch(i):
+        b = toy_batch(i, b=8, t=12, vocab=64)
+        attn = np.ones_like(b["input_ids"])
+        return {**b, "attention_mask": attn}
+
+    def run_lm(mesh):
+        st = lm_state() if mesh is None else M.shard_state(mesh, lm_state())
+        f = (jax.jit(functools.partial(sft_step, cfg=SFTStepConfig(2))) if mesh is None
+             else M.jit_step(sft_step, mesh, st, cfg=SFTStepConfig(2)))
+        losses = []
+        for i in range(2):
+            b = lm_batch(i) if mesh is None else M.put_batch(mesh, lm_batch(i))
+            st, m = f(st, b)
+            losses.append(float(m["loss"]))
+        return losses, leaves(st)
+
+    l1, p1 = run_lm(None)
+    l8, p8 = run_lm(M.make_mesh(data=4, fsdp=2))
+    out["lm_single"], out["lm_4x2"] = l1, l8
+    out["lm_maxdiff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p8))
     print("RESULT", json.dumps(out))
 """)
 
@@ -86,6 +120,8 @@ def test_eight_devices_match_one_device():
     for name in ("4x2", "8x1", "2x4", "pmap"):
         np.testing.assert_allclose(out[name], out["single"], atol=1e-5, rtol=1e-5, err_msg=name)
         assert out[name + "_maxdiff"] < 1e-5, (name, out[name + "_maxdiff"])
+    np.testing.assert_allclose(out["lm_4x2"], out["lm_single"], atol=1e-5, rtol=1e-5)
+    assert out["lm_maxdiff"] < 1e-4, out["lm_maxdiff"]
     # losses really change over the steps (the optimiser ran)
     assert out["single"][0] != out["single"][-1]
     # fsdp>1 really sharded parameters; fsdp=1 replicates them

@@ -143,7 +143,9 @@ def reward_step(state: TrainState, batch: dict, *, cfg: RewardStepConfig = Rewar
                 axis_name: str | None = None):
     """One reward-model update on a pairwise or ranking batch; pure. Metrics: ``loss``,
     ``accuracy`` (chosen scored higher / pairs ordered right), ``margin`` (mean r_c − r_r;
-    best − worst for rankings), ``count`` (pairs or prompts), ``grad_norm``."""
+    best − worst for rankings), ``count`` (pairs or prompts), ``grad_norm``. ``cfg``: a
+    ``RewardStepConfig`` or anything with ``micro_batches``, ``center_coef``, ``use_margin``
+    (e.g. the trainer's ``RewardConfig``)."""
     fn = functools.partial(reward_sums, apply_fn=state.apply_fn, center_coef=cfg.center_coef,
                            use_margin=cfg.use_margin)
     return steps.update_step(state, batch, fn, micro_batches=cfg.micro_batches, axis_name=axis_name)

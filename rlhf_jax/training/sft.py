@@ -87,8 +87,10 @@ def sft_sums(params, batch: dict, rng, *, apply_fn, reduction: str = "token"):
 def sft_step(state: TrainState, batch: dict, *, cfg: SFTStepConfig = SFTStepConfig(),
              axis_name: str | None = None):
     """One SFT update: ``(state, batch) -> (state, metrics)``; pure, jit/pmap it with the
-    state donated. Metrics: ``loss``, ``nll``, ``accuracy`` (token means), ``count``
-    (loss tokens), ``grad_norm`` (before clipping)."""
+    state donated. ``cfg`` is anything with ``micro_batches`` and ``reduction`` (an
+    ``SFTStepConfig`` or the trainer's ``SFTConfig``; it must be hashable to be static).
+    Metrics: ``loss``, ``nll``, ``accuracy`` (token means), ``count`` (loss tokens),
+    ``grad_norm`` (before clipping)."""
     fn = functools.partial(sft_sums, apply_fn=state.apply_fn, reduction=cfg.reduction)
     return steps.update_step(state, batch, fn, micro_batches=cfg.micro_batches, axis_name=axis_name)
 
