@@ -74,12 +74,12 @@ def read_tfrecords(path):
     return out
 
 
-def _run(tmp_path, batches, total, **kw):
+def _run(tmp_path, batches, total, mesh=MeshConfig(), **kw):
     return loop.run_training(
         state=toy_state(), step_fn=scaled_step, step_static={"cfg": 2},
         data_iter=ListIterator(batches), batch_keys=("input_ids", "targets", "loss_mask", "scale"),
         total_steps=total, out_dir=tmp_path, config_dict={"toy": True},
-        placement=loop.make_placement(MeshConfig()),
+        placement=loop.make_placement(mesh),
         ckpt_cfg=CheckpointConfig(every=2, keep=2), log_cfg=LogConfig(every=1, progress=False),
         tokens_per_batch=lambda b: float(b["input_ids"].size), flops_per_token=100.0, **kw)
 
@@ -148,3 +148,14 @@ def test_throughput_and_mfu():
     assert out["tokens_per_s"] > 0
     np.testing.assert_allclose(out["mfu"], out["tokens_per_s"] * 6.0 / 2e3, rtol=1e-9)
     assert "mfu" not in Throughput(6.0, None).read()
+
+
+def test_pmap_mode_matches_jit_mode_and_resumes(tmp_path):
+    _, a = _run(tmp_path / "jit", _batches(4), 4)
+    _, b = _run(tmp_path / "pmap", _batches(4), 3, mesh=MeshConfig(mode="pmap"))
+    # continue the pmap run to 4 steps from its checkpoint (restored, then replicated)
+    _, c = _run(tmp_path / "pmap", _batches(4), 4, mesh=MeshConfig(mode="pmap"), resume=True)
+    assert c.resumed_from == 3
+    ja = [r["train/loss"] for r in read_jsonl(a.metrics_path) if "train/loss" in r]
+    pb = [r["train/loss"] for r in read_jsonl(c.metrics_path) if "train/loss" in r]
+    np.testing.assert_allclose(pb, ja, rtol=1e-6)
