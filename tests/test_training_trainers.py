@@ -43,8 +43,8 @@ def test_sft_step_loss_and_accumulation():
     model = models.CausalLM(CFG)
     st = _state(model)
     b = _sft_batch(0)
-    logits = model.apply(st.params, b["input_ids"], attention_mask=b["attention_mask"],
-                         positions=b["positions"], segment_ids=b["segment_ids"])
+    logits = jax.jit(model.apply)(st.params, b["input_ids"], attention_mask=b["attention_mask"],
+                                  positions=b["positions"], segment_ids=b["segment_ids"])
     want, _ = sft_loss(logits, b["targets"], b["loss_mask"])
     f1 = jax.jit(functools.partial(sft_mod.sft_step, cfg=sft_mod.SFTStepConfig(1)))
     f2 = jax.jit(functools.partial(sft_mod.sft_step, cfg=sft_mod.SFTStepConfig(2)))
@@ -69,8 +69,9 @@ def test_reward_step_pairs_and_rankings_match_losses():
     batch = {"chosen_ids": ids, "chosen_mask": cm, "rejected_ids": ids[::-1].copy(), "rejected_mask": rm,
              "margin": np.array([0.0, 0.5, 0.0, 1.0], np.float32),
              "example_mask": np.array([1, 1, 1, 0], np.int32)}  # last pair is padding
-    rc = reward_mod.sequence_rewards(model.apply, st.params, ids, cm)
-    rr = reward_mod.sequence_rewards(model.apply, st.params, batch["rejected_ids"], rm)
+    seq_rewards = jax.jit(functools.partial(reward_mod.sequence_rewards, model.apply))
+    rc = seq_rewards(st.params, ids, cm)
+    rr = seq_rewards(st.params, batch["rejected_ids"], rm)
     want, met = bradley_terry_loss(rc, rr, margin=batch["margin"], center_coef=0.01,
                                    mask=batch["example_mask"])
     cfg = reward_mod.RewardStepConfig(micro_batches=2, center_coef=0.01)
@@ -86,8 +87,7 @@ def test_reward_step_pairs_and_rankings_match_losses():
     ranks = np.array([[2, 0, 1], [1, 0, 0]], np.int32)
     rank_mask = np.array([[1, 1, 1], [1, 1, 0]], np.int32)
     rb = {"response_ids": rids, "response_mask": rmask, "ranks": ranks, "rank_mask": rank_mask}
-    rew = reward_mod.sequence_rewards(model.apply, st.params, rids.reshape(6, 10),
-                                      rmask.reshape(6, 10)).reshape(2, 3)
+    rew = seq_rewards(st.params, rids.reshape(6, 10), rmask.reshape(6, 10)).reshape(2, 3)
     want_r, _ = ranking_loss(rew, ranks, rank_mask)
     _, mr = jax.jit(functools.partial(reward_mod.reward_step, cfg=reward_mod.RewardStepConfig(2)))(st, rb)
     np.testing.assert_allclose(mr["loss"], want_r, rtol=1e-5)
