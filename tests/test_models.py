@@ -95,6 +95,8 @@ def test_kv_cache_decode_matches_full_forward(loaded, family):
     full = np.asarray(fwd(model)(params, ids, attention_mask=mask))
     prompt = 5
     cache = init_cache(cfg, batch=3, max_len=T + 3)
+    assert len(cache.k) == len(cache.v) == cfg.num_layers and cache.max_len == T + 3
+    assert cache.k[0].shape == (3, cfg.num_kv_heads, T + 3, cfg.head_dim) and cache.k[0].dtype == jnp.float32
     logits, cache = fwd(model)(params, ids[:, :prompt], mask[:, :prompt], cache=cache)
     steps = [np.asarray(logits)]
     step = jax.jit(lambda p, i, m, c: fwd(model)(p, i, m, cache=c))

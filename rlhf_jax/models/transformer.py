@@ -45,7 +45,8 @@ Array = jax.Array
 class KVCache:
     """Keys/values of every layer for incremental decoding (an immutable pytree).
 
-    k, v:  [L, B, S, K, Dh]  keys (after RoPE / q-k norm) and values, in the cache dtype.
+    k, v:  tuples of L arrays [B, K, S, Dh]: per layer, keys (after RoPE / q-k norm) and values in
+           the cache dtype. One buffer per layer lets decode update and read each in place.
     mask:  [B, S] int32      1 on slots holding a real token's key.
     index: int32 scalar      the next slot to write.
     """
@@ -57,7 +58,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
@@ -69,10 +70,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache: batch and max_len must be > 0, got batch={batch}, max_len={max_len}")
     dtype = jnp.dtype(config.dtype if dtype is None else dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         mask=jnp.zeros((batch, max_len), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
@@ -200,19 +201,24 @@ class Attention(nn.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         if cache_k is not None:
+            # this layer's cache [B, K, S, Dh] is its own buffer: the T new keys are written in place
+            # and the score/value matmuls read it as it lies (no per-step slice or transpose copies)
             zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(self.layer_idx, jnp.int32), zero, cache_index, zero, zero)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-            k = cache_k[self.layer_idx].astype(c.dtype)
-            v = cache_v[self.layer_idx].astype(c.dtype)
+            start = (zero, zero, cache_index, zero)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
+            k = cache_k.astype(c.dtype)
+            v = cache_v.astype(c.dtype)
+            k_spec = "bksd"
+        else:
+            k_spec = "bskd"
         g = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
         # scores accumulate in float32 whatever the compute dtype (bf16 scores would blur the softmax)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
+        scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", qg, k, preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        out = jnp.einsum(f"bkgts,{k_spec}->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
         out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.attention_out_bias, dtype=c.dtype,
                               param_dtype=c.param_dtype, kernel_init=init, name="o_proj")(out)
         return out, cache_k, cache_v
@@ -264,8 +270,8 @@ def _check_inputs(input_ids, attention_mask, positions, segment_ids, cache):
     if cache is not None:
         if segment_ids is not None:
             raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
-        if cache.k.shape[1] != input_ids.shape[0]:
-            raise ValueError(f"cache batch {cache.k.shape[1]} != input_ids batch {input_ids.shape[0]}")
+        if cache.k[0].shape[0] != input_ids.shape[0]:
+            raise ValueError(f"cache batch {cache.k[0].shape[0]} != input_ids batch {input_ids.shape[0]}")
 
 
 class LMHead(nn.Module):
@@ -347,12 +353,17 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if c.learned_positions:
             x = x + self.pos_embed(positions)
-        for layer in self.layers:
-            x, cache_k, cache_v = layer(x, positions, allowed, cache_k, cache_v, cache_index)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_k = None if cache_k is None else cache_k[i]
+            layer_v = None if cache_v is None else cache_v[i]
+            x, layer_k, layer_v = layer(x, positions, allowed, layer_k, layer_v, cache_index)
+            new_k.append(layer_k)
+            new_v.append(layer_v)
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=cache_k, v=cache_v, mask=key_valid.astype(jnp.int32), index=cache.index + t)
+            new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_valid.astype(jnp.int32), index=cache.index + t)
         return x, new_cache
 
 
