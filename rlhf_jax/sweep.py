@@ -635,8 +635,9 @@ def plot_series(rows: Sequence[dict], *, x: str, y: str | Sequence[str], path: s
                     ax.annotate(f"{r[annotate]:g}" if isinstance(r[annotate], float) else str(r[annotate]),
                                 (r[x], r[col]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     if start is not None:
-        for col in ys:
-            ax.plot([start[x]], [start[col]], "k*", markersize=11, label=f"start ({col})" if len(ys) > 1 else "start")
+        for yi, col in enumerate(ys):
+            ax.plot([start[x]], [start[col]], "*", color=f"C{yi}" if not group else "k", markeredgecolor="k",
+                    markersize=13, label=f"start: {col}" if len(ys) > 1 else "start")
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel or x)
