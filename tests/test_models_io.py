@@ -186,6 +186,16 @@ def test_shape_mismatch_names_key_and_both_shapes(hf_dirs, tmp_path):
         from_pretrained(d)
 
 
+def test_weights_the_config_does_not_describe_are_refused(hf_dirs, tmp_path):
+    d = tmp_path / "extra_layer"
+    shutil.copytree(hf_dirs["qwen2"], d)
+    cfg = json.load(open(d / "config.json"))
+    cfg["num_hidden_layers"] = 1
+    json.dump(cfg, open(d / "config.json", "w"))
+    with pytest.raises(CheckpointError, match=r"not described by .*config\.json: 'model\.layers\.1\."):
+        from_pretrained(d)
+
+
 def test_unsupported_architecture(hf_dirs, tmp_path):
     d = tmp_path / "gemma"
     shutil.copytree(hf_dirs["llama"], d)

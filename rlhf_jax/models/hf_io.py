@@ -232,6 +232,28 @@ def _load_entries(reader: _SafetensorsReader, entries: list[_Entry], param_dtype
     return tree
 
 
+# Non-parameter buffers some checkpoints carry; never weights of the model.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+# Head tensors a trunk checkpoint may or may not carry, depending on the head it was saved with.
+_HEAD_KEYS = ("lm_head.weight", "score.weight", "score.bias") + VALUE_HEAD_KEYS
+
+
+def _check_unexpected(reader: _SafetensorsReader, entries: list[_Entry], prefix: str, config_file: str) -> None:
+    """Trunk tensors that the config does not describe (e.g. more layers than `num_hidden_layers`)
+    mean the config and the weights disagree: refuse rather than silently drop weights."""
+    used = {e.hf_key for e in entries}
+    extra = sorted(
+        k for k in reader.keys()
+        if k not in used and k not in _HEAD_KEYS and not k.endswith(_IGNORED_SUFFIXES) and k.startswith(prefix)
+    )
+    if extra:
+        shown = ", ".join(repr(k) for k in extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
+        raise CheckpointError(
+            f"{reader.path}: {len(extra)} weight(s) not described by {config_file}: {shown}; "
+            "do the architecture and layer/head counts in config.json match the checkpoint?"
+        )
+
+
 def load_config(path: str, **overrides) -> ModelConfig:
     """`ModelConfig` from `path/config.json` (raises `CheckpointError`/`UnsupportedModelError` naming the file)."""
     cfg_file = os.path.join(os.fspath(path), "config.json")
@@ -291,6 +313,7 @@ def from_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, head: s
             entries.append(_score_entry(config))
     if head == "value" and all(k in keys for k in VALUE_HEAD_KEYS):
         entries.extend(_value_entries(config))
+    _check_unexpected(reader, entries, prefix, cfg_file)
     tree = _load_entries(reader, entries, pdt, cfg_file)
     if head == "scalar" and "score.weight" not in keys:
         tree["score"] = {"kernel": head_init(d)(rng, (d, 1), pdt)}
