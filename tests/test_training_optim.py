@@ -98,8 +98,8 @@ def test_learning_rate_is_traced_and_vmappable():
 
 
 def test_clipping_bounds_the_update_direction():
-    """With max_grad_norm tiny, the first Adam step is unchanged (scale-free) but grad_norm is reported
-    before clipping, and clip_by_global_norm really rescales."""
+    """clip_by_global_norm rescales to the bound (hand case), and the step reports grad_norm
+    BEFORE clipping (it exceeds a tiny max_grad_norm)."""
     tx = optax.clip_by_global_norm(0.5)
     g = {"a": jnp.array([3.0, 4.0])}
     u, _ = tx.update(g, tx.init(g))
