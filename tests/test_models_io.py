@@ -282,3 +282,17 @@ def test_config_hf_round_trip_and_hashable():
         assert back == cfg and hash(back) == hash(cfg)
     cfg = tiny_config(dtype=jnp.bfloat16)
     assert cfg.dtype == "bfloat16" and cfg.compute_dtype == jnp.bfloat16
+
+
+def test_bf16_params_save_and_load(hf_dirs, tmp_path):
+    model, params = from_pretrained(hf_dirs["llama"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    saved = save_pretrained(tmp_path / "bf16", model, params)
+    assert json.load(open(os.path.join(saved, "config.json")))["dtype"] == "bfloat16"
+    assert load_file(os.path.join(saved, "model.safetensors"))["model.norm.weight"].dtype.name == "bfloat16"
+    _, params2 = from_pretrained(saved, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)),
+                 params, params2)
+    _, params32 = from_pretrained(hf_dirs["llama"])
+    _, params_up = from_pretrained(saved)  # bf16 file read into f32 params: the rounded f32 weights
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-3),
+                 params32, params_up)

@@ -359,7 +359,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True) -> float:
-    """Model FLOPs per token (the MFU numerator; PaLM appendix B convention).
+    """Model FLOPs per token (the MFU numerator): PaLM appendix B with the attention term halved for causality.
 
     With N the number of matmul parameters (excluding the input embedding table, including the
     output projection even when tied) and a context of `seq_len`:
