@@ -113,8 +113,9 @@ class PPOFrozen:
     ref_params: the frozen reference policy's ``CausalLM`` params (for a ``CausalLMWithValueHead``
       policy: ``models.split_value_head(policy_params)[0]``).
     reward_params: the reward model's params (None with a reward function).
-    reward_shift: subtracted from the reward model's scores (the normalisation shift ``train_reward``
-      records, so that the SFT policy scores mean 0).
+    reward_shift: added to the reward model's scores (the normalisation shift ``train_reward``
+      records, ``-mean`` score of reference responses, so that the SFT policy scores mean 0;
+      ``training.reward`` documents ``reward = model_score + reward_shift``).
     Static fields (part of the compiled program): ``policy_model`` (the Flax module of the policy,
     used for generation and the reference), ``value_model`` (module of the separate value model,
     None when shared), ``reward_model`` (module of the reward model) or ``reward_fn`` (a JAX
@@ -233,7 +234,7 @@ def score_rollout(frozen: PPOFrozen, rollout: R.Rollout, *, chunk: int) -> Array
         scores = frozen.reward_fn(*args)
     elif frozen.reward_model is not None:
         scores = R.chunked(lambda *a: R.reward_model_scores(frozen.reward_model, frozen.reward_params, *a),
-                           chunk, *args) - jnp.asarray(frozen.reward_shift, jnp.float32)
+                           chunk, *args) + jnp.asarray(frozen.reward_shift, jnp.float32)
     else:
         raise ValueError("PPOFrozen has neither reward_fn nor reward_model: a Python reward must go through "
                          "ppo_rollout -> host scores -> ppo_update")
