@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -114,25 +111,15 @@ def host_params(params):
 
 
 def run_record(out_dir: Path, config_dict: dict) -> None:
-    """Resolved config + git commit + versions + devices, so the run can be traced and rerun."""
+    """``config.json`` plus ``run.json`` (resolved config, git commit and dirty flag, package versions,
+    devices, command line, host, time: see :mod:`rlhf_jax.provenance`), so the run can be traced and
+    rerun. Only process 0 writes."""
     if jax.process_index() != 0:
         return
+    from rlhf_jax.provenance import write_run_record
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    import flax
-    import optax
-    import orbax.checkpoint
-    record = {"config": config_dict, "git_commit": commit, "python": platform.python_version(),
-              "versions": {"jax": jax.__version__, "flax": flax.__version__,
-                           "optax": optax.__version__, "orbax": orbax.checkpoint.__version__},
-              "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-              "time": time.time()}
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-    (out_dir / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_run_record(out_dir, config_dict)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
