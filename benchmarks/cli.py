@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from benchmarks import run as _run
 
@@ -13,4 +14,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the suite; 0 unless a benchmark side raised."""
-    return _run.run(args)
+    return _run.run(args, command=" ".join(["rlhf-jax bench", *sys.argv[2:]]))

@@ -135,7 +135,8 @@ def render_markdown(result: dict[str, Any], rows: list[Row]) -> str:
         f"- load average at start: {m.get('loadavg')}",
         f"- matmul peak (best of JAX/PyTorch probes): {p['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s; "
         f"copy bandwidth: {p['copy_bandwidth_bytes_per_s'] / 1e9:,.2f} GB/s",
-        f"- compute dtype: {result['dtype']}; mode: {'quick' if result['quick'] else 'full'}",
+        f"- compute dtype: {result['dtype']}; mode: {'quick' if result['quick'] else 'full'}"
+        + ("" if result.get("complete", True) else " — **partial: the run was interrupted after these rows**"),
         "",
         "Ratio = speed-up of rlhf_jax over the peer (> 1: ours faster). 'probe' = a short JAX matmul "
         "probe run just before the row's item (the machine drifts; compare ratios, not absolutes).",

@@ -439,8 +439,12 @@ ITEM_FNS = {"sft": item_sft, "rm": item_rm, "gen": item_gen, "ppo": item_ppo, "s
             "mfu": item_mfu, "tunix": item_tunix}
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs the selected items, prints the table, writes latest.json/latest.md. 0 unless a side raised."""
+def run(args: argparse.Namespace, *, command: str | None = None) -> int:
+    """Runs the selected items, prints the table, writes latest.json/latest.md. 0 unless a side raised.
+
+    ``command`` is the command line recorded in the report (default: ``python -m benchmarks.run``
+    with this process's arguments).
+    """
     import jax
 
     items = _items(args.only)
@@ -482,6 +486,17 @@ def run(args: argparse.Namespace) -> int:
         copy_bandwidth=probe["copy_bandwidth_bytes_per_s"],
     )
     machine = _machine(platform)
+    result = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command or " ".join(["python -m benchmarks.run"] + sys.argv[1:]),
+        "machine": machine,
+        "probes": probe,
+        "quick": bool(args.quick),
+        "dtype": ctx.dtype,
+        "workload": dataclasses.asdict(workload),
+        "shapes": {n: shapes.get_shape(n) for n in shape_names},
+        "complete": False,
+    }
     rows: list[Row] = []
     for item in items:
         print(f"[bench] {item} ...", file=sys.stderr, flush=True)
@@ -491,16 +506,9 @@ def run(args: argparse.Namespace) -> int:
                   f"peer {report.fmt_value(r.peer)} ratio {report.fmt_value(r.ratio)} [{r.status}]",
                   file=sys.stderr, flush=True)
         rows.extend(new)
-    result = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["python -m benchmarks.run"] + sys.argv[1:]) if sys.argv else "benchmarks.run",
-        "machine": machine,
-        "probes": probe,
-        "quick": bool(args.quick),
-        "dtype": ctx.dtype,
-        "workload": dataclasses.asdict(workload),
-        "shapes": {n: shapes.get_shape(n) for n in shape_names},
-    }
+        # Written after every item, so an interrupted run still leaves what it measured.
+        report.write_results(args.out, result, rows)
+    result["complete"] = True
     json_path, md_path = report.write_results(args.out, result, rows)
     print(report.render_markdown(result, rows))
     print(f"[bench] wrote {json_path} and {md_path}", file=sys.stderr)
@@ -513,7 +521,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run(parser.parse_args(argv), command=" ".join(["python -m benchmarks.run", *argv]))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
     assert rc == 0, "a benchmark side raised (see the captured traceback)"
     result = json.loads((tmp_path / "latest.json").read_text())
     assert {"date", "command", "machine", "probes", "rows", "workload", "dtype"} <= set(result)
+    assert result["command"].startswith("python -m benchmarks.run --quick --shapes micro") and result["complete"]
     assert result["probes"]["matmul_peak_flops"] > 0 and result["probes"]["copy_bandwidth_bytes_per_s"] > 0
     rows = result["rows"]
     assert [(r["item"], r["shape"], r["peer_name"]) for r in rows] == [
