@@ -197,6 +197,23 @@ def resolve_python_reward(spec: str, task) -> Callable[[str, str, bool], float]:
     return lambda p, r, finished: float(fn(p, r))
 
 
+_OPTIMIZERS: dict = {}
+
+
+def cached_optimizer(optim: OptimConfig, params, total_steps: int):
+    """``training.make_optimizer`` memoised on (config, total steps, param shapes).
+
+    The optimizer is a static part of the jitted iteration (``TrainState.tx``); handing every run of
+    the same shape the same transformation object lets a second run in one process (a resume, a
+    notebook rerun, a sequential sweep) reuse the compiled program instead of recompiling it.
+    """
+    shapes = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in jax.tree_util.tree_leaves(params))
+    key = (optim, int(total_steps), jax.tree_util.tree_structure(params), shapes)
+    if key not in _OPTIMIZERS:
+        _OPTIMIZERS[key] = make_optimizer(optim, params, total_steps=total_steps)
+    return _OPTIMIZERS[key]
+
+
 def _fresh_head_on(trunk_params: dict, scalar_model, rng) -> dict:
     """``ScalarHeadModel`` params: the given ``model/...`` trunk + a freshly initialised ``score`` head."""
     from rlhf_jax.models import init_params
@@ -274,13 +291,11 @@ def _build(cfg) -> _Built:
         updates = cfg.iterations * algo.ppo_epochs * algo.minibatches
     else:
         updates = cfg.iterations * algo.epochs * algo.minibatches
-    policy_tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=algo.lr), policy_params,
-                               total_steps=updates)
+    policy_tx = cached_optimizer(dataclasses.replace(cfg.optim, learning_rate=algo.lr), policy_params, updates)
     value_tx = None
     if value_params is not None:
         value_lr = algo.value_lr if algo.value_lr is not None else algo.lr
-        value_tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=value_lr), value_params,
-                                  total_steps=updates)
+        value_tx = cached_optimizer(dataclasses.replace(cfg.optim, learning_rate=value_lr), value_params, updates)
     frozen = PPOFrozen(ref_params=ref_params, reward_params=reward_params, reward_shift=reward_shift,
                        policy_model=policy_model, value_model=value_model, reward_model=reward_model,
                        reward_fn=reward_fn)
@@ -585,7 +600,7 @@ def train_dpo(cfg: DPOTrainConfig) -> TrainResult:
                                    rng=jax.random.fold_in(rng, 1))
     algo = cfg.dpo
     hparams = DPOHParams.from_config(algo)
-    tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=algo.lr), params, total_steps=cfg.steps)
+    tx = cached_optimizer(dataclasses.replace(cfg.optim, learning_rate=algo.lr), params, cfg.steps)
     state = init_dpo_state(model=model, params=params, tx=tx, cfg=algo, hparams=hparams,
                            rng=jax.random.fold_in(rng, 2))
     frozen = DPOFrozen(ref_params=params, model=model)
