@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,11 +85,13 @@ def _ppo_defaults():
 
     # Adaptive β (Ziegler et al.) aiming at 5 nats per sequence; horizon 500 sequences lets β react
     # within a few iterations of 64 rollouts (the spec's 10000 is tuned for long runs).
+    # sample_every=0: summary.md shows held-out samples; logging rollout samples would also compile
+    # the split rollout/update programs next to the fused iteration.
     return PPOTrainConfig(
         value_init="reward", reward=RewardSection(kind="model"),
         ppo=PPOConfig(batch_size=64, ppo_epochs=4, minibatches=2, adaptive_kl=True, kl_coef=0.1,
                       kl_target=5.0, kl_horizon=500.0, lr=3e-4),
-        optim=RL_OPTIM, iterations=40, sample_every=10, num_samples=4,
+        optim=RL_OPTIM, iterations=40, sample_every=0, num_samples=4,
         checkpoint=CheckpointConfig(every=10, keep=5), log=LogConfig(every=1, progress=False))
 
 
@@ -127,6 +130,8 @@ class PipelineConfig:
     config trained from scratch (its tokenizer must be the task's). ``label_noise``: the
     simulated labeller's BT temperature (< 0: the task default). ``reward_from_sft``: initialise
     the reward model's trunk from the SFT policy (InstructGPT) instead of from scratch.
+    ``overwrite``: replace ``out_dir`` if it holds an earlier pipeline run (else a non-empty
+    ``out_dir`` is refused).
     """
     task: str = "sentiment"
     seed: int = 0
@@ -134,6 +139,7 @@ class PipelineConfig:
     init_from: str = ""
     label_noise: float = -1.0
     reward_from_sft: bool = True
+    overwrite: bool = False
     sft: Any = dataclasses.field(default_factory=_sft_defaults)
     reward: Any = dataclasses.field(default_factory=_reward_defaults)
     ppo: Any = dataclasses.field(default_factory=lambda: _ppo_defaults())
@@ -485,8 +491,14 @@ def run_pipeline(cfg: PipelineConfig, *, command: str = "") -> dict[str, Any]:
     task = get_task(cfg.task)
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {str(out)!r} is not empty; choose a new directory (each stage writes "
-                          f"checkpoints there)")
+        if cfg.overwrite and (out / "pipeline_config.json").is_file():
+            shutil.rmtree(out)
+        else:
+            raise ConfigError(
+                f"--out {str(out)!r} is not empty; choose a new directory (each stage writes checkpoints "
+                f"there)" + (" or pass --overwrite to replace an earlier pipeline run" if not cfg.overwrite
+                             else "; --overwrite only replaces an earlier pipeline run (no "
+                                  "pipeline_config.json there)"))
     out.mkdir(parents=True, exist_ok=True)
     dump_json(cfg, out / "pipeline_config.json")
     noise = task.default_noise if cfg.label_noise < 0 else cfg.label_noise
@@ -591,6 +603,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default runs/pipeline); must be new or empty")
     parser.add_argument("--config", default=None, help="experiments/*.py with get_config() -> PipelineConfig")
     parser.add_argument("--init-from", default=None, help="Hugging Face model directory to start SFT from")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it holds an earlier pipeline run")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. sft.steps=300 ppo.ppo.kl_target=4 ppo.iterations=60")
 
@@ -605,6 +619,8 @@ def config_from_args(args) -> PipelineConfig:
                       (args.init_from, "init_from")):
         if flag is not None:
             cfg = dataclasses.replace(cfg, **{key: flag})
+    if args.overwrite:
+        cfg = dataclasses.replace(cfg, overwrite=True)
     return cfg.validate()
 
 

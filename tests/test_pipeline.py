@@ -16,7 +16,8 @@ from rlhf_jax.tasks import get_task, list_tasks
 SHORT = [
     "sft.steps=30", "sft.eval_every=0", "sft.log.tensorboard=true",
     "reward.steps=30", "reward.eval_every=0",
-    "ppo.iterations=6", "ppo.ppo.batch_size=16", "ppo.ppo.minibatches=2", "ppo.sample_every=3",
+    "ppo.iterations=8", "ppo.ppo.batch_size=32", "ppo.ppo.minibatches=2", "ppo.ppo.lr=1e-3",
+    "ppo.sample_every=0", "ppo.checkpoint.async_save=false",
     "eval.num_prompts=48", "eval.batch_size=16", "eval.num_pairs=64", "eval.curve_points=2",
     "eval.num_samples=2",
 ]
@@ -45,11 +46,11 @@ def test_short_pipeline_end_to_end(task_name, tmp_path):
     # PPO optimised the learned reward on held-out prompts
     assert on_disk["ppo"]["proxy_reward"] > on_disk["sft"]["proxy_reward"] + 2 * on_disk["ppo"]["proxy_reward_se"]
     assert on_disk["ppo"]["kl"] > 0
-    # the curve: the intermediate checkpoint (iteration 3) and the final policy
-    assert [p["iteration"] for p in on_disk["curve"]] == [3, 6]
+    # the curve: the intermediate checkpoint (iteration 4) and the final policy
+    assert [p["iteration"] for p in on_disk["curve"]] == [4, 8]
     assert on_disk["curve"][-1]["gold_reward"] == on_disk["ppo"]["gold_reward"]
     for name in ("summary.md", "training_curves.png", "reward_vs_kl.png", "pipeline_config.json",
-                 "sft/metrics.jsonl", "reward/metrics.jsonl", "ppo/metrics.jsonl", "ppo/samples.jsonl",
+                 "sft/metrics.jsonl", "reward/metrics.jsonl", "ppo/metrics.jsonl",
                  "sft/export/config.json", "reward/export/model.safetensors", "ppo/export/config.json"):
         assert (out / name).is_file(), name
     assert list((out / "sft" / "tb").iterdir()), "no TensorBoard event file"
@@ -165,3 +166,13 @@ def test_config_overrides_and_cli_flags(tmp_path):
         P.config_from_args(parser.parse_args(["--task", "chess"]))
     with pytest.raises(ConfigError, match="eval.num_prompts"):
         P.config_from_args(parser.parse_args(["eval.num_prompts=0"]))
+
+
+def test_non_empty_out_dir_is_refused_before_training(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    cfg = apply_overrides(P.PipelineConfig(), [f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="--overwrite to replace"):
+        P.run_pipeline(cfg)
+    with pytest.raises(ConfigError, match="only replaces an earlier pipeline run"):
+        P.run_pipeline(apply_overrides(cfg, ["overwrite=true"]))
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
