@@ -26,7 +26,7 @@ venv: $(VENV)/.runtime
 venv-test: $(VENV)/.test
 
 demo: venv
-	$(VENV)/bin/rlhf-jax pipeline --out $(DEMO_OUT)
+	$(VENV)/bin/rlhf-jax pipeline --out $(DEMO_OUT) --overwrite
 
 test: venv-test
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
