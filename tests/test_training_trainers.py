@@ -155,6 +155,9 @@ def test_sft_cli_trains_evaluates_and_exports(tmp_path):
     evals = [r for r in recs if "eval/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in evals] == [2, 4]
     assert train[-1]["train/loss"] < train[0]["train/loss"]
+    # the data layer's counters reach the run's metrics, and grow as training reads more
+    assert train[-1]["train/data/examples"] >= train[0]["train/data/examples"] > 0
+    assert "train/data/truncated_prompt" in train[-1] and "train/data/skipped" in train[-1]
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] + 0.5
     assert json.loads((out / "config.json").read_text())["steps"] == 4
     # the export is a HF directory our loader (and transformers) reads, with the same logits

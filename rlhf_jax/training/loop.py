@@ -202,6 +202,11 @@ def run_training(*, state, step_fn: Callable, step_static: dict, data_iter: Iter
                 last_train.update(meter.read())
                 if lr_fn is not None:
                     last_train["lr"] = float(lr_fn(i))
+                # The data layer's counters (rows read, truncated, dropped, skipped by reason) go
+                # into the run's metrics, so nothing it cut or skipped goes unreported.
+                stats = getattr(data_iter, "stats", None)
+                if stats is not None and hasattr(stats, "as_metrics"):
+                    last_train.update(stats.as_metrics())
                 writer.write(done, last_train, prefix="train")
                 window = []
             progress.update(1, loss=m["loss"])
