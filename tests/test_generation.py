@@ -110,7 +110,8 @@ def test_knobs_are_traced_inside_an_outer_jit_and_top_k_1_is_greedy(llama, promp
     assert len(traces) == 1
     for key in [(0.8, 1, 1.0), (0.8, 1, 0.3)]:  # top-k = 1 is greedy whatever the key and top_p
         np.testing.assert_array_equal(np.asarray(outs[key][0]), np.asarray(greedy.tokens))
-        np.testing.assert_allclose(np.asarray(outs[key][1]), np.asarray(greedy.logprobs), atol=1e-6)
+        # 1e-5: the top-level program is compiled with the CPU decode options (another dot kernel)
+        np.testing.assert_allclose(np.asarray(outs[key][1]), np.asarray(greedy.logprobs), atol=1e-5)
     assert not np.array_equal(np.asarray(outs[(1.0, 0, 1.0)][0]), np.asarray(greedy.tokens))
 
     # direct calls: Python floats/ints for the knobs reuse one compiled program too
@@ -234,3 +235,30 @@ def test_sharded_batch_on_8_devices_equals_one_device(hf_dirs):
     proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, hf_dirs["llama"]], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_segmented_cache_growth_gives_the_same_rollout(llama, prompts, monkeypatch):
+    """Growing the cache in segments (SEGMENT_STEPS) changes only how much cache each step reads."""
+    from rlhf_jax.generation import engine
+    from rlhf_jax.models import grow_cache, init_cache
+
+    model, params = llama
+    ids, mask = prompts
+    ids, mask = engine.left_pad_to(ids, mask, 16, PAD)
+    kw = dict(max_new_tokens=N_NEW, greedy=False, stop_token_ids=(EOS,), pad_token_id=PAD)
+    args = (model, params, ids, mask, jax.random.key(5), jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+    outs = {}
+    for seg in (N_NEW, 3, 1):
+        monkeypatch.setattr(engine, "SEGMENT_STEPS", seg)
+        outs[seg] = jax.jit(engine.decode_program, static_argnames=("model",) + tuple(kw))(*args, **kw)
+    assert engine.segment_ends(N_NEW, 3) == tuple(range(3, N_NEW, 3))
+    for seg in (3, 1):
+        np.testing.assert_array_equal(np.asarray(outs[seg].tokens), np.asarray(outs[N_NEW].tokens))
+        np.testing.assert_array_equal(np.asarray(outs[seg].mask), np.asarray(outs[N_NEW].mask))
+        np.testing.assert_allclose(np.asarray(outs[seg].logprobs), np.asarray(outs[N_NEW].logprobs), atol=1e-5)
+
+    cache = init_cache(model.config, 2, 4)
+    grown = grow_cache(cache, 9)
+    assert grown.max_len == 9 and grown.mask.shape == (2, 9) and int(grown.index) == 0
+    with pytest.raises(ValueError, match="below the cache's 4 slots"):
+        grow_cache(cache, 3)

@@ -57,6 +57,8 @@ def decode_loop(
     greedy: bool = False,
     stop_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
+    segment_ends: Sequence[int] = (),
+    grow: Callable[[Any, int], Any] | None = None,
 ) -> tuple[GenerationOutput, Any]:
     """Samples ``max_new_tokens`` tokens per row.
 
@@ -77,6 +79,11 @@ def decode_loop(
       greedy: static; argmax instead of sampling.
       stop_token_ids: static tuple of ints.
       pad_token_id: static int written after a row stops.
+      segment_ends: static increasing step counts ``< N`` that split the loop into consecutive
+        ``while_loop`` segments; before the segment that runs steps ``[e_i, e_{i+1})`` the carry
+        becomes ``grow(carry, e_{i+1})``. ``generate`` uses this to grow the KV cache with the
+        sequence, so attention in early steps reads a short cache instead of the full allocation.
+      grow: ``(carry, end) -> carry`` able to run every step ``t < end``; required with ``segment_ends``.
 
     Returns:
       ``(GenerationOutput, final carry)``.
@@ -116,8 +123,21 @@ def decode_loop(
         mask = jax.lax.dynamic_update_slice(mask, live[:, None], col)
         return t + 1, tokens, logprobs, mask, done, carry, tok
 
+    ends = [int(e) for e in segment_ends]
+    if ends and (grow is None or any(b <= a for a, b in zip([1] + ends, ends + [n])) or ends[-1] >= n):
+        raise ValueError(f"segment_ends must be increasing step counts in (1, {n}) and need grow=; got {ends}")
+
+    def run_until(end, state):
+        def seg_cond(st):
+            return (st[0] < end) & cond(st)
+
+        return jax.lax.while_loop(seg_cond, body, state)
+
     state = (jnp.int32(1), tokens, logprobs, mask, done0, carry, tok0)
     if n > 1:
-        state = jax.lax.while_loop(cond, body, state)
+        for i, end in enumerate(ends + [n]):
+            if i > 0:
+                state = state[:5] + (grow(state[5], end),) + state[6:]
+            state = run_until(end, state)
     _, tokens, logprobs, mask, done, carry, _ = state
     return GenerationOutput(tokens=tokens, logprobs=logprobs, mask=mask, stopped=done), carry

@@ -43,19 +43,37 @@ def _check_model(model) -> None:
             )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "max_new_tokens", "greedy", "stop_token_ids", "pad_token_id"),
-)
-def _generate(model, params, prompt_ids, prompt_mask, rng, temperature, top_k, top_p, *, max_new_tokens,
-              greedy, stop_token_ids, pad_token_id):
-    from rlhf_jax.models import init_cache  # generation -> models (ARCHITECTURE.md)
+# Decode steps per cache segment: the loop is split so the cache grows with the sequence (steps
+# [0, 64) read at most prompt + 63 slots, not prompt + N - 1). Each segment is its own copy of the
+# step in the compiled program, so short generations (N <= 64) stay one loop.
+SEGMENT_STEPS = 64
+
+# XLA:CPU compiles small-M matmuls (M = batch in decode) to YNNPACK fusions that repack the weight
+# matrix on every call (measured ~0.7 ms vs ~0.15 ms with the default dot emitter for a 16x256 @
+# 256x1024 decode matmul, benchmarks/README.md); these DebugOptions fields are ignored by the GPU
+# and TPU compilers.
+CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_xnnpack": False}
+
+
+def segment_ends(max_new_tokens: int, segment_steps: int | None = None) -> tuple[int, ...]:
+    """Loop-step boundaries of the cache segments (see ``decode_loop(segment_ends=...)``)."""
+    step = SEGMENT_STEPS if segment_steps is None else int(segment_steps)
+    if step < 1:
+        raise ValueError(f"segment_steps must be >= 1, got {step}")
+    return tuple(range(step, max_new_tokens, step))
+
+
+def decode_program(model, params, ids, mask, rng, temperature, top_k, top_p, *, max_new_tokens, greedy,
+                   stop_token_ids, pad_token_id) -> GenerationOutput:
+    """The traced body of ``generate`` on already bucketed inputs (inline it in a larger jit)."""
+    from rlhf_jax.models import grow_cache, init_cache  # generation -> models (ARCHITECTURE.md)
 
     cls = type(model)
-    ids, mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
+    ids, mask = ids.astype(jnp.int32), mask.astype(jnp.int32)
     batch, width = ids.shape
-
-    cache = init_cache(model.config, batch, width + max_new_tokens - 1)
+    ends = segment_ends(max_new_tokens)
+    # loop step t writes slot width + t - 1, so steps t < e need width + e - 1 slots
+    cache = init_cache(model.config, batch, width + (ends[0] if ends else max_new_tokens) - 1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     hidden, cache = model.apply(params, ids, mask, positions=positions, cache=cache, method=cls.hidden_states)
     # Left padding puts every row's last real token in the last column.
@@ -70,11 +88,47 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, temperature, top_k, t
         logits = model.apply(params, hidden, method=cls.logits_from_hidden)[:, 0]
         return logits, (cache, pos + 1)
 
+    def grow(carry, end):
+        cache, pos = carry
+        return grow_cache(cache, width + end - 1), pos
+
     out, _ = decode_loop(
         step, (cache, next_pos), first_logits, rng=rng, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, greedy=greedy, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+        segment_ends=ends, grow=grow,
     )
     return out
+
+
+class _BackendJit:
+    """``jax.jit(fn)`` built on first call, with compiler options for the default backend then in use.
+
+    Deciding at import time would initialise the backend on ``import rlhf_jax`` (before a
+    multi-host ``jax.distributed.initialize`` could run). Inside an outer ``jax.jit`` (traced
+    arguments) the plain jit is used: compiler options belong to the top-level program.
+    """
+
+    def __init__(self, fn, static_argnames, options_by_backend):
+        self._fn, self._static, self._options = fn, static_argnames, options_by_backend
+        self._jitted = None
+        self._nested = jax.jit(fn, static_argnames=static_argnames)
+
+    def _get(self):
+        if self._jitted is None:
+            opts = self._options.get(jax.default_backend())
+            self._jitted = jax.jit(self._fn, static_argnames=self._static, compiler_options=opts)
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs)))
+        return (self._nested if traced else self._get())(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self._get()._cache_size()
+
+
+_generate = _BackendJit(decode_program, ("model", "max_new_tokens", "greedy", "stop_token_ids", "pad_token_id"),
+                        {"cpu": CPU_DECODE_COMPILER_OPTIONS})
 
 
 def generate(

@@ -27,6 +27,7 @@ from rlhf_jax.models.transformer import (
     KVCache,
     Transformer,
     apply_rope,
+    grow_cache,
     init_cache,
     init_params,
     positions_from_mask,
@@ -39,6 +40,6 @@ __all__ = [
     "SUPPORTED_ARCHS", "ModelConfig", "UnsupportedModelError", "check_tokenizer_compat", "flops_per_token",
     "tiny_config", "CausalLMWithValueHead", "ScalarHeadModel", "last_token_values", "split_value_head",
     "CheckpointError", "from_pretrained", "hf_state_dict", "load_config", "save_pretrained", "CausalLM",
-    "KVCache", "Transformer", "apply_rope", "init_cache", "init_params", "positions_from_mask",
+    "KVCache", "Transformer", "apply_rope", "grow_cache", "init_cache", "init_params", "positions_from_mask",
     "positions_from_segments", "rope_inv_freq", "count_params",
 ]

@@ -79,6 +79,22 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     )
 
 
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+    """`cache` with its slot axis extended to `max_len` (new slots empty and invalid; one copy).
+
+    Lets a decode loop start with a cache sized to the prompt and grow it in segments, so the
+    attention of early steps reads only the slots that can hold keys.
+    """
+    extra = max_len - cache.max_len
+    if extra < 0:
+        raise ValueError(f"grow_cache: max_len {max_len} is below the cache's {cache.max_len} slots")
+    if extra == 0:
+        return cache
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
+    return KVCache(k=tuple(pad(x) for x in cache.k), v=tuple(pad(x) for x in cache.v),
+                   mask=jnp.pad(cache.mask, ((0, 0), (0, extra))), index=cache.index)
+
+
 # ----------------------------------------------------------------------------------------------
 # positions, masks, RoPE
 # ----------------------------------------------------------------------------------------------
