@@ -11,10 +11,39 @@ from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, 
                                     check_shape, reduce_loss)
 
 
-def _token_logprobs(logits: Array, targets: Array) -> Array:
-  """``log softmax(logits)[targets]`` without materialising the full log-softmax: ``z_y - logsumexp(z)``."""
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
+@jax.custom_vjp
+def _masked_token_logprobs(logits: Array, targets: Array, mask: Array) -> Array:
+  """``log softmax(logits)[targets]`` on rows with ``mask > 0``, computed on ``where(mask, logits, 0)``.
+
+  ``z_y - logsumexp(z)`` without materialising the log-softmax. The backward pass is written out:
+  ``d logp / d logits = onehot(y) - softmax(z)`` as one elementwise pass (autodiff of
+  ``take_along_axis`` scatters into a zero ``[B, T, V]`` buffer and then selects the padding away:
+  two more passes over the largest tensor of a language-model step). Padding rows, even with
+  non-finite logits, get exactly zero gradient.
+  """
+  logp, _ = _masked_token_logprobs_fwd(logits, targets, mask)
+  return logp
+
+
+def _masked_token_logprobs_fwd(logits, targets, mask):
+  live = (mask > 0)[..., None]
+  z = jnp.where(live, logits, 0.0)
+  zmax = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  lse = jnp.log(jnp.sum(jnp.exp(z - zmax), axis=-1)) + zmax[..., 0]
+  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+  return picked - lse, (logits, lse, targets, mask)
+
+
+def _masked_token_logprobs_bwd(res, g):
+  logits, lse, targets, mask = res
+  live = (mask > 0)[..., None]
+  p = jnp.exp(jnp.where(live, logits, 0.0) - lse[..., None])
+  onehot = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+  d = jnp.where(live, (onehot.astype(p.dtype) - p) * g[..., None], 0.0)
+  return d.astype(logits.dtype), None, None
+
+
+_masked_token_logprobs.defvjp(_masked_token_logprobs_fwd, _masked_token_logprobs_bwd)
 
 
 def _check_logits_targets(fn: str, logits: Any, targets: Any, mask: Any, targets_name: str):
@@ -23,8 +52,8 @@ def _check_logits_targets(fn: str, logits: Any, targets: Any, mask: Any, targets
   targets = check_int(fn, targets_name, targets)
   check_shape(fn, targets_name, targets, logits.shape[:2], "`logits` without its vocabulary axis")
   m = check_mask(fn, "mask", mask, logits.shape[:2], "`logits` without its vocabulary axis")
-  # Select padding away BEFORE the non-linear math, so non-finite padding cannot reach a gradient.
-  logits = jnp.where(m[..., None] > 0, logits, 0.0)
+  # Padding is selected away inside `_masked_token_logprobs` BEFORE the non-linear math, so
+  # non-finite padding cannot reach a value or a gradient.
   return logits, targets, m
 
 
@@ -41,7 +70,7 @@ def sequence_logprobs(logits: Array, tokens: Array, mask: Array, *, temperature:
   """
   fn = "sequence_logprobs"
   logits, tokens, m = _check_logits_targets(fn, logits, tokens, mask, "tokens")
-  logp = _token_logprobs(logits / as_float(temperature), tokens)
+  logp = _masked_token_logprobs(logits / as_float(temperature), tokens, m)
   return jnp.where(m > 0, logp, 0.0)
 
 
@@ -65,10 +94,10 @@ def sft_loss(logits: Array, targets: Array, mask: Array, *, reduction: str = "to
   fn = "sft_loss"
   check_choice(fn, "reduction", reduction, ("token", "sequence", "sum"))
   logits, targets, m = _check_logits_targets(fn, logits, targets, mask, "targets")
-  nll = -_token_logprobs(logits, targets)
+  nll = -_masked_token_logprobs(logits, targets, m)
   loss, num, den = reduce_loss(nll, m, reduction, normalizer=normalizer)
   n_tok = jnp.sum(m)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (jnp.argmax(jnp.where(m[..., None] > 0, logits, 0.0), axis=-1) == targets).astype(jnp.float32)
   metrics = {
       "loss": loss,
       "nll": jnp.sum(jnp.where(m > 0, nll * m, 0.0)) / jnp.maximum(n_tok, 1.0),

@@ -25,6 +25,7 @@ every large kernel has the model dimension D first or last):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -157,6 +158,133 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# matmul with a hand-written backward pass
+# ----------------------------------------------------------------------------------------------
+def _dot_last_first(x: Array, w: Array, out_dtype) -> Array:
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear(x: Array, w: Array, out_dtype=None) -> Array:
+    """`x [..., K] @ w [K, N] -> [..., N]` (in `out_dtype`, default x's dtype).
+
+    Same forward as the plain einsum; the backward pass is written out so both gradient matmuls
+    contract in the orientation that keeps the large operand in place: `dw = x2ᵀ·g2` is emitted
+    with the activations as the left operand. JAX's own transpose rule emits `(g2ᵀ·x2)ᵀ`, and
+    XLA:CPU then materialises `g2ᵀ` with a strided copy of the whole activation gradient before
+    each weight-gradient matmul (measured: ~0.45 s of a 3.8 s tiny SFT step went to such copies,
+    `benchmarks/README.md`).
+    """
+    return _dot_last_first(x, w, out_dtype or x.dtype)
+
+
+def _linear_fwd(x, w, out_dtype):
+    return linear(x, w, out_dtype), (x, w)
+
+
+def _linear_bwd(out_dtype, res, g):
+    x, w = res
+    k, n = w.shape
+    x2 = x.reshape(-1, k)
+    g2 = g.reshape(-1, n).astype(x.dtype)
+    dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+class Linear(nn.Module):
+    """Dense layer over the last `len(in_axes_shape)` axes with an arbitrary output shape.
+
+    Parameter names and shapes are those of `nn.DenseGeneral` (`kernel [*in, *features]`,
+    `bias [*features]`), so checkpoints are unchanged; the matmul is `linear` (custom VJP).
+    """
+
+    features: Any  # int or tuple of ints
+    n_in: int = 1  # how many trailing input axes are contracted
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = self.param("kernel", self.kernel_init, tuple(in_shape) + feats, self.param_dtype)
+        k, n = int(np.prod(in_shape)), int(np.prod(feats))
+        x2 = x.astype(self.dtype).reshape(x.shape[:x.ndim - self.n_in] + (k,))
+        y = linear(x2, kernel.astype(self.dtype).reshape(k, n))
+        y = y.reshape(x.shape[:x.ndim - self.n_in] + feats)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, feats, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------
+# attention core (training path) with a FlashAttention-style backward pass
+# ----------------------------------------------------------------------------------------------
+_NEG = float(np.finfo(np.float32).min)
+
+
+def _attn_scores(q, k, allowed, scale):
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    return jnp.where(allowed[:, None, None, :, :], s, _NEG)
+
+
+def _attn_fwd_impl(q, k, v, allowed, scale):
+    s = _attn_scores(q, k, allowed, scale)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - mx)
+    denom = jnp.sum(e, axis=-1)  # [B,K,G,T]
+    # normalise the [T, Dh] output instead of the [T, S] probabilities (one pass fewer over S)
+    o = jnp.einsum("bkgts,bskd->btkgd", e.astype(q.dtype), v, preferred_element_type=jnp.float32)
+    o = o / jnp.transpose(denom, (0, 3, 1, 2))[..., None]
+    # (max, sum) rather than their log-sum-exp: on a row with no allowed key every score is the
+    # float32 minimum, and `min + log(S)` rounds back to `min`
+    return o.astype(q.dtype), (mx[..., 0], denom)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention_core(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
+    """`softmax(q·kᵀ·scale masked by allowed)·v` for q `[B,T,K,G,Dh]`, k/v `[B,S,K,Dh]`, allowed `[B,T,S]`.
+
+    Scores and softmax statistics are float32. The backward pass recomputes the probabilities
+    from the saved row max and sum and uses `Δ = rowsum(dO ∘ O)` (FlashAttention's identity) instead
+    of reducing `dP ∘ P` over the key axis, so it keeps no `[T, S]` probabilities between the
+    passes and makes fewer full passes over them. Rows with no allowed key get a uniform
+    distribution (never NaN), as before.
+    """
+    return _attn_fwd_impl(q, k, v, allowed, scale)[0]
+
+
+def _attention_core_fwd(q, k, v, allowed, scale):
+    o, stats = _attn_fwd_impl(q, k, v, allowed, scale)
+    return o, (q, k, v, allowed, o, stats)
+
+
+def _attention_core_bwd(scale, res, do):
+    q, k, v, allowed, o, (mx, denom) = res
+    s = _attn_scores(q, k, allowed, scale)
+    p = jnp.exp(s - mx[..., None]) / denom[..., None]  # [B,K,G,T,S]
+    do = do.astype(q.dtype)
+    dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(q.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("btkgd,bskd->bkgts", do, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B,T,K,G]
+    ds = p * (dp - jnp.transpose(delta, (0, 2, 3, 1))[..., None])
+    ds = jnp.where(allowed[:, None, None, :, :], ds, 0.0).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=jnp.float32) * scale
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32) * scale
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def _activation(name: str):
     if name in ("gelu_new", "gelu_pytorch_tanh"):
         return lambda x: jax.nn.gelu(x, approximate=True)
@@ -202,8 +330,8 @@ class Attention(nn.Module):
     def __call__(self, x, positions, allowed, cache_k, cache_v, cache_index):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
-        dense = lambda feats, axis, bias, name: nn.DenseGeneral(  # noqa: E731
-            feats, axis=axis, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init, name=name
+        dense = lambda feats, axis, bias, name: Linear(  # noqa: E731
+            feats, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init, name=name
         )
         b, t, _ = x.shape
         q = dense((c.num_heads, c.head_dim), -1, c.attention_bias, "q_proj")(x)  # [B,T,H,Dh]
@@ -230,13 +358,16 @@ class Attention(nn.Module):
             k_spec = "bskd"
         g = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
-        # scores accumulate in float32 whatever the compute dtype (bf16 scores would blur the softmax)
-        scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", qg, k, preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
-        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        out = jnp.einsum(f"bkgts,{k_spec}->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
-        out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.attention_out_bias, dtype=c.dtype,
-                              param_dtype=c.param_dtype, kernel_init=init, name="o_proj")(out)
+        if cache_k is None:  # training / scoring: the custom-VJP core
+            out = attention_core(qg, k, v, allowed, c.head_dim ** -0.5).reshape(b, t, c.num_heads, c.head_dim)
+        else:
+            # scores accumulate in float32 whatever the compute dtype (bf16 scores would blur the softmax)
+            scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", qg, k, preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
+            scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+            out = jnp.einsum(f"bkgts,{k_spec}->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        out = Linear(c.hidden_size, n_in=2, use_bias=c.attention_out_bias, dtype=c.dtype,
+                     param_dtype=c.param_dtype, kernel_init=init, name="o_proj")(out)
         return out, cache_k, cache_v
 
 
@@ -248,7 +379,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        dense = lambda feats, name: nn.Dense(  # noqa: E731
+        dense = lambda feats, name: Linear(  # noqa: E731
             feats, use_bias=c.mlp_bias, dtype=c.dtype, param_dtype=c.param_dtype,
             kernel_init=nn.initializers.normal(c.initializer_range), name=name
         )
@@ -301,8 +432,7 @@ class LMHead(nn.Module):
         c = self.config
         kernel = self.param("kernel", nn.initializers.normal(c.initializer_range), (c.hidden_size, c.vocab_size),
                             c.param_dtype)
-        return jnp.einsum("btd,dv->btv", hidden.astype(c.dtype), kernel.astype(c.dtype),
-                          preferred_element_type=jnp.float32)
+        return linear(hidden.astype(c.dtype), kernel.astype(c.dtype), jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -325,7 +455,7 @@ class Transformer(nn.Module):
     def attend(self, hidden: Array) -> Array:
         """`hidden @ embedding.T` (tied output projection) -> `[B, T, V]` accumulated in float32."""
         emb = self.embed.embedding.astype(self.config.dtype)
-        return jnp.einsum("btd,vd->btv", hidden.astype(self.config.dtype), emb, preferred_element_type=jnp.float32)
+        return linear(hidden.astype(self.config.dtype), emb.T, jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
         c = self.config
