@@ -68,11 +68,19 @@ class CausalLMWithValueHead(nn.Module):
         self.value_head = nn.Dense(1, use_bias=True, dtype=jnp.float32, param_dtype=c.param_dtype,
                                    kernel_init=head_init(c.hidden_size))
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
-        h, _ = self.model(input_ids, attention_mask, positions, segment_ids, None)
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+        """Final-normed hidden states `[B, T, D]` (feed a slice of them to `heads_from_hidden`)."""
+        return self.model(input_ids, attention_mask, positions, segment_ids, None)[0]
+
+    def heads_from_hidden(self, h):
+        """`(logits [..., V] f32, values [...] f32)` of final-normed hidden states."""
         logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         values = self.value_head(h)[..., 0]
         return logits.astype(jnp.float32), values.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+        h, _ = self.model(input_ids, attention_mask, positions, segment_ids, None)
+        return self.heads_from_hidden(h)
 
 
 def split_value_head(params: dict) -> tuple[dict, dict]:

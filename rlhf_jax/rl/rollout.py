@@ -79,15 +79,24 @@ def policy_forward(model, params, prompt_ids: Array, prompt_mask: Array, respons
     mask) when ``with_entropy``, and ``values [B, N]`` when the model has a value head.
     """
     ids, mask = concat_sequences(prompt_ids, prompt_mask, response_ids, response_mask)
-    logits, values = split_outputs(model.apply(params, ids, attention_mask=mask))
     prompt_len = prompt_ids.shape[1]
-    logits_r = response_slice(logits, prompt_len).astype(jnp.float32)
+    cls = type(model)
+    if hasattr(cls, "hidden_states") and (hasattr(cls, "logits_from_hidden") or hasattr(cls, "heads_from_hidden")):
+        # the LM head only on the N positions that predict the response (not on the prompt)
+        h = response_slice(model.apply(params, ids, attention_mask=mask, method=cls.hidden_states), prompt_len)
+        head = cls.logits_from_hidden if hasattr(cls, "logits_from_hidden") else cls.heads_from_hidden
+        logits_r, values_r = split_outputs(model.apply(params, h, method=head))
+    else:
+        logits, values = split_outputs(model.apply(params, ids, attention_mask=mask))
+        logits_r = response_slice(logits, prompt_len)
+        values_r = None if values is None else response_slice(values, prompt_len)
+    logits_r = logits_r.astype(jnp.float32)
     logp = losses.sequence_logprobs(logits_r, response_ids, response_mask, temperature=temperature)
     out = {"logp": logp}
     if with_entropy:
         out["entropy"] = losses.entropy_from_logits(logits_r / temperature, response_mask, reduction="none")
-    if values is not None:
-        out["values"] = response_slice(values, prompt_len).astype(jnp.float32) * response_mask
+    if values_r is not None:
+        out["values"] = values_r.astype(jnp.float32) * response_mask
     return out
 
 
