@@ -124,8 +124,10 @@ def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_
 
     generate = need("rlhf_jax.generation", "generate")
     module, params = build(shape, dtype=dtype)
-    fn = jax.jit(functools.partial(generate, module, max_new_tokens=new_tokens, greedy=greedy,
-                                   stop_token_ids=(), pad_token_id=shape["pad_token_id"]))
+    # generate is itself one jitted program (top-level: it carries its own XLA:CPU options);
+    # wrapping it in another jax.jit would inline it and drop them
+    fn = functools.partial(generate, module, max_new_tokens=new_tokens, greedy=greedy,
+                           stop_token_ids=(), pad_token_id=shape["pad_token_id"])
     ids, mask = jnp.asarray(prompts["prompt_ids"]), jnp.asarray(prompts["prompt_mask"])
     key = jax.random.PRNGKey(0)
     out = fn(params, ids, mask, rng=key)
