@@ -114,3 +114,20 @@ def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
     md = (tmp_path / "latest.md").read_text()
     assert md.count("| micro |") == 4 and "matmul peak" in md
     assert "| item | shape | metric |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("program", ["sft", "decode"])
+def test_profile_folds_a_trace_onto_the_models_op_names(program, capsys, tmp_path):
+    from benchmarks import profile
+
+    hlo = tmp_path / "step.hlo"
+    assert profile.main([program, "--shape", "micro", "--workload", "micro", "--reps", "1", "--depth", "4",
+                         "--hlo", str(hlo)]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"{program} / micro: first call") and "traced instruction time" in lines[0]
+    rows = [ln.split("ms", 1) for ln in lines[1:]]
+    assert rows and all(float(ms) >= 0 for ms, _ in rows)
+    # the time is attributed to named parts of the program, not left unexplained
+    assert any(("CausalLM" in name) or ("model" in name) for _, name in rows)
+    assert "HloModule" in hlo.read_text()

@@ -20,7 +20,6 @@ them, every op in the loop is batch-parallel.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
