@@ -118,3 +118,41 @@ def test_make_train_from_a_trainer_config_vmaps_over_beta(tmp_path):
     assert hist["score"].shape == (2, 2)
     np.testing.assert_allclose(hist["kl_coef"][:, 0], [0.0, 0.5])
     assert np.all(np.isfinite(hist["value_loss"]))
+
+
+# every rollout row and minibatch must split over all 8 devices (the batch is sharded over data x fsdp)
+MESH_PPO = PPOConfig(batch_size=16, max_new_tokens=10, ppo_epochs=2, minibatches=2, lr=1e-3)
+MESH_SCRIPT = r"""
+import dataclasses, json, sys
+sys.path.insert(0, {tests!r})
+import jax
+from test_rl_trainer import ppo_cfg
+from rlhf_jax.rl.trainer import train_ppo
+from rlhf_jax.training.configs import MeshConfig
+from rlhf_jax.training.metrics import read_jsonl
+assert jax.device_count() == 8
+from test_rl_trainer import MESH_PPO
+res = train_ppo(dataclasses.replace(ppo_cfg({out!r}, iterations=2, ppo=MESH_PPO), mesh=MeshConfig(data=4, fsdp=2)))
+print("RESULT", json.dumps(read_jsonl(res.metrics_path)))
+"""
+
+
+def test_train_ppo_on_a_4x2_mesh_matches_one_device(tmp_path):
+    """The RL trainer's placement (batch over `data`, params over `fsdp`) changes nothing but the layout."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    one = read_jsonl(train_ppo(ppo_cfg(tmp_path / "one", iterations=2, ppo=MESH_PPO)).metrics_path)
+    tests = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(tests.parent))
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(tests=str(tests), out=str(tmp_path / "mesh"))],
+                          cwd=tests.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mesh = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert [r["step"] for r in mesh] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(one, mesh):
+        for k in ("train/score", "train/kl", "train/value_loss", "train/policy_loss", "train/clipfrac"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=f"step {a['step']} {k}")
