@@ -231,8 +231,9 @@ class Linear(nn.Module):
 _NEG = float(np.finfo(np.float32).min)
 
 
-def _attn_scores(q, k, allowed, scale):
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+def _attn_scores(q, k, allowed, scale, k_spec="bskd"):
+    """Masked float32 scores `[B,K,G,T,S]` (bf16 scores would blur the softmax); k laid out as `k_spec`."""
+    s = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     return jnp.where(allowed[:, None, None, :, :], s, _NEG)
 
 
@@ -330,13 +331,13 @@ class Attention(nn.Module):
     def __call__(self, x, positions, allowed, cache_k, cache_v, cache_index):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
-        dense = lambda feats, axis, bias, name: Linear(  # noqa: E731
+        dense = lambda feats, bias, name: Linear(  # noqa: E731
             feats, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init, name=name
         )
         b, t, _ = x.shape
-        q = dense((c.num_heads, c.head_dim), -1, c.attention_bias, "q_proj")(x)  # [B,T,H,Dh]
-        k = dense((c.num_kv_heads, c.head_dim), -1, c.attention_bias, "k_proj")(x)  # [B,T,K,Dh]
-        v = dense((c.num_kv_heads, c.head_dim), -1, c.attention_bias, "v_proj")(x)
+        q = dense((c.num_heads, c.head_dim), c.attention_bias, "q_proj")(x)  # [B,T,H,Dh]
+        k = dense((c.num_kv_heads, c.head_dim), c.attention_bias, "k_proj")(x)  # [B,T,K,Dh]
+        v = dense((c.num_kv_heads, c.head_dim), c.attention_bias, "v_proj")(x)
         if c.qk_norm:
             q = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
             k = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
@@ -344,28 +345,21 @@ class Attention(nn.Module):
             inv_freq = rope_inv_freq(c)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-        if cache_k is not None:
+        g = c.num_heads // c.num_kv_heads
+        qg = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
+        if cache_k is None:  # training / scoring: the custom-VJP core
+            out = attention_core(qg, k, v, allowed, c.head_dim ** -0.5)
+        else:
             # this layer's cache [B, K, S, Dh] is its own buffer: the T new keys are written in place
             # and the score/value matmuls read it as it lies (no per-step slice or transpose copies)
             zero = jnp.zeros((), jnp.int32)
             start = (zero, zero, cache_index, zero)
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
-            k = cache_k.astype(c.dtype)
-            v = cache_v.astype(c.dtype)
-            k_spec = "bksd"
-        else:
-            k_spec = "bskd"
-        g = c.num_heads // c.num_kv_heads
-        qg = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
-        if cache_k is None:  # training / scoring: the custom-VJP core
-            out = attention_core(qg, k, v, allowed, c.head_dim ** -0.5).reshape(b, t, c.num_heads, c.head_dim)
-        else:
-            # scores accumulate in float32 whatever the compute dtype (bf16 scores would blur the softmax)
-            scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", qg, k, preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
-            scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+            scores = _attn_scores(qg, cache_k.astype(c.dtype), allowed, c.head_dim ** -0.5, "bksd")
             probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-            out = jnp.einsum(f"bkgts,{k_spec}->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+            out = jnp.einsum("bkgts,bksd->btkgd", probs, cache_v.astype(c.dtype))
+        out = out.reshape(b, t, c.num_heads, c.head_dim)
         out = Linear(c.hidden_size, n_in=2, use_bias=c.attention_out_bias, dtype=c.dtype,
                      param_dtype=c.param_dtype, kernel_init=init, name="o_proj")(out)
         return out, cache_k, cache_v
