@@ -262,3 +262,39 @@ def test_segmented_cache_growth_gives_the_same_rollout(llama, prompts, monkeypat
     assert grown.max_len == 9 and grown.mask.shape == (2, 9) and int(grown.index) == 0
     with pytest.raises(ValueError, match="below the cache's 4 slots"):
         grow_cache(cache, 3)
+
+
+def test_tied_head_copy_gives_the_same_rollout(hf_dirs, prompts, monkeypatch):
+    """On CPU a tied model's decode loop reads a [D, V] copy of the embedding (CausalLM.output_kernel)."""
+    from rlhf_jax.generation import engine
+    from rlhf_jax.models import CausalLM
+
+    model, params = from_pretrained(hf_dirs["gpt2"])
+    assert model.config.tie_word_embeddings
+    kernel = engine._decode_output_kernel(model, params)
+    emb = params["params"]["model"]["embed"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(emb).T)
+    h = jax.random.normal(jax.random.key(0), (2, 3, model.config.hidden_size))
+    np.testing.assert_allclose(np.asarray(model.apply(params, h, method=CausalLM.logits_from_hidden)),
+                               np.asarray(jnp.einsum("btd,dv->btv", h, kernel)), atol=1e-5, rtol=1e-5)
+    llama_model, llama_params = from_pretrained(hf_dirs["llama"])
+    if not llama_model.config.tie_word_embeddings:  # untied: the plain LM head, no copy
+        assert engine._decode_output_kernel(llama_model, llama_params) is None
+        np.testing.assert_array_equal(np.asarray(llama_model.apply(llama_params, method=CausalLM.output_kernel)),
+                                      np.asarray(llama_params["params"]["lm_head"]["kernel"]))
+
+    ids, mask = prompts
+    ids, mask = engine.left_pad_to(ids, mask, 16, PAD)
+    kw = dict(max_new_tokens=N_NEW, greedy=False, stop_token_ids=(EOS,), pad_token_id=PAD)
+    args = (params, ids, mask, jax.random.key(7), jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+
+    def run():  # a fresh function each time: jit's trace cache is keyed by the function
+        return jax.jit(lambda *a: engine.decode_program(model, *a, **kw))(*args)
+
+    copied = run()
+    calls = []
+    monkeypatch.setattr(engine, "_decode_output_kernel", lambda m, p: calls.append(1))  # -> None
+    plain = run()
+    assert calls, "the second program must be traced anew, with the plain tied head"
+    np.testing.assert_array_equal(np.asarray(copied.tokens), np.asarray(plain.tokens))
+    np.testing.assert_allclose(np.asarray(copied.logprobs), np.asarray(plain.logprobs), atol=1e-5)

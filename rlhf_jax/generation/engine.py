@@ -54,6 +54,22 @@ SEGMENT_STEPS = 64
 CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_xnnpack": False}
 
 
+# Tied embeddings on CPU: the decode step's LM head reads a row-major [D, V] copy of the embedding,
+# made once per call outside the loop. `h @ embedding.T` contracts the embedding's minor axis, which
+# XLA:CPU's dot runs at ~3 GB/s at batch 16; on the [D, V] copy it runs at ~5 GB/s (GPT-2 124M,
+# batch 16: 146 -> 107 ms per decode step, benchmarks/README.md "Profiles"). Accelerators keep the
+# plain tied head (no second copy of the embedding in memory).
+def _decode_output_kernel(model, params) -> Array | None:
+    """The ``[D, V]`` output kernel to use in the decode loop, or ``None`` for ``logits_from_hidden``."""
+    from rlhf_jax.models import CausalLM
+
+    cls = type(model)
+    if (jax.default_backend() != "cpu" or not isinstance(model, CausalLM)
+            or cls.logits_from_hidden is not CausalLM.logits_from_hidden or not model.config.tie_word_embeddings):
+        return None
+    return model.apply(params, method=cls.output_kernel)
+
+
 def segment_ends(max_new_tokens: int, segment_steps: int | None = None) -> tuple[int, ...]:
     """Loop-step boundaries of the cache segments (see ``decode_loop(segment_ends=...)``)."""
     step = SEGMENT_STEPS if segment_steps is None else int(segment_steps)
@@ -66,6 +82,7 @@ def decode_program(model, params, ids, mask, rng, temperature, top_k, top_p, *, 
                    stop_token_ids, pad_token_id) -> GenerationOutput:
     """The traced body of ``generate`` on already bucketed inputs (inline it in a larger jit)."""
     from rlhf_jax.models import grow_cache, init_cache  # generation -> models (ARCHITECTURE.md)
+    from rlhf_jax.models.transformer import linear
 
     cls = type(model)
     ids, mask = ids.astype(jnp.int32), mask.astype(jnp.int32)
@@ -79,12 +96,16 @@ def decode_program(model, params, ids, mask, rng, temperature, top_k, top_p, *, 
     first_logits = model.apply(params, hidden[:, -1:], method=cls.logits_from_hidden)[:, 0]
     next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)  # position of the first new token
     ones = jnp.ones((batch, 1), jnp.int32)
+    head = _decode_output_kernel(model, params)
 
     def step(carry, last_tokens):
         cache, pos = carry
         hidden, cache = model.apply(params, last_tokens[:, None], ones, positions=pos[:, None], cache=cache,
                                     method=cls.hidden_states)
-        logits = model.apply(params, hidden, method=cls.logits_from_hidden)[:, 0]
+        if head is None:
+            logits = model.apply(params, hidden, method=cls.logits_from_hidden)[:, 0]
+        else:
+            logits = linear(hidden[:, 0], head, jnp.float32)
         return logits, (cache, pos + 1)
 
     def grow(carry, end):

@@ -535,6 +535,18 @@ class CausalLM(nn.Module):
         out = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
         return out.astype(jnp.float32)
 
+    def output_kernel(self) -> Array:
+        """The output projection as a `[D, V]` matrix in the compute dtype (`embedding.T` when tied).
+
+        `logits_from_hidden(h) == linear(h, output_kernel(), float32)`; a decode loop can take it
+        once, outside the loop, and lay it out as it likes (`generation.engine` splits it into
+        column blocks on CPU).
+        """
+        c = self.config
+        if c.tie_word_embeddings:
+            return self.model.embed.embedding.astype(c.dtype).T
+        return self.lm_head.variables["params"]["kernel"].astype(c.dtype)
+
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None):
         """Final-normed hidden states `[B, T, D]` (compute dtype), or `(hidden, cache)` with a cache."""
         h, new_cache = self.model(input_ids, attention_mask, positions, segment_ids, cache)
