@@ -68,6 +68,64 @@ def decode_bytes_per_step(config, batch: int, prompt_len: int, new_tokens: int, 
     return {"weight_bytes": int(weights), "kv_bytes_avg": int(kv), "bytes_per_step": int(weights + kv)}
 
 
+def decode_matmul_shapes(config) -> list[tuple[int, int]]:
+    """``(K, N)`` of every weight matmul of one decode step (per layer, then the LM head)."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    layer = [(d, q), (d, kv), (d, kv), (q, d)] + ([(d, f)] if config.gated_mlp else []) + [(d, f), (f, d)]
+    return layer * config.num_layers + [(d, config.vocab_size)]
+
+
+def matmul_step_seconds(shapes: Sequence[tuple[int, int]], batch: int, *, side: str, reps: int = 5) -> float:
+    """Best-of-``reps`` seconds of the matmuls ``[batch, K] @ [K, N]`` of one decode step, alone.
+
+    Same weight bytes as the model, row-major f32, one call each (``side="jax"``: a jitted loop of
+    4 steps under the decode program's CPU compiler options, per step; ``"torch"``: eager
+    ``torch.matmul``). What the matmul library reaches at this batch on this machine: a decode step
+    cannot be faster than its own matmuls.
+    """
+    rng = np.random.default_rng(0)
+    weights = [(rng.standard_normal((k, n), dtype=np.float32) * 0.02) for k, n in shapes]
+    widths = sorted({k for k, _ in shapes})
+    if side == "torch":
+        import torch
+
+        ws = [torch.from_numpy(w) for w in weights]
+        xs = {k: torch.ones(batch, k) for k in widths}
+        times = []
+        with torch.no_grad():
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                for w in ws:
+                    torch.matmul(xs[w.shape[0]], w)
+                times.append(time.perf_counter() - t)
+        return min(times[1:])
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.generation.engine import CPU_DECODE_COMPILER_OPTIONS
+
+    steps = 4
+
+    def body(_, x):
+        acc = jnp.zeros((), jnp.float32)
+        for w in ws_j:  # each product feeds the next step's input, so none is hoisted or dropped
+            acc = acc + jnp.sum((x[:, :w.shape[0]] @ w)[:, :1])
+        return x + acc * 1e-12
+
+    ws_j = [jnp.asarray(w) for w in weights]
+    opts = CPU_DECODE_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    fn = jax.jit(lambda x, _ws: jax.lax.fori_loop(0, steps, body, x), compiler_options=opts)
+    x = jnp.ones((batch, max(widths)), jnp.float32)
+    jax.block_until_ready(fn(x, ws_j))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(x, ws_j))
+        times.append((time.perf_counter() - t) / steps)
+    return min(times)
+
+
 def bench_shape(
     shape: dict[str, Any],
     *,
@@ -163,6 +221,13 @@ def bench_shape(
     floor_s = need["bytes_per_step"] / bw
     result.update(need, params=count_params(params), copy_bandwidth_bytes_per_s=bw, prefill_s=sec_one,
                   decode_step_s=step_s, floor_step_s=floor_s, step_over_floor=step_s / floor_s)
+    if jax.default_backend() == "cpu":  # what the matmul libraries reach at this batch, alone
+        mm = decode_matmul_shapes(model.config)
+        result["matmul_step_s_ours"] = matmul_step_seconds(mm, batch, side="jax")
+        result["matmul_step_s_torch"] = matmul_step_seconds(mm, batch, side="torch")
+        _log(f"{name}: decode step {step_s * 1e3:.2f} ms; its weight matmuls alone: XLA "
+             f"{result['matmul_step_s_ours'] * 1e3:.2f} ms, PyTorch {result['matmul_step_s_torch'] * 1e3:.2f} ms; "
+             f"bandwidth floor {floor_s * 1e3:.2f} ms")
     return result
 
 
@@ -212,10 +277,14 @@ def run(
     return rows
 
 
+def _ms_pair(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{a * 1e3:.2f} / {b * 1e3:.2f}"
+
+
 def format_rows(rows: list[dict]) -> str:
     head = ("| shape | mode | ours tok/s | transformers tok/s | ratio | target | decode step ms | floor ms | "
-            "step/floor | probe GFLOP/s |")
-    lines = [head, "|" + "---|" * 10]
+            "step/floor | matmuls alone ms, XLA / PyTorch | probe GFLOP/s |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         peer = r.get("peer_tokens_per_s")
         peer_s = "-" if peer is None else f"{peer:.0f}"
@@ -223,7 +292,8 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(
             f"| {r['shape']} | {r['mode']} | {r['ours_tokens_per_s']:.0f} | {peer_s} | {ratio_s} | "
             f"{r.get('target') or '-'} | {r['decode_step_s'] * 1e3:.2f} | {r['floor_step_s'] * 1e3:.2f} | "
-            f"{r['step_over_floor']:.2f} | {r['probe_gflops_ours']:.0f} |"
+            f"{r['step_over_floor']:.2f} | {_ms_pair(r.get('matmul_step_s_ours'), r.get('matmul_step_s_torch'))} | "
+            f"{r['probe_gflops_ours']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -131,3 +131,23 @@ def test_profile_folds_a_trace_onto_the_models_op_names(program, capsys, tmp_pat
     # the time is attributed to named parts of the program, not left unexplained
     assert any(("CausalLM" in name) or ("model" in name) for _, name in rows)
     assert "HloModule" in hlo.read_text()
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny", "gpt2"])
+def test_decode_matmul_shapes_cover_every_projection_and_the_head(name):
+    """The matmuls timed as 'matmuls alone' read exactly the model's projection and LM-head weights."""
+    import jax
+
+    from benchmarks import bench_generate
+    from rlhf_jax.models import CausalLM, ModelConfig
+
+    config = ModelConfig.from_hf(shapes.get_shape(name), dtype="float32")
+    abstract = jax.eval_shape(lambda: CausalLM(config).init(jax.random.key(0), jax.numpy.zeros((1, 1), "int32")))
+    kernels = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(abstract)
+                  if "kernel" in jax.tree_util.keystr(path))
+    head = config.hidden_size * config.vocab_size if config.tie_word_embeddings else 0  # tied: the embedding
+    mm = bench_generate.decode_matmul_shapes(config)
+    assert sum(k * n for k, n in mm) == kernels + head
+    if name == "micro":
+        for side in ("jax", "torch"):
+            assert 0 < bench_generate.matmul_step_seconds(mm, 2, side=side, reps=1) < 10
