@@ -538,9 +538,9 @@ class CausalLM(nn.Module):
     def output_kernel(self) -> Array:
         """The output projection as a `[D, V]` matrix in the compute dtype (`embedding.T` when tied).
 
-        `logits_from_hidden(h) == linear(h, output_kernel(), float32)`; a decode loop can take it
-        once, outside the loop, and lay it out as it likes (`generation.engine` splits it into
-        column blocks on CPU).
+        `logits_from_hidden(h) == linear(h, output_kernel(), float32)`. A decode loop can take it
+        once, outside the loop: on CPU, `generation.engine` then reads a row-major copy of a tied
+        embedding instead of contracting the embedding's minor axis at every step.
         """
         c = self.config
         if c.tie_word_embeddings:
