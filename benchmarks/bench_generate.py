@@ -20,8 +20,9 @@ jitted elementwise pass over 256 MiB, read + write bytes counted). Our decode-st
 
 "Matmuls alone" (CPU): the step's weight matmuls (every projection and the LM head, same shapes,
 batch rows) timed by themselves, each product feeding the next, in XLA under the decode program's
-compiler options and in eager PyTorch. A decode step cannot beat its own matmuls, so when they alone
-exceed 2x the bandwidth floor, that target is out of reach of the matmul library on this machine.
+compiler options, in eager PyTorch, and (for reference) in numpy's BLAS. A decode step cannot beat
+its own matmuls, so when they alone exceed 2x the bandwidth floor, that target is out of reach of
+the matmul library on this machine.
 
 ``run(...)`` is the entry point of the benchmark suite (``benchmarks/run.py``).
 """
@@ -90,11 +91,20 @@ def matmul_step_seconds(shapes: Sequence[tuple[int, int]], batch: int, *, side: 
     ``torch.matmul``, one after the other). ``chained``: each product is the next one's input, as
     in a layer stack; otherwise XLA may run independent products concurrently (a lower bound). What
     the matmul library reaches at this batch on this machine: a decode step cannot be faster than
-    its own matmuls.
+    its own matmuls. ``side="numpy"``: numpy's BLAS, for reference (no decode uses it).
     """
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal((k, n), dtype=np.float32) * 0.02) for k, n in shapes]
     widths = sorted({k for k, _ in shapes})
+    if side == "numpy":  # numpy's bundled BLAS (OpenBLAS in the PyPI wheels), one product after another
+        xs = {k: np.ones((batch, k), np.float32) for k in widths}
+        times = []
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            for w in weights:
+                np.matmul(xs[w.shape[0]], w)
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
     if side == "torch":
         import torch
 
@@ -240,9 +250,11 @@ def bench_shape(
         result["matmul_step_s_ours"] = matmul_step_seconds(mm, batch, side="jax")
         result["matmul_step_s_ours_unchained"] = matmul_step_seconds(mm, batch, side="jax", chained=False)
         result["matmul_step_s_torch"] = matmul_step_seconds(mm, batch, side="torch")
+        result["matmul_step_s_numpy"] = matmul_step_seconds(mm, batch, side="numpy")
         _log(f"{name}: decode step {step_s * 1e3:.2f} ms; its weight matmuls alone, one after the other: XLA "
              f"{result['matmul_step_s_ours'] * 1e3:.2f} ms (independent, concurrent: "
-             f"{result['matmul_step_s_ours_unchained'] * 1e3:.2f} ms), PyTorch {result['matmul_step_s_torch'] * 1e3:.2f} ms; "
+             f"{result['matmul_step_s_ours_unchained'] * 1e3:.2f} ms), PyTorch {result['matmul_step_s_torch'] * 1e3:.2f} ms, "
+             f"numpy/OpenBLAS {result['matmul_step_s_numpy'] * 1e3:.2f} ms; "
              f"bandwidth floor {floor_s * 1e3:.2f} ms")
     return result
 
@@ -293,13 +305,13 @@ def run(
     return rows
 
 
-def _ms_pair(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{a * 1e3:.2f} / {b * 1e3:.2f}"
+def _ms_list(*seconds: float | None) -> str:
+    return "-" if any(x is None for x in seconds) else " / ".join(f"{x * 1e3:.2f}" for x in seconds)
 
 
 def format_rows(rows: list[dict]) -> str:
     head = ("| shape | mode | ours tok/s | transformers tok/s | ratio | target | decode step ms | floor ms | "
-            "step/floor | matmuls alone ms, XLA / PyTorch | probe GFLOP/s |")
+            "step/floor | matmuls alone ms, XLA / PyTorch / numpy | probe GFLOP/s |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         peer = r.get("peer_tokens_per_s")
@@ -308,7 +320,8 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(
             f"| {r['shape']} | {r['mode']} | {r['ours_tokens_per_s']:.0f} | {peer_s} | {ratio_s} | "
             f"{r.get('target') or '-'} | {r['decode_step_s'] * 1e3:.2f} | {r['floor_step_s'] * 1e3:.2f} | "
-            f"{r['step_over_floor']:.2f} | {_ms_pair(r.get('matmul_step_s_ours'), r.get('matmul_step_s_torch'))} | "
+            f"{r['step_over_floor']:.2f} | "
+            f"{_ms_list(r.get('matmul_step_s_ours'), r.get('matmul_step_s_torch'), r.get('matmul_step_s_numpy'))} | "
             f"{r['probe_gflops_ours']:.0f} |"
         )
     return "\n".join(lines)

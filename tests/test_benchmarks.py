@@ -149,5 +149,5 @@ def test_decode_matmul_shapes_cover_every_projection_and_the_head(name):
     mm = bench_generate.decode_matmul_shapes(config)
     assert sum(k * n for k, n in mm) == kernels + head
     if name == "micro":
-        for side in ("jax", "torch"):
+        for side in ("jax", "torch", "numpy"):
             assert 0 < bench_generate.matmul_step_seconds(mm, 2, side=side, reps=1) < 10
