@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks import probes
+from benchmarks import probes, timing
 from benchmarks import shapes as shape_table
 
 TARGETS = {"tiny": 3.0, "gpt2": 1.5}
@@ -98,30 +98,18 @@ def matmul_step_seconds(shapes: Sequence[tuple[int, int]], batch: int, *, side: 
     widths = sorted({k for k, _ in shapes})
     if side == "numpy":  # numpy's bundled BLAS (OpenBLAS in the PyPI wheels), one product after another
         xs = {k: np.ones((batch, k), np.float32) for k in widths}
-        times = []
-        for _ in range(reps + 1):
-            t = time.perf_counter()
-            for w in weights:
-                np.matmul(xs[w.shape[0]], w)
-            times.append(time.perf_counter() - t)
-        return min(times[1:])
+        return timing.time_calls(lambda: [np.matmul(xs[w.shape[0]], w) for w in weights], reps=reps).best
     if side == "torch":
         import torch
 
         ws = [torch.from_numpy(w) for w in weights]
         xs = {k: torch.ones(batch, k) for k in widths}
-        times = []
         with torch.no_grad():
-            for _ in range(reps + 1):
-                t = time.perf_counter()
-                for w in ws:
-                    torch.matmul(xs[w.shape[0]], w)
-                times.append(time.perf_counter() - t)
-        return min(times[1:])
+            return timing.time_calls(lambda: [torch.matmul(xs[w.shape[0]], w) for w in ws], reps=reps).best
     import jax
     import jax.numpy as jnp
 
-    from rlhf_jax.generation.engine import CPU_DECODE_COMPILER_OPTIONS
+    from rlhf_jax.generation.engine import decode_compiler_options
 
     steps = 4
 
@@ -138,16 +126,9 @@ def matmul_step_seconds(shapes: Sequence[tuple[int, int]], batch: int, *, side: 
         return x + acc * 1e-12
 
     ws_j = [jnp.asarray(w) for w in weights]
-    opts = CPU_DECODE_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    fn = jax.jit(lambda x, _ws: jax.lax.fori_loop(0, steps, body, x), compiler_options=opts)
+    fn = jax.jit(lambda x, _ws: jax.lax.fori_loop(0, steps, body, x), compiler_options=decode_compiler_options())
     x = jnp.ones((batch, max(widths)), jnp.float32)
-    jax.block_until_ready(fn(x, ws_j))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(x, ws_j))
-        times.append((time.perf_counter() - t) / steps)
-    return min(times)
+    return timing.time_calls(lambda: fn(x, ws_j), reps=reps, sync=jax.block_until_ready).best / steps
 
 
 def bench_shape(

@@ -103,8 +103,7 @@ def _decode(shape, wl, dtype):
     module, params = jax_side.build(shape, dtype=dtype)
     p = data.prompts(shape["vocab_size"], wl.gen_batch, wl.gen_prompt)
     kw = dict(max_new_tokens=wl.gen_new, greedy=True, stop_token_ids=(), pad_token_id=shape["pad_token_id"])
-    fn = jax.jit(functools.partial(engine.decode_program, module, **kw),
-                 compiler_options=engine.CPU_DECODE_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)
+    fn = jax.jit(functools.partial(engine.decode_program, module, **kw), compiler_options=engine.decode_compiler_options())
     args = (params, jnp.asarray(p["prompt_ids"]), jnp.asarray(p["prompt_mask"]), jax.random.key(0),
             jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
     return fn, args

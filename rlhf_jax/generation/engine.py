@@ -52,6 +52,12 @@ SEGMENT_STEPS = 64
 # 256x1024 decode matmul, benchmarks/README.md); these DebugOptions fields are ignored by the GPU
 # and TPU compilers.
 CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_xnnpack": False}
+DECODE_COMPILER_OPTIONS = {"cpu": CPU_DECODE_COMPILER_OPTIONS}  # by backend
+
+
+def decode_compiler_options() -> dict | None:
+    """The compiler options ``generate`` uses on the default backend now (``None``: XLA's defaults)."""
+    return DECODE_COMPILER_OPTIONS.get(jax.default_backend())
 
 
 # Tied embeddings on CPU: the decode step's LM head reads a row-major [D, V] copy of the embedding,
@@ -148,7 +154,7 @@ class _BackendJit:
 
 
 _generate = _BackendJit(decode_program, ("model", "max_new_tokens", "greedy", "stop_token_ids", "pad_token_id"),
-                        {"cpu": CPU_DECODE_COMPILER_OPTIONS})
+                        DECODE_COMPILER_OPTIONS)
 
 
 def generate(
