@@ -1,8 +1,11 @@
 """`rlhf-jax` command line: parse a subcommand and hand over to the library.
 
-Each subcommand lives in the package that owns it, as a module exposing
-``add_arguments(parser)`` and ``run(args) -> int``. The table below is the only
-place that knows them, so `rlhf-jax --help` imports nothing heavy.
+Every trainer is one row of :data:`TRAINERS` (its config class, its train function, the metrics of its
+summary line); they all share one argument set (``--config FILE``, ``--out``, ``--resume``, the
+multi-host flags and ``KEY=VALUE`` overrides) and one runner, :mod:`rlhf_jax.train_command`. The other
+subcommands live in the package that owns them. Each subcommand's module exposes
+``add_arguments(parser)`` and ``run(args) -> int`` (``args.command`` names the subcommand).
+Modules are named by string, so ``rlhf-jax --help`` imports nothing heavy.
 """
 from __future__ import annotations
 
@@ -10,14 +13,28 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help)
+from rlhf_jax.config import ConfigError
+
+# trainer subcommand -> ("module:ConfigClass", "module:train_function", summary metrics, one-line help)
+TRAINERS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "sft": ("rlhf_jax.training.sft:SFTConfig", "rlhf_jax.training.sft:train_sft", ("loss", "eval/loss"),
+            "supervised fine-tuning (token cross-entropy on responses)"),
+    "reward": ("rlhf_jax.training.reward:RewardConfig", "rlhf_jax.training.reward:train_reward",
+               ("loss", "eval/accuracy", "eval/margin", "reward_shift"),
+               "train a Bradley-Terry reward model on preferences/rankings"),
+    "ppo": ("rlhf_jax.rl.trainer:PPOTrainConfig", "rlhf_jax.rl.trainer:train_ppo", ("score", "kl", "loss"),
+            "PPO with a KL penalty against a reward model or function"),
+    "grpo": ("rlhf_jax.rl.trainer:GRPOTrainConfig", "rlhf_jax.rl.trainer:train_grpo", ("score", "kl", "loss"),
+             "GRPO: group-relative policy optimisation"),
+    "rloo": ("rlhf_jax.rl.trainer:RLOOTrainConfig", "rlhf_jax.rl.trainer:train_rloo", ("score", "kl", "loss"),
+             "RLOO: REINFORCE with a leave-one-out baseline"),
+    "dpo": ("rlhf_jax.rl.dpo:DPOTrainConfig", "rlhf_jax.rl.dpo:train_dpo", ("loss", "reward_margin"),
+            "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
+}
+
+# name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sft": ("rlhf_jax.training.sft", "supervised fine-tuning (token cross-entropy on responses)"),
-    "reward": ("rlhf_jax.training.reward", "train a Bradley-Terry reward model on preferences/rankings"),
-    "ppo": ("rlhf_jax.rl.ppo_cli", "PPO with a KL penalty against a reward model or function"),
-    "grpo": ("rlhf_jax.rl.grpo_cli", "GRPO: group-relative policy optimisation"),
-    "rloo": ("rlhf_jax.rl.rloo_cli", "RLOO: REINFORCE with a leave-one-out baseline"),
-    "dpo": ("rlhf_jax.rl.dpo_cli", "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
+    **{name: ("rlhf_jax.train_command", row[3]) for name, row in TRAINERS.items()},
     "pipeline": ("rlhf_jax.pipeline", "SFT -> reward model -> PPO on an embedded gold-reward task"),
     "sweep": ("rlhf_jax.sweep", "grid/random sweeps, sequential, as launch commands, or vmapped"),
     "generate": ("rlhf_jax.generation.cli", "sample completions from a checkpoint"),
@@ -56,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     dotted = [a[len("--config."):] for a in rest if a.startswith("--config.")]
     rest = [a for a in rest if not a.startswith("--config.")]
     args = sub_parser.parse_args(rest)
+    args.command = name
     if dotted:
         if not hasattr(args, "overrides"):
             sub_parser.error(f"'rlhf-jax {name}' takes no config overrides (got --config.{dotted[0]})")
         args.overrides = list(args.overrides or []) + dotted
-    from rlhf_jax.config import ConfigError
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:  # a user error: say it plainly, no traceback

@@ -8,6 +8,10 @@ built or compiled::
 
     cfg = apply_overrides(cfg, ["ppo.kl_coef=0.02", "seed=3"])
     cfg = apply_overrides(cfg, ["--config.ppo.kl_coef=0.02"])   # same thing
+    cfg = apply_overrides(cfg, ["ppo.hparams.kl_coef=0.02"])    # same thing: the full key
+
+An algorithm section (``ppo``, ``grpo``, ``dpo``, ...) holds its traced hyper-parameters in a
+nested ``hparams`` section; they may be named directly under the algorithm section.
 
 An unknown key or a value of the wrong type raises ``ConfigError`` naming the
 key and what was expected.
@@ -26,6 +30,12 @@ from typing import Any, Iterable, Mapping
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
+
+
+# An algorithm section keeps its traced hyper-parameters in a nested section of this name; a key
+# that names one of them directly under the algorithm section (``ppo.kl_coef``) resolves into it
+# (``ppo.hparams.kl_coef``).
+HPARAMS = "hparams"
 
 
 def _is_dc(x: Any) -> bool:
@@ -156,8 +166,15 @@ def replace_path(cfg: Any, dotted: str, value: Any, *, parse: bool = False) -> A
     if not _is_dc(cfg):
         raise ConfigError(f"config key {dotted!r}: {type(cfg).__name__} has no fields")
     names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names and HPARAMS in names and _is_dc(getattr(cfg, HPARAMS)) and \
+            head in {f.name for f in dataclasses.fields(getattr(cfg, HPARAMS))}:
+        # ``ppo.kl_coef`` is short for ``ppo.hparams.kl_coef``
+        return dataclasses.replace(cfg, **{HPARAMS: replace_path(getattr(cfg, HPARAMS), dotted, value, parse=parse)})
     if head not in names:
-        raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(names)}")
+        hint = ""
+        if HPARAMS in names and _is_dc(getattr(cfg, HPARAMS)):
+            hint = f"; hyper-parameters: {sorted(f.name for f in dataclasses.fields(getattr(cfg, HPARAMS)))}"
+        raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(names)}{hint}")
     current = getattr(cfg, head)
     if rest:
         if not _is_dc(current):

@@ -6,8 +6,6 @@ the fraction of response tokens equal to TARGET (a JAX function of the token ids
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +13,14 @@ import pytest
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM, CausalLMWithValueHead, ScalarHeadModel, init_params, split_value_head, tiny_config
-from rlhf_jax.rl import (TRACE_COUNTS, PPOConfig, PPOFrozen, PPOHParams, RLSetup, init_ppo_state, make_train,
-                         ppo_iteration, ppo_rollout, ppo_update, stack_hparams, sweep_keys)
-from rlhf_jax.rl import rollout as R
+from rlhf_jax.rl import (TRACE_COUNTS, PPOConfig, PPOHParams, RLSetup, make_train, stack_hparams, sweep_keys,
+                         with_hparams)
+from rlhf_jax.rl import RLFrozen as PPOFrozen
+from rlhf_jax.rl import init_state as init_ppo_state
+from rlhf_jax.rl import iteration as ppo_iteration
+from rlhf_jax.rl import rollout as ppo_rollout
+from rlhf_jax.rl import update as ppo_update
+from rlhf_jax.rl import experience as R
 from rlhf_jax.training.optim import OptimConfig, make_optimizer
 
 TARGET = 3
@@ -31,7 +34,7 @@ def target_fraction(prompt_ids, prompt_mask, response_ids, response_mask):
 MODEL_CFG = tiny_config(vocab_size=16, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,
                         intermediate_size=64, max_position_embeddings=64)
 OPTIM = OptimConfig(learning_rate=1e-3, schedule="constant", b2=0.999, max_grad_norm=1.0)
-CFG = PPOConfig(batch_size=8, max_new_tokens=8, ppo_epochs=2, minibatches=2, kl_coef=0.0, lr=3e-3)
+CFG = PPOConfig(batch_size=8, max_new_tokens=8, ppo_epochs=2, minibatches=2, hparams=PPOHParams(kl_coef=0.0, lr=3e-3))
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +54,16 @@ def setup():
 
 def fresh_state(s: RLSetup, hparams=None, rng=0):
     return init_ppo_state(policy_model=s.policy_model, policy_params=s.policy_params, policy_tx=s.policy_tx,
-                          value_model=s.value_model, value_params=s.value_params, value_tx=s.value_tx, cfg=CFG,
-                          hparams=hparams, rng=rng)
+                          value_model=s.value_model, value_params=s.value_params, value_tx=s.value_tx,
+                          cfg=CFG if hparams is None else CFG.replace(hparams=hparams), rng=rng)
 
 
 def run(s: RLSetup, n: int, **hp):
-    hparams = PPOHParams.from_config(CFG, **hp)
+    hparams = with_hparams(CFG, **hp).hparams
     state = fresh_state(s, hparams)
     history = []
     for _ in range(n):
-        state, m = ppo_iteration(state, s.frozen, s.prompts, cfg=CFG, hparams=hparams)
+        state, m = ppo_iteration(state, s.frozen, s.prompts, cfg=CFG.replace(hparams=hparams))
         history.append({k: float(v) for k, v in m.items()})
     return state, history
 
@@ -70,10 +73,10 @@ def test_first_minibatch_ratio_is_exactly_one_and_one_compilation(setup):
     # temperature != 1 catches logits not divided by τ in one of the recomputations
     for hp in (dict(temperature=0.7), dict(kl_coef=0.3, lr=1e-3, clip_eps=0.1, temperature=1.3),
                dict(kl_coef=0.05, clip_eps_high=0.28, vf_coef=0.5, lam=0.9)):
-        hparams = PPOHParams.from_config(CFG, **hp)
+        hparams = with_hparams(CFG, **hp).hparams
         state = fresh_state(setup, hparams)
         for _ in range(2):
-            state, m = ppo_iteration(state, setup.frozen, setup.prompts, cfg=CFG, hparams=hparams)
+            state, m = ppo_iteration(state, setup.frozen, setup.prompts, cfg=CFG.replace(hparams=hparams))
             assert float(m["first_ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
             assert float(m["first_ratio_max"]) == pytest.approx(1.0, abs=1e-6)
             assert float(m["first_clipfrac"]) == 0.0
@@ -82,7 +85,7 @@ def test_first_minibatch_ratio_is_exactly_one_and_one_compilation(setup):
         assert float(m["ratio_max"]) > 1.0 + 1e-4
     # a config differing only in hyper-parameter values shares the compiled program too
     state, m = ppo_iteration(fresh_state(setup), setup.frozen, setup.prompts,
-                             cfg=dataclasses.replace(CFG, kl_coef=0.2, lr=1e-4, clip_eps=0.3))
+                             cfg=with_hparams(CFG, kl_coef=0.2, lr=1e-4, clip_eps=0.3))
     assert TRACE_COUNTS["ppo_iteration"] - before <= 1
 
 
@@ -103,15 +106,15 @@ def test_ppo_raises_reward_and_kl_penalty_controls_drift(setup):
 
 
 def test_jitted_iteration_equals_rollout_then_host_scores_then_update(setup):
-    hparams = PPOHParams.from_config(CFG, kl_coef=0.1, temperature=0.9)
+    hparams = with_hparams(CFG, kl_coef=0.1, temperature=0.9).hparams
     key = jax.random.PRNGKey(7)
-    s1, m1 = ppo_iteration(fresh_state(setup, hparams), setup.frozen, setup.prompts, key, cfg=CFG, hparams=hparams)
+    s1, m1 = ppo_iteration(fresh_state(setup, hparams), setup.frozen, setup.prompts, key, cfg=CFG.replace(hparams=hparams))
     # the same computation in pieces: jitted rollout, the reward on the host (numpy), jitted update
     s2 = fresh_state(setup, hparams)
-    roll = ppo_rollout(s2, setup.frozen, setup.prompts, key, cfg=CFG, hparams=hparams)
+    roll = ppo_rollout(s2, setup.frozen, setup.prompts, key, cfg=CFG.replace(hparams=hparams))
     resp, mask = np.asarray(roll.response_ids), np.asarray(roll.response_mask)
     host_scores = ((resp == TARGET) * mask).sum(1) / np.maximum(mask.sum(1), 1)
-    s2, m2 = ppo_update(s2, setup.frozen, roll, host_scores, key, cfg=CFG, hparams=hparams)
+    s2, m2 = ppo_update(s2, setup.frozen, roll, host_scores, key, cfg=CFG.replace(hparams=hparams))
     for k in ("score", "kl", "value_loss", "policy_loss", "clipfrac", "ratio_mean", "explained_variance"):
         np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree_util.tree_leaves(s1.policy.params), jax.tree_util.tree_leaves(s2.policy.params)):
@@ -137,7 +140,7 @@ def test_two_seeds_vmapped_equal_two_separate_runs(setup):
             n = setup.prompts["prompt_ids"].shape[0]
             idx = jax.random.choice(jax.random.fold_in(k, 0), n, (CFG.batch_size,), replace=False)
             batch = {name: v[idx] for name, v in setup.prompts.items()}
-            state, m = ppo_iteration(state, setup.frozen, batch, jax.random.fold_in(k, 1), cfg=CFG, hparams=hp)
+            state, m = ppo_iteration(state, setup.frozen, batch, jax.random.fold_in(k, 1), cfg=CFG.replace(hparams=hp))
             for name in ("score", "kl", "value_loss", "clipfrac"):
                 np.testing.assert_allclose(hist[name][run_i, it], m[name], rtol=1e-4, atol=1e-5, err_msg=name)
         for a, b in zip(jax.tree_util.tree_leaves(final.policy.params), jax.tree_util.tree_leaves(state.policy.params)):
@@ -147,17 +150,17 @@ def test_two_seeds_vmapped_equal_two_separate_runs(setup):
 
 
 def test_shared_value_head_first_ratio_one_and_learns(setup):
-    cfg = dataclasses.replace(CFG, value_model="shared", vf_coef=0.1)
+    cfg = with_hparams(CFG.replace(value_model="shared"), vf_coef=0.1)
     model = CausalLMWithValueHead(MODEL_CFG)
     params = init_params(model, jax.random.PRNGKey(3))
     frozen = PPOFrozen(ref_params=split_value_head(params)[0], policy_model=model, reward_fn=target_fraction)
-    hparams = PPOHParams.from_config(cfg, temperature=0.8)
+    hparams = with_hparams(cfg, temperature=0.8).hparams
     state = init_ppo_state(policy_model=model, policy_params=params,
-                           policy_tx=make_optimizer(OPTIM, params, total_steps=1000), cfg=cfg, hparams=hparams)
+                           policy_tx=make_optimizer(OPTIM, params, total_steps=1000), cfg=cfg.replace(hparams=hparams))
     assert state.value is None
     scores = []
     for _ in range(12):
-        state, m = ppo_iteration(state, frozen, setup.prompts, cfg=cfg, hparams=hparams)
+        state, m = ppo_iteration(state, frozen, setup.prompts, cfg=cfg.replace(hparams=hparams))
         assert float(m["first_ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
         assert float(m["first_clipfrac"]) == 0.0
         scores.append(float(m["score"]))
@@ -201,4 +204,4 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="kl_estimator"):
         PPOConfig(kl_estimator="k4").validate()
     with pytest.raises(ConfigError, match="unknown PPO hyper-parameter"):
-        PPOHParams.from_config(PPOConfig(), beta=0.1)
+        with_hparams(PPOConfig(), beta=0.1)

@@ -10,7 +10,7 @@ import numpy as np
 
 from rlhf_jax.models import ScalarHeadModel, init_params, tiny_config
 from rlhf_jax.rl.ppo import PPOFrozen, score_rollout
-from rlhf_jax.rl.rollout import Rollout, reward_model_scores
+from rlhf_jax.rl.experience import Rollout, reward_model_scores
 
 
 def test_ppo_scores_add_the_recorded_shift():

@@ -1,4 +1,4 @@
-"""DPO family (RLHF_SPEC §4): one jitted step on preference batches.
+"""DPO family (docs/MATH.md, preference methods): one jitted step on preference batches.
 
 A preference batch (``rlhf_jax.data`` layout) holds right-padded full sequences
 ``chosen_ids/chosen_mask/rejected_ids/rejected_mask [B, L]`` (prompt + completion, mask 1 on real
@@ -15,16 +15,25 @@ precomputed in the batch (``ref_chosen_logp``/``ref_rejected_logp [B]``, see
 from __future__ import annotations
 
 import collections
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
 from rlhf_jax import losses
-from rlhf_jax.rl.config import DPOConfig, DPOHParams, static_part
-from rlhf_jax.rl.ppo import own_copy, set_learning_rate
+from rlhf_jax.config import ConfigError, to_dict
+from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
+from rlhf_jax.rl.core import RL_OPTIM, own_copy, traced_hparams, train_state
+from rlhf_jax.rl.validation import check_choice, check_positive, concrete, fail
+from rlhf_jax.training import loop
+from rlhf_jax.training.common import build_model, export_model, get_task_or_none, resolve_tokenizer_dir
+from rlhf_jax.training.configs import ModelSection, RunConfig
+from rlhf_jax.training.metrics import to_host_scalars
+from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
 from rlhf_jax.training.state import TrainState
 
 Array = jax.Array
@@ -32,6 +41,45 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 _REQUIRED = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_loss_mask",
              "rejected_loss_mask")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "rdpo")
+
+
+@struct.dataclass
+class DPOHParams:
+    """DPO's traced hyper-parameters: beta β (0.1), label_smoothing ε (robust/cDPO; 0.0), lr (1e-6)."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    lr: float = 1e-6
+
+    def traced(self) -> "DPOHParams":
+        return traced_hparams(self)
+
+    def validate(self, prefix: str) -> None:
+        check_positive(prefix, "beta", self.beta)
+        check_positive(prefix, "lr", self.lr, strict=False)
+        if concrete(self.label_smoothing) and not 0.0 <= self.label_smoothing < 0.5:
+            fail(prefix, "label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+
+
+@struct.dataclass
+class DPOConfig:
+    """The DPO section of a trainer config: ``losses.dpo_loss`` on sequence log-probs of chosen/rejected.
+
+    Static: loss_type (sigmoid|hinge|ipo|robust|rdpo), precompute_ref (reference log-probs computed once
+    over the dataset before training, else by a reference forward pass every step).
+    Traced: ``hparams`` (:class:`DPOHParams`).
+    """
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "rdpo"] = struct.field(pytree_node=False,
+                                                                                  default="sigmoid")
+    precompute_ref: bool = struct.field(pytree_node=False, default=True)
+    hparams: DPOHParams = DPOHParams()
+
+    name = "dpo"
+
+    def validate(self, prefix: str = "dpo.") -> "DPOConfig":
+        check_choice(prefix, "loss_type", self.loss_type, DPO_LOSS_TYPES)
+        self.hparams.validate(prefix)
+        return self
 
 
 @struct.dataclass
@@ -42,13 +90,11 @@ class DPOFrozen:
     model: Any = struct.field(pytree_node=False, default=None)
 
 
-def init_dpo_state(*, model, params, tx: optax.GradientTransformation, cfg: DPOConfig,
-                   hparams: DPOHParams | None = None, rng: Array | int = 0) -> TrainState:
-    """The policy's ``TrainState`` (all leaves copied: the state is donated, the reference is not)."""
+def init_dpo_state(*, model, params, tx, cfg: DPOConfig, rng: Array | int = 0) -> TrainState:
+    """The policy's ``TrainState`` (all leaves copied: the state is donated, the reference is not); every
+    update is scaled by the traced ``cfg.hparams.lr`` (``rl.core.train_state``)."""
     cfg.validate()
-    hparams = DPOHParams.from_config(cfg) if hparams is None else hparams
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
-    return own_copy(state.replace(opt_state=set_learning_rate(state.opt_state, hparams.lr)))
+    return own_copy(train_state(model.apply, params, tx, rng))
 
 
 def check_preference_batch(batch: dict, where: str = "dpo") -> None:
@@ -102,10 +148,10 @@ def precompute_reference_logps(model, ref_params, batch: dict) -> dict[str, Arra
     return _reference_logps_jit(model, ref_params, {k: jnp.asarray(batch[k]) for k in _REQUIRED})
 
 
-def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig,
-                  hparams: DPOHParams) -> tuple[TrainState, dict]:
+def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, cfg: DPOConfig) -> tuple[TrainState, dict]:
     """One DPO update: ``losses.dpo_loss`` on the batch, gradient step with the traced lr."""
     TRACE_COUNTS["dpo_step"] += 1
+    hparams = cfg.hparams
     if "ref_chosen_logp" in batch:
         ref = {"ref_chosen_logp": batch["ref_chosen_logp"], "ref_rejected_logp": batch["ref_rejected_logp"]}
     else:
@@ -127,12 +173,12 @@ def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, *, cfg: DPO
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    state = state.replace(opt_state=set_learning_rate(state.opt_state, hparams.lr))
-    return state.apply_gradients(grads), metrics
+    return state.apply_gradients(grads, hparams.lr), metrics
 
 
-def dpo_eval_pure(params, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig, hparams: DPOHParams) -> dict:
+def dpo_eval_pure(params, frozen: DPOFrozen, batch: dict, cfg: DPOConfig) -> dict:
     """DPO loss metrics of ``params`` on a batch (no update)."""
+    hparams = cfg.hparams
     if "ref_chosen_logp" in batch:
         ref = {"ref_chosen_logp": batch["ref_chosen_logp"], "ref_rejected_logp": batch["ref_rejected_logp"]}
     else:
@@ -145,8 +191,12 @@ def dpo_eval_pure(params, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig, hpa
     return m
 
 
-_dpo_step_jit = jax.jit(dpo_step_pure, static_argnames=("cfg",), donate_argnums=(0,))
-_dpo_eval_jit = jax.jit(dpo_eval_pure, static_argnames=("cfg",))
+_dpo_step_jit = jax.jit(dpo_step_pure, donate_argnums=(0,))
+_dpo_eval_jit = jax.jit(dpo_eval_pure)
+
+
+def _traced(cfg: DPOConfig) -> DPOConfig:
+    return cfg.validate().replace(hparams=cfg.hparams.traced())
 
 
 def _device_batch(batch: dict) -> dict:
@@ -154,17 +204,138 @@ def _device_batch(batch: dict) -> dict:
     return {k: jnp.asarray(batch[k]) for k in keys}
 
 
-def dpo_step(state: TrainState, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig,
-             hparams: DPOHParams | None = None) -> tuple[TrainState, dict]:
+def dpo_step(state: TrainState, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig) -> tuple[TrainState, dict]:
     """Jitted DPO step (state donated). Metrics: loss, chosen/rejected reward (β·Δ), reward_margin,
     reward_accuracy, grad_norm."""
     check_preference_batch(batch, "dpo_step")
-    hparams = DPOHParams.from_config(cfg) if hparams is None else hparams
-    return _dpo_step_jit(state, frozen, _device_batch(batch), cfg=static_part(cfg.validate()), hparams=hparams)
+    return _dpo_step_jit(state, frozen, _device_batch(batch), _traced(cfg))
 
 
-def dpo_eval(params, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig, hparams: DPOHParams | None = None) -> dict:
+def dpo_eval(params, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig) -> dict:
     """Jitted DPO metrics of ``params`` on a batch (implicit reward margin and accuracy)."""
     check_preference_batch(batch, "dpo_eval")
-    hparams = DPOHParams.from_config(cfg) if hparams is None else hparams
-    return _dpo_eval_jit(params, frozen, _device_batch(batch), cfg=static_part(cfg.validate()), hparams=hparams)
+    return _dpo_eval_jit(params, frozen, _device_batch(batch), _traced(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# The DPO trainer
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DPOTrainConfig(RunConfig):
+    """A DPO run: the policy starts from ``policy`` (the SFT model), the reference is a frozen copy.
+
+    Pairs from ``data.path`` (``preference`` format) or, when empty, the task's simulated-labeller
+    pairs (``noise`` < 0: the task's default labeller noise). ``data.batch_size`` pairs per step.
+    ``dpo.precompute_ref``: reference log-probs are computed once over the training set before the
+    first step (looked up by example index), else by a reference forward pass in every step.
+    Evaluation (implicit reward margin/accuracy on ``eval_path`` or the task's validation pairs)
+    every ``eval_every`` steps over ``eval_batches`` batches.
+    """
+    task: str = "sentiment"
+    data: DataConfig = DataConfig(batch_size=8, max_length=64)
+    out_dir: str = "runs/dpo"
+    policy: ModelSection = ModelSection(name="task")
+    noise: float = -1.0
+    eval_path: str = ""
+    eval_batches: int = 4
+    eval_every: int = 50
+    dpo: DPOConfig = DPOConfig()
+    optim: OptimConfig = RL_OPTIM
+    steps: int = 100
+
+
+_PREF_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_loss_mask",
+              "rejected_loss_mask", "example_mask")
+
+
+def _preference_iterator(cfg: DPOTrainConfig, task, tokenizer, split: str, **kw):
+    path = cfg.data.path if split == "train" else cfg.eval_path
+    src = None
+    if not path:
+        if task is None:
+            return None
+        src = task.preference_records(split, None if cfg.noise < 0 else cfg.noise)
+    nproc, pid = jax.process_count(), jax.process_index()
+    return make_iterator(cfg.data, "preference", tokenizer=tokenizer, source=src, host_id=pid, num_hosts=nproc,
+                         batch_size=cfg.data.batch_size // nproc, seed=cfg.data.seed or cfg.seed, **kw)
+
+
+def validate_dpo_config(cfg: DPOTrainConfig) -> None:
+    if not isinstance(cfg, DPOTrainConfig):
+        raise ConfigError(f"train_dpo expects a DPOTrainConfig, got {type(cfg).__name__}")
+    cfg.dpo.validate()
+    cfg.validate_run()
+    if cfg.steps < 1:
+        raise ConfigError(f"config key 'steps': must be >= 1, got {cfg.steps}")
+    if cfg.mesh.mode != "jit":
+        raise ConfigError(f"config key 'mesh.mode': DPO runs on a jit mesh, got {cfg.mesh.mode!r}")
+    cfg.optim.validate()
+    cfg.policy.validate("policy.")
+    loop.validate_layout(cfg.mesh, cfg.data.batch_size, 1)
+    if not cfg.data.path and get_task_or_none(cfg.task) is None:
+        raise ConfigError("config key 'data.path': empty and no 'task' given; nothing to train on")
+
+
+def _reference_table(cfg: DPOTrainConfig, task, tokenizer, model, params) -> dict[int, tuple[float, float]]:
+    """Reference log-probs of every training pair, by example index (one pass over the data)."""
+    table: dict[int, tuple[float, float]] = {}
+    for b in _preference_iterator(cfg, task, tokenizer, "train", shuffle=False, num_epochs=1):
+        refs = precompute_reference_logps(model, params, b)
+        for j, idx in enumerate(np.asarray(b["example_index"])):
+            if idx >= 0:
+                table[int(idx)] = (float(refs["ref_chosen_logp"][j]), float(refs["ref_rejected_logp"][j]))
+    return table
+
+
+def _dpo_evaluator(cfg: DPOTrainConfig, task, tokenizer, model, ref_params) -> Callable[[TrainState], dict]:
+    def evaluate(st) -> dict:
+        it = _preference_iterator(cfg, task, tokenizer, "validation", shuffle=False, num_epochs=1)
+        if it is None:
+            return {}
+        frozen = DPOFrozen(ref_params=ref_params, model=model)
+        rows = [to_host_scalars(dpo_eval(st.params, frozen, {k: b[k] for k in _PREF_KEYS}, cfg=cfg.dpo))
+                for _, b in zip(range(cfg.eval_batches), it)]
+        if not rows:
+            return {}
+        weights = np.asarray([r["num_pairs"] for r in rows])
+        return {k: float(np.average([r[k] for r in rows], weights=weights)) for k in rows[0] if k != "num_pairs"}
+    return evaluate
+
+
+def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
+    """DPO (sigmoid/hinge/IPO/robust/rDPO) from a config (CLI: ``rlhf-jax dpo``), through the one loop."""
+    validate_dpo_config(cfg)
+    task = get_task_or_none(cfg.task)
+    tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task)
+    if not tok_dir:
+        raise ConfigError("config key 'data.tokenizer': empty (and neither policy.path nor task has a tokenizer)")
+    tokenizer = load_tokenizer(tok_dir)
+    rng = jax.random.PRNGKey(cfg.seed)
+    model, params, _ = build_model(cfg.policy, task=task, tokenizer=tokenizer, head=None,
+                                   rng=jax.random.fold_in(rng, 1))
+    algo = cfg.dpo
+    tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=1.0), params, total_steps=cfg.steps)
+    state = init_dpo_state(model=model, params=params, tx=tx, cfg=algo, rng=jax.random.fold_in(rng, 2))
+    table = _reference_table(cfg, task, tokenizer, model, params) if algo.precompute_ref else None
+    frozen = DPOFrozen(ref_params=None if table is not None else params, model=model)
+
+    def with_refs(b: dict) -> dict:
+        out = {k: b[k] for k in _PREF_KEYS if k in b}
+        if table is not None:
+            pairs = np.asarray([table.get(int(i), (0.0, 0.0)) for i in np.asarray(b["example_index"])], np.float32)
+            out["ref_chosen_logp"], out["ref_rejected_logp"] = pairs[:, 0], pairs[:, 1]
+        return out
+
+    factor = schedule_factor(cfg.optim, cfg.steps)
+    job = loop.Job(
+        name="dpo", state=state, batches=_preference_iterator(cfg, task, tokenizer, "train"),
+        total_steps=cfg.steps, config_dict=to_dict(cfg), placement=loop.make_placement(cfg.mesh),
+        make_step=lambda placed: (lambda st, b: dpo_step(st, frozen, b, cfg=algo)),
+        prepare=with_refs, place=lambda st: st, unplace=lambda st: st,
+        eval_fn=_dpo_evaluator(cfg, task, tokenizer, model, params), eval_every=cfg.eval_every,
+        tokens=lambda b, m: float(2 * np.asarray(b["chosen_ids"]).size),
+        lr_fn=lambda i: float(algo.hparams.lr) * float(factor(i)),
+        export=(lambda st, out: export_model(out / "export", model, st.params, tok_dir)) if cfg.export else None)
+    result = loop.run(job, out_dir=cfg.out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)
+    return dataclasses.replace(result, model=model)

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -30,7 +32,6 @@ class CheckpointConfig:
     async_save: bool = True
 
     def validate(self, prefix: str = "checkpoint.") -> None:
-        from rlhf_jax.config import ConfigError
         if self.every < 0:
             raise ConfigError(f"config key {prefix + 'every'!r}: must be >= 0, got {self.every}")
         if self.keep < 1:

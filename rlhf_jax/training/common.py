@@ -1,23 +1,30 @@
-"""Pieces the SFT and reward trainers share: model/tokenizer/data set-up, validation, CLI glue."""
+"""Pieces every trainer shares: model/tokenizer set-up, path checks, export, the supervised job, CLI glue."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.config import ConfigError, apply_overrides, load_config_file
+from rlhf_jax import models
+from rlhf_jax.config import ConfigError, apply_overrides, load_config_file, to_dict
+from rlhf_jax.tasks import get_task, list_tasks
+from rlhf_jax.training import loop
 from rlhf_jax.training.configs import ModelSection
+from rlhf_jax.training.distributed import add_distributed_arguments, init_distributed
+from rlhf_jax.training.optim import make_optimizer, schedule_factor
+from rlhf_jax.training.state import TrainState
 
 
 def get_task_or_none(name: str, key: str = "task"):
     if not name:
         return None
-    from rlhf_jax.tasks import get_task, list_tasks
     try:
         return get_task(name)
     except (KeyError, ValueError) as e:
@@ -41,7 +48,6 @@ def check_path(key: str, path: str, *, kind: str = "file") -> None:
     """ConfigError naming ``key`` when a data path (comma-separated, globs, tfds:) is missing."""
     if not path or path.startswith("tfds:"):
         return
-    import glob
     for part in path.split(","):
         part = os.path.expanduser(part.strip())
         if not part:
@@ -57,7 +63,6 @@ def check_path(key: str, path: str, *, kind: str = "file") -> None:
 
 def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng: jax.Array):
     """``(model, params, model_config)`` from a HF directory, the task's config, or a tiny config."""
-    from rlhf_jax import models
     if section.path:
         model, params = models.from_pretrained(
             section.path, dtype=jnp.dtype(section.dtype), param_dtype=jnp.dtype(section.param_dtype),
@@ -92,9 +97,7 @@ def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng
 
 def export_model(export_dir: Path, model, params, tokenizer_dir: str) -> str:
     """Hugging Face directory (weights via ``rlhf_jax.models.save_pretrained``) + tokenizer files."""
-    from rlhf_jax import models
-    from rlhf_jax.training.loop import host_params
-    host = host_params(params)
+    host = loop.host_params(params)
     if jax.process_index() != 0:
         return str(export_dir)
     models.save_pretrained(str(export_dir), model, host)
@@ -107,7 +110,6 @@ def export_model(export_dir: Path, model, params, tokenizer_dir: str) -> str:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
-    from rlhf_jax.training.distributed import add_distributed_arguments
     parser.add_argument("--config", default=None,
                         help="experiments/*.py file with get_config() (default: built-in defaults)")
     parser.add_argument("--out", default=None, help=f"run directory (default: config out_dir, {default_out})")
@@ -120,7 +122,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
 
 def config_from_args(args, default_cfg) -> Any:
     """Config file (or defaults) + ``KEY=VALUE`` overrides + --out/--resume, validated."""
-    import dataclasses
     cfg = load_config_file(args.config) if args.config else default_cfg
     if not isinstance(cfg, type(default_cfg)):
         raise ConfigError(f"config file {args.config!r}: get_config() returned "
@@ -135,6 +136,27 @@ def config_from_args(args, default_cfg) -> Any:
 
 
 def init_distributed_from_args(args) -> None:
-    from rlhf_jax.training.distributed import init_distributed
     init_distributed(args.coordinator, args.num_processes, args.process_id, args.local_device_ids,
                      auto=args.distributed_auto)
+
+
+def run_supervised(cfg, *, name: str, model, mconfig, params, placement: loop.Placement, step_fn, step_cfg,
+                   batches, batch_keys: tuple[str, ...], eval_fn, tokenizer_dir: str,
+                   tokens: Callable[[dict], float], final_extra=None) -> loop.TrainResult:
+    """The :class:`loop.Job` of a supervised trainer (SFT, reward model): one optimiser step per batch
+    of ``batch_keys``, ``cfg.steps`` steps, the optimiser and schedule of ``cfg.optim``."""
+    tx = make_optimizer(cfg.optim, params, total_steps=cfg.steps)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              rng=jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
+    factor = schedule_factor(cfg.optim, cfg.steps)
+    job = loop.Job(
+        name=name, state=state, batches=batches, total_steps=cfg.steps, config_dict=to_dict(cfg),
+        placement=placement,
+        make_step=lambda placed: loop.compile_step(placement, step_fn, placed, cfg=step_cfg),
+        prepare=lambda b: loop.put(placement, {k: b[k] for k in batch_keys if k in b}),
+        eval_fn=eval_fn, eval_every=cfg.eval_every, tokens=lambda b, m: tokens(b),
+        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True),
+        lr_fn=lambda i: cfg.optim.learning_rate * float(factor(i)), final_extra=final_extra,
+        export=(lambda st, out: export_model(out / "export", model, st.params, tokenizer_dir)) if cfg.export else None)
+    result = loop.run(job, out_dir=cfg.out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)
+    return dataclasses.replace(result, model=model)

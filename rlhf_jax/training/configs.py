@@ -6,6 +6,9 @@ import os
 from typing import Literal
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.data import DataConfig
+from rlhf_jax.training.checkpoint import CheckpointConfig
+from rlhf_jax.training.metrics import LogConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,3 +92,33 @@ class MeshConfig:
             raise ConfigError(f"config key {prefix + 'fsdp'!r}: pmap mode is pure data parallel; "
                               f"fsdp must be 1, got {fsdp}")
         return data, fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The run section every trainer config shares (its fields sit at the top level of the config:
+    ``seed=1``, ``out_dir=...``, ``data.batch_size=16``, ``checkpoint.every=50``, ...).
+
+    task: an embedded task (``rlhf_jax.tasks``) whose data, tokenizer and tiny model fill in what is
+    not given ("" = none). data: the data section (its ``batch_size`` is the GLOBAL batch). mesh:
+    device layout. checkpoint: when to save and how many to keep. log: metrics files and progress.
+    seed: the run's base seed. out_dir: the run directory. export: write the trained model as a Hugging
+    Face directory (``out_dir/export``) at the end. resume: continue the run in ``out_dir`` from its
+    latest checkpoint (exact resume).
+    """
+    task: str = ""
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    seed: int = 0
+    out_dir: str = "runs/run"
+    export: bool = True
+    resume: bool = False
+
+    def validate_run(self) -> None:
+        """The checks of the shared section that need no model (trainers add their own)."""
+        self.checkpoint.validate()
+        self.log.validate()
+        if not self.out_dir:
+            raise ConfigError("config key 'out_dir': empty; expected a run directory")

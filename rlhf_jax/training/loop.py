@@ -1,17 +1,19 @@
-"""The thin host loop every trainer shares: data -> compiled step -> metrics -> checkpoint.
+"""The one host loop every trainer shares: data -> compiled step -> metrics -> checkpoint.
 
-Nothing here knows about a particular model or loss; ``sft.py`` and ``reward.py``
-pass their pure step function, their eval function and their data iterator.
+Nothing here knows about a particular model, loss or algorithm. A trainer (SFT, reward model,
+PPO/GRPO/RLOO, DPO, ...) builds a :class:`Job` -- its initial state, a compiled
+``step(state, batch) -> (state, metrics)`` and a few hooks -- and :func:`run` does the rest.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.training import mesh as mesh_lib
@@ -20,6 +22,7 @@ from rlhf_jax.training.metrics import (LogConfig, MetricsWriter, ProgressBar, Th
                                        check_finite, peak_flops_per_device, read_jsonl,
                                        to_host_scalars)
 from rlhf_jax.training.configs import MeshConfig
+from rlhf_jax.provenance import write_run_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +108,6 @@ def put(placement: Placement, batch: dict) -> Any:
 def host_params(params):
     """Params as host numpy (gathered across processes when sharded over several hosts)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
     return jax.device_get(params)
 
@@ -116,7 +118,6 @@ def run_record(out_dir: Path, config_dict: dict) -> None:
     rerun. Only process 0 writes."""
     if jax.process_index() != 0:
         return
-    from rlhf_jax.provenance import write_run_record
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     write_run_record(out_dir, config_dict)
@@ -130,108 +131,188 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
-def run_training(*, state, step_fn: Callable, step_static: dict, data_iter: Iterator[dict],
-                 batch_keys: tuple[str, ...], total_steps: int, out_dir: str | Path,
-                 config_dict: dict, placement: Placement, ckpt_cfg: CheckpointConfig,
-                 log_cfg: LogConfig, eval_every: int = 0,
-                 eval_fn: Callable[[Any], dict] | None = None, resume: bool = False,
-                 tokens_per_batch: Callable[[dict], float] | None = None,
-                 flops_per_token: float | None = None,
-                 lr_fn: Callable[[int], float] | None = None,
-                 final_extra_fn: Callable[[Any], tuple[Any, dict]] | None = None,
-                 desc: str = "train") -> tuple[Any, TrainResult]:
-    """Runs ``total_steps`` optimiser steps (or continues a run from its checkpoint).
+def saved_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of the finished checkpoints under ``ckpt_dir`` (Orbax names them by step), without
+    creating anything."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
-    ``step_fn(state, batch, *, cfg, axis_name=None)`` is the pure step; it is
-    compiled once (jit on the mesh, or pmap). ``data_iter`` yields host-local
-    numpy batches (this process's rows) and has ``state()``/``restore()``.
-    ``eval_fn(state) -> metrics`` runs every ``eval_every`` steps and at the end.
-    ``final_extra_fn(state) -> (extra_pytree, extra_json)`` runs after the last
-    step; the pytree goes into the final checkpoint's ``extra`` item.
-    Returns ``(final_state, TrainResult)``.
+
+@dataclasses.dataclass
+class Job:
+    """What a trainer hands to :func:`run`: its state, its compiled step and the hooks around it.
+
+    state: the initial state, unplaced (``arrays()``/``with_arrays()`` name what a checkpoint holds).
+    make_step: ``make_step(placed_state) -> step`` with ``step(placed_state, batch) -> (state, metrics)``
+      or ``(state, metrics, aux)``; ``aux`` (e.g. the rollout's token rows) goes to ``on_log``.
+    batches: host batches (``next()``), resumable (``state()``/``restore()``), with optional ``.stats``
+      (the data layer's counters, logged with the train metrics).
+    prepare: host batch -> the step's input (default: ``put(placement, batch)``).
+    place/unplace: state -> placed state and back (default: :func:`place_state`/:func:`unplace_state`).
+    eval_fn(state) -> metrics, every ``eval_every`` steps and at the end.
+    tokens(batch, metrics) -> tokens processed by one step; ``flops_per_token`` for MFU.
+    lr_fn(step) -> the learning rate of that step (logged as ``lr``).
+    average_window: log the mean of the metrics since the last log (else the last step's).
+    progress_keys: metrics shown on the progress bar.
+    on_log(step, metrics, aux, writer): called at every step after the metrics are read (samples).
+    final_extra(state) -> (pytree for the final checkpoint's ``extra``, numbers for the result).
+    export(state, out_dir) -> the export directory (or None).
     """
-    out_dir = Path(out_dir).absolute()
-    ckpt_dir = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
-    run_record(out_dir, config_dict)
-    ckpt = CheckpointManager(ckpt_dir, ckpt_cfg)
-    writer = None
-    progress = None
+    name: str
+    state: Any
+    make_step: Callable[[Any], Callable]
+    batches: Any
+    total_steps: int
+    config_dict: dict
+    placement: Placement
+    prepare: Callable[[dict], Any] | None = None
+    place: Callable[[Any], Any] | None = None
+    unplace: Callable[[Any], Any] | None = None
+    eval_fn: Callable[[Any], dict] | None = None
+    eval_every: int = 0
+    tokens: Callable[[dict, dict], float] | None = None
+    flops_per_token: float | None = None
+    lr_fn: Callable[[int], float] | None = None
+    average_window: bool = True
+    progress_keys: tuple[str, ...] = ("loss",)
+    on_log: Callable[[int, dict, Any, MetricsWriter], None] | None = None
+    final_extra: Callable[[Any], tuple[Any, dict]] | None = None
+    export: Callable[[Any, Path], str | None] | None = None
+
+
+def claim_run_dir(out_dir: Path, resume: bool) -> list[int]:
+    """Decides whether a run may start in ``out_dir`` BEFORE anything is written there.
+
+    A directory holding checkpoints needs ``resume``; otherwise a ConfigError names ``--resume``
+    and no file is touched. Returns the saved steps.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file; expected a run directory")
+    steps = saved_steps(out_dir / "checkpoints")
+    if steps and not resume:
+        raise ConfigError(f"--out {str(out_dir)!r} already holds checkpoints (latest step {steps[-1]}); "
+                          "pass --resume (resume=True) to continue it or choose another --out")
+    return steps
+
+
+def _split_step_output(out) -> tuple[Any, dict, Any]:
+    """``(state, host metrics, aux)`` of a step that returned ``(state, metrics[, aux])``."""
+    state, metrics, aux = out if len(out) == 3 else (*out, None)
+    return state, to_host_scalars(metrics), aux
+
+
+class _Logger:
+    """Train-metric windows, throughput, learning rate and the data counters of one run."""
+
+    def __init__(self, job: Job, writer: MetricsWriter, log_cfg: LogConfig):
+        self.job, self.writer, self.every = job, writer, log_cfg.every
+        self.meter = Throughput(job.flops_per_token, peak_flops_per_device(log_cfg.peak_tflops))
+        self.window: list[dict] = []
+        self.last: dict = {}
+
+    def add(self, i: int, batch: dict, metrics: dict) -> None:
+        job = self.job
+        self.meter.add((job.tokens(batch, metrics) if job.tokens else 0.0) * jax.process_count())
+        self.window.append(metrics)
+        done = i + 1
+        if done % self.every and done != job.total_steps:
+            return
+        if job.average_window:
+            last = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[-1]}
+        else:
+            last = dict(self.window[-1])
+        last.update(self.meter.read())
+        if job.lr_fn is not None:
+            last["lr"] = float(job.lr_fn(i))
+        # The data layer's counters (rows read, truncated, dropped, skipped by reason) go into the
+        # run's metrics, so nothing it cut or skipped goes unreported.
+        stats = getattr(job.batches, "stats", None)
+        if stats is not None and hasattr(stats, "as_metrics"):
+            last.update(stats.as_metrics())
+        self.writer.write(done, last, prefix="train")
+        self.window, self.last = [], last
+
+
+def _restore(job: Job, ckpt: CheckpointManager, placed, metrics_path: Path):
+    template = placed if job.placement.mode == "jit" else job.state
+    restored = ckpt.restore(template)
+    state = restored.state if job.placement.mode == "jit" else _place(job, restored.state)
+    if restored.data_state:
+        job.batches.restore(restored.data_state)
+    _truncate_metrics(metrics_path, restored.step)
+    return state, restored.step
+
+
+def _place(job: Job, state):
+    return job.place(state) if job.place else place_state(job.placement, state)
+
+
+def _unplace(job: Job, placed):
+    return job.unplace(placed) if job.unplace else unplace_state(job.placement, placed)
+
+
+def _next_batch(job: Job, i: int) -> dict:
     try:
-        placed = place_state(placement, state)
+        return next(job.batches)
+    except StopIteration:
+        raise RuntimeError(f"training data ran out at step {i} of {job.total_steps}; raise "
+                           "data.num_epochs (0 = repeat forever) or lower steps") from None
+
+
+def run(job: Job, *, out_dir: str | Path, ckpt_cfg: CheckpointConfig, log_cfg: LogConfig,
+        resume: bool = False) -> TrainResult:
+    """The one host loop of every trainer: run directory, resume, steps, evaluation, metrics,
+    checkpoints, NaN guard, export and clean-up. Runs ``job.total_steps`` steps (or continues a run
+    from its latest checkpoint with ``resume``) and returns the result with the final state."""
+    out_dir = Path(out_dir).absolute()
+    claim_run_dir(out_dir, resume)
+    metrics_path = out_dir / "metrics.jsonl"
+    run_record(out_dir, job.config_dict)
+    ckpt = CheckpointManager(out_dir / "checkpoints", ckpt_cfg)
+    writer = progress = None
+    try:
+        placed = _place(job, job.state)
         resumed_from = None
-        latest = ckpt.latest_step()
-        if latest is not None and not resume:
-            raise ConfigError(f"--out {str(out_dir)!r} already holds checkpoints (latest step {latest}); "
-                              "pass --resume (resume=True) to continue it or choose another --out")
-        if resume and latest is not None:
-            template = placed if placement.mode == "jit" else state
-            restored = ckpt.restore(template)
-            placed = restored.state if placement.mode == "jit" else place_state(placement, restored.state)
-            if restored.data_state:
-                data_iter.restore(restored.data_state)
-            resumed_from = restored.step
-            _truncate_metrics(metrics_path, restored.step)
+        if resume and ckpt.latest_step() is not None:
+            placed, resumed_from = _restore(job, ckpt, placed, metrics_path)
         start = resumed_from or 0
-        step = compile_step(placement, step_fn, placed, **step_static)
+        step = job.make_step(placed)
+        prepare = job.prepare or (lambda b: put(job.placement, b))
         writer = MetricsWriter(out_dir, tensorboard=log_cfg.tensorboard)
-        progress = ProgressBar(total_steps, start, enabled=log_cfg.progress, desc=desc)
-        peak = peak_flops_per_device(log_cfg.peak_tflops)
-        meter = Throughput(flops_per_token, peak)
-        last_train: dict = {}
+        progress = ProgressBar(job.total_steps, start, enabled=log_cfg.progress, desc=job.name)
+        logger = _Logger(job, writer, log_cfg)
         last_eval: dict = {}
-        window: list[dict] = []
-        for i in range(start, total_steps):
-            try:
-                batch = next(data_iter)
-            except StopIteration:
-                raise RuntimeError(f"training data ran out at step {i} of {total_steps}; raise "
-                                   "data.num_epochs (0 = repeat forever) or lower steps") from None
-            n_tokens = (tokens_per_batch(batch) if tokens_per_batch else 0.0) * jax.process_count()
-            batch = {k: batch[k] for k in batch_keys if k in batch}
-            placed, m = step(placed, put(placement, batch))
-            if placement.mode == "pmap":
-                m = jax.tree_util.tree_map(lambda x: x[0], m)
-            m = to_host_scalars(m)
+        for i in range(start, job.total_steps):
+            batch = _next_batch(job, i)
+            placed, m, aux = _split_step_output(step(placed, prepare(batch)))
             done = i + 1
             check_finite(m, done)
-            meter.add(n_tokens)
-            window.append(m)
-            if done % log_cfg.every == 0 or done == total_steps:
-                last_train = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
-                last_train.update(meter.read())
-                if lr_fn is not None:
-                    last_train["lr"] = float(lr_fn(i))
-                # The data layer's counters (rows read, truncated, dropped, skipped by reason) go
-                # into the run's metrics, so nothing it cut or skipped goes unreported.
-                stats = getattr(data_iter, "stats", None)
-                if stats is not None and hasattr(stats, "as_metrics"):
-                    last_train.update(stats.as_metrics())
-                writer.write(done, last_train, prefix="train")
-                window = []
-            progress.update(1, loss=m["loss"])
-            if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == total_steps):
-                last_eval = eval_fn(unplace_state(placement, placed))
-                writer.write(done, last_eval, prefix="eval")
-            if done != total_steps:
-                ckpt.save(done, unplace_state(placement, placed), data_state=data_iter.state(),
-                          config=config_dict)
-        final_state = unplace_state(placement, placed)
-        extra_tree, extra_json = (None, {})
-        if final_extra_fn is not None:
-            extra_tree, extra_json = final_extra_fn(final_state)
-            if extra_json:
-                writer.write(total_steps, {k: v for k, v in extra_json.items()
-                                           if isinstance(v, (int, float))}, prefix="final")
-        if start < total_steps or ckpt.latest_step() != total_steps:
-            ckpt.save(total_steps, final_state, data_state=data_iter.state(), config=config_dict,
+            logger.add(i, batch, m)
+            if job.on_log is not None:
+                job.on_log(done, m, aux, writer)
+            progress.update(1, **{k: m[k] for k in job.progress_keys if k in m})
+            if job.eval_fn is not None and ((job.eval_every and done % job.eval_every == 0)
+                                            or done == job.total_steps):
+                last_eval = job.eval_fn(_unplace(job, placed))
+                if last_eval:
+                    writer.write(done, last_eval, prefix="eval")
+            if done != job.total_steps:
+                ckpt.save(done, _unplace(job, placed), data_state=job.batches.state(), config=job.config_dict)
+        final_state = _unplace(job, placed)
+        extra_tree, extra_json = job.final_extra(final_state) if job.final_extra else (None, {})
+        if extra_json:
+            writer.write(job.total_steps, {k: v for k, v in extra_json.items() if isinstance(v, (int, float))},
+                         prefix="final")
+        if start < job.total_steps or ckpt.latest_step() != job.total_steps:
+            ckpt.save(job.total_steps, final_state, data_state=job.batches.state(), config=job.config_dict,
                       extra=extra_tree, force=True)
         ckpt.wait()
-        result = TrainResult(out_dir=str(out_dir), checkpoint_dir=str(ckpt_dir),
-                             metrics_path=str(metrics_path), export_dir=None,
-                             final_step=total_steps, resumed_from=resumed_from,
-                             train_metrics=last_train, eval_metrics=last_eval, extra=extra_json)
-        return final_state, result
+        export_dir = job.export(final_state, out_dir) if job.export else None
+        return TrainResult(out_dir=str(out_dir), checkpoint_dir=str(out_dir / "checkpoints"),
+                           metrics_path=str(metrics_path), export_dir=export_dir, final_step=job.total_steps,
+                           resumed_from=resumed_from, train_metrics=logger.last, eval_metrics=last_eval,
+                           extra=extra_json, state=final_state)
     finally:
         if progress is not None:
             progress.close()

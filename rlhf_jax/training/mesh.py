@@ -19,7 +19,7 @@ slice; only the mesh shape changes.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from rlhf_jax.config import ConfigError
+
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient norm became NaN/Inf; the message names the step and metric."""
@@ -30,7 +32,6 @@ class LogConfig:
     peak_tflops: float = 0.0     # per-device peak for MFU; 0 = look up the device kind
 
     def validate(self, prefix: str = "log.") -> None:
-        from rlhf_jax.config import ConfigError
         if self.every < 1:
             raise ConfigError(f"config key {prefix + 'every'!r}: must be >= 1, got {self.every}")
         if self.peak_tflops < 0:

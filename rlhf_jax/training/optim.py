@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.config import ConfigError
+
 Schedule = Literal["cosine", "linear", "constant"]
 
 
@@ -48,7 +50,6 @@ class OptimConfig:
     freeze: tuple[str, ...] = ()
 
     def validate(self, prefix: str = "optim.") -> None:
-        from rlhf_jax.config import ConfigError
         if not self.learning_rate >= 0:
             raise ConfigError(f"config key {prefix + 'learning_rate'!r}: must be >= 0, got {self.learning_rate}")
         if self.warmup_steps < 0:
@@ -128,9 +129,51 @@ def trainable_mask(params, freeze: tuple[str, ...] = ()) -> Any:
         lambda path, _: not any(p.search(path_str(path)) for p in pats), params)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Optimizer:
+    """An optax transformation that is equal to every other one built from the same inputs.
+
+    ``make_optimizer`` returns one. ``TrainState.tx`` is a static part of a jitted step, so two
+    runs whose optimisers are built from equal configs (same ``OptimConfig``, horizon and parameter
+    structure) hit the same compiled program: no process-wide cache of optimiser objects is needed.
+    ``init``/``update`` are those of the wrapped ``optax.GradientTransformation``.
+    """
+    key: tuple
+    tx: optax.GradientTransformation
+
+    def init(self, params):
+        return self.tx.init(params)
+
+    def update(self, updates, state, params=None):
+        return self.tx.update(updates, state, params)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Optimizer) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _structure_key(params, trainable) -> tuple:
+    """What the masks are built from: every leaf's path, rank and trainable flag."""
+    ranks = jax.tree_util.tree_map_with_path(lambda p, x: (path_str(p), int(getattr(x, "ndim", 0))), params)
+    return (tuple(jax.tree_util.tree_leaves(ranks, is_leaf=lambda x: isinstance(x, tuple))),
+            tuple(bool(t) for t in jax.tree_util.tree_leaves(trainable)))
+
+
+def _adamw_chain(cfg: OptimConfig, total_steps: int, mask) -> optax.GradientTransformation:
+    return optax.chain(*(
+        ([optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []) + [
+            optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+                learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                weight_decay=cfg.weight_decay, mask=mask),
+            optax.scale_by_schedule(schedule_factor(cfg, total_steps)),
+        ]))
+
+
 def make_optimizer(cfg: OptimConfig, params, *, total_steps: int,
-                   trainable: Any | None = None) -> optax.GradientTransformation:
-    """AdamW with clipping, decay mask, traced lr/weight-decay and a schedule factor.
+                   trainable: Any | None = None) -> Optimizer:
+    """AdamW with clipping, decay mask, injected lr/weight-decay and a schedule factor.
 
     Args:
       cfg: the optimiser section.
@@ -139,36 +182,26 @@ def make_optimizer(cfg: OptimConfig, params, *, total_steps: int,
       total_steps: horizon of the schedule when ``cfg.total_steps`` is 0.
       trainable: optional bool pytree shaped like ``params``; defaults to
         ``trainable_mask(params, cfg.freeze)``.
+
+    The RL trainers build it with ``learning_rate=1`` and scale each update by their traced
+    rate (``TrainState.apply_gradients(grads, lr)``), so the rate never has to be written
+    into the optimiser state.
     """
     cfg.validate()
     dmask = decay_mask(params)
-    core = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
-    core += [
-        optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-            learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, mask=dmask),
-        optax.scale_by_schedule(schedule_factor(cfg, total_steps)),
-    ]
-    tx = optax.chain(*core)
     if trainable is None:
         trainable = trainable_mask(params, cfg.freeze)
+    key = (cfg, int(total_steps), jax.tree_util.tree_structure(params), _structure_key(params, trainable))
     leaves = jax.tree_util.tree_leaves(trainable)
     if all(leaves):
-        return tx
+        return Optimizer(key, _adamw_chain(cfg, total_steps, dmask))
     if not any(leaves):
         raise ValueError("optim.freeze: every parameter is frozen; nothing to train")
     # Frozen leaves' decay mask would be applied to a masked tree, so rebuild the
     # adamw mask over the trainable subtree only.
-    train_tx = optax.chain(*(
-        ([optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []) + [
-            optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-                learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                weight_decay=cfg.weight_decay,
-                mask=lambda p: _masked_like(p, dmask)),
-            optax.scale_by_schedule(schedule_factor(cfg, total_steps)),
-        ]))
+    train_tx = _adamw_chain(cfg, total_steps, lambda p: _masked_like(p, dmask))
     labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
-    return optax.multi_transform({"train": train_tx, "freeze": optax.set_to_zero()}, labels)
+    return Optimizer(key, optax.multi_transform({"train": train_tx, "freeze": optax.set_to_zero()}, labels))
 
 
 def _masked_like(masked_tree, full_mask):
@@ -185,6 +218,12 @@ def _is_hp_state(x) -> bool:
 
 def _hyperparam_states(opt_state):
     return [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_hp_state) if _is_hp_state(s)]
+
+
+def has_hyperparam(opt_state, name: str) -> bool:
+    """Whether the optimiser state carries the injected hyper-parameter ``name``."""
+    states = _hyperparam_states(opt_state)
+    return bool(states) and name in states[0].hyperparams
 
 
 def get_hyperparam(opt_state, name: str) -> jax.Array:

@@ -18,7 +18,6 @@ is recorded in the final checkpoint's ``extra`` item, in
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -29,16 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import ConfigError, to_dict
-from rlhf_jax.data import DataConfig
+from rlhf_jax.config import ConfigError
+from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
+from rlhf_jax.losses import bradley_terry_loss, ranking_loss
+from rlhf_jax.models import last_token_values
 from rlhf_jax.training import loop, steps
-from rlhf_jax.training.checkpoint import CheckpointConfig
-from rlhf_jax.training.common import (add_common_arguments, build_model, check_path, config_from_args,
-                                      export_model, get_task_or_none, init_distributed_from_args,
-                                      resolve_tokenizer_dir)
-from rlhf_jax.training.configs import MeshConfig, ModelSection
-from rlhf_jax.training.metrics import LogConfig
-from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
+from rlhf_jax.training.common import build_model, check_path, get_task_or_none, resolve_tokenizer_dir, run_supervised
+from rlhf_jax.training.configs import ModelSection, RunConfig
+from rlhf_jax.training.optim import OptimConfig
 from rlhf_jax.training.sft import run_eval
 from rlhf_jax.training.state import TrainState
 
@@ -47,8 +44,9 @@ RANK_KEYS = ("response_ids", "response_mask", "ranks", "rank_mask")
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """A reward-model run. ``format``: ``preference`` (pairs) or ``ranking`` (K-wise).
+class RewardConfig(RunConfig):
+    """A reward-model run (the shared run section, :class:`RunConfig`, plus the fields below).
+    ``format``: ``preference`` (pairs) or ``ranking`` (K-wise).
 
     Data: ``data.path`` in that format, or the embedded ``task``'s simulated labels
     (``label_noise``; ``ranking_k`` responses per prompt for rankings). Evaluation
@@ -58,18 +56,15 @@ class RewardConfig:
     prompt + reference response, or the task's validation demonstrations) score
     mean 0.
     """
-    task: str = ""
+    data: DataConfig = DataConfig(batch_size=8, max_length=128, pack=False)
+    out_dir: str = "runs/reward"
     format: Literal["preference", "ranking"] = "preference"
     label_noise: float = -1.0          # < 0: the task's default labeller noise
     ranking_k: int = 4
     model: ModelSection = ModelSection()
-    data: DataConfig = DataConfig(batch_size=8, max_length=128, pack=False)
     eval_path: str = ""
     eval_batches: int = 4
     optim: OptimConfig = OptimConfig(learning_rate=1e-4)
-    mesh: MeshConfig = MeshConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    log: LogConfig = LogConfig()
     steps: int = 100
     micro_batches: int = 1
     center_coef: float = 0.0
@@ -78,10 +73,6 @@ class RewardConfig:
     normalize: bool = False
     calibration_path: str = ""
     calibration_batches: int = 8
-    seed: int = 0
-    out_dir: str = "runs/reward"
-    export: bool = True
-    resume: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +85,6 @@ class RewardStepConfig:
 
 def sequence_rewards(apply_fn, params, ids, mask) -> jax.Array:
     """``r[b]`` = scalar head at the last real token of row ``b``; ``ids, mask [N, L]``."""
-    from rlhf_jax.models import last_token_values
     values = apply_fn(params, ids, attention_mask=mask)
     return last_token_values(values, mask)
 
@@ -102,7 +92,6 @@ def sequence_rewards(apply_fn, params, ids, mask) -> jax.Array:
 def reward_sums(params, batch: dict, rng, *, apply_fn, center_coef: float = 0.0,
                 use_margin: bool = True):
     """``(loss_sum, sums)`` for a pairwise or ranking (micro-)batch (chosen by its keys)."""
-    from rlhf_jax.losses import bradley_terry_loss, ranking_loss
     if "chosen_ids" in batch:
         b = batch["chosen_ids"].shape[0]
         ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
@@ -187,11 +176,11 @@ def validate_reward_config(cfg: RewardConfig) -> None:
     if cfg.eval_batches < 1:
         raise ConfigError(f"config key 'eval_batches': must be >= 1, got {cfg.eval_batches}")
     if cfg.calibration_batches < 1:
-        raise ConfigError(f"config key 'calibration_batches': must be >= 1")
+        raise ConfigError("config key 'calibration_batches': must be >= 1")
     if cfg.ranking_k < 2:
         raise ConfigError(f"config key 'ranking_k': must be >= 2, got {cfg.ranking_k}")
     if cfg.label_noise > 1.0:
-        raise ConfigError(f"config key 'label_noise': must be <= 1 (negative = task default)")
+        raise ConfigError("config key 'label_noise': must be <= 1 (negative = task default)")
     if cfg.center_coef < 0:
         raise ConfigError(f"config key 'center_coef': must be >= 0, got {cfg.center_coef}")
     if cfg.data.pack:
@@ -221,8 +210,6 @@ def validate_reward_config(cfg: RewardConfig) -> None:
 def train_reward(cfg: RewardConfig) -> loop.TrainResult:
     """Trains a scalar-head reward model; returns paths, final metrics and (if asked) the shift."""
     validate_reward_config(cfg)
-    from rlhf_jax import models
-    from rlhf_jax.data import load_tokenizer, make_iterator
     task = get_task_or_none(cfg.task)
     tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
     tokenizer = load_tokenizer(tok_dir)
@@ -231,9 +218,6 @@ def train_reward(cfg: RewardConfig) -> loop.TrainResult:
     rng = jax.random.PRNGKey(cfg.seed)
     model, params, mconfig = build_model(cfg.model, task=task, tokenizer=tokenizer, head="scalar",
                                          rng=jax.random.fold_in(rng, 1))
-    tx = make_optimizer(cfg.optim, params, total_steps=cfg.steps)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                              rng=jax.random.fold_in(rng, 2))
     fmt = cfg.format
     noise = None if cfg.label_noise < 0 else cfg.label_noise
 
@@ -279,26 +263,17 @@ def train_reward(cfg: RewardConfig) -> loop.TrainResult:
         key = "chosen_ids" if fmt == "preference" else "response_ids"
         return float(b[key].size * (2 if fmt == "preference" else 1))
 
-    factor = schedule_factor(cfg.optim, cfg.steps)
-    final_state, result = loop.run_training(
-        state=state, step_fn=reward_step,
-        step_static={"cfg": RewardStepConfig(cfg.micro_batches, cfg.center_coef, cfg.use_margin)},
-        data_iter=train_it, batch_keys=batch_keys, total_steps=cfg.steps, out_dir=cfg.out_dir,
-        config_dict=to_dict(cfg), placement=placement, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log,
-        eval_every=cfg.eval_every, eval_fn=eval_fn, resume=cfg.resume, tokens_per_batch=tokens,
-        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True),
-        lr_fn=lambda i: cfg.optim.learning_rate * float(factor(i)), final_extra_fn=final_extra,
-        desc="reward")
-    export_dir = None
-    if cfg.export:
-        export_dir = export_model(Path(result.out_dir) / "export", model, final_state.params, tok_dir)
-        if jax.process_index() == 0:
-            norm = {"reward_shift": result.extra.get("reward_shift", 0.0),
-                    "normalized": bool(cfg.normalize),
-                    "calibration_size": result.extra.get("calibration_size", 0),
-                    "usage": "reward = model_score + reward_shift"}
-            (Path(export_dir) / "reward_normalization.json").write_text(json.dumps(norm, indent=2) + "\n")
-    return dataclasses.replace(result, export_dir=export_dir, state=final_state, model=model)
+    result = run_supervised(cfg, name="reward", model=model, mconfig=mconfig, params=params, placement=placement,
+                            step_fn=reward_step,
+                            step_cfg=RewardStepConfig(cfg.micro_batches, cfg.center_coef, cfg.use_margin),
+                            batches=train_it, batch_keys=batch_keys, eval_fn=eval_fn, tokenizer_dir=tok_dir,
+                            tokens=tokens, final_extra=final_extra)
+    if result.export_dir and jax.process_index() == 0:
+        norm = {"reward_shift": result.extra.get("reward_shift", 0.0), "normalized": bool(cfg.normalize),
+                "calibration_size": result.extra.get("calibration_size", 0),
+                "usage": "reward = model_score + reward_shift"}
+        (Path(result.export_dir) / "reward_normalization.json").write_text(json.dumps(norm, indent=2) + "\n")
+    return result
 
 
 def load_reward_shift(export_dir: str | Path) -> float:
@@ -307,21 +282,3 @@ def load_reward_shift(export_dir: str | Path) -> float:
     if not p.exists():
         return 0.0
     return float(json.loads(p.read_text())["reward_shift"])
-
-
-# ------------------------------------------------------------------ CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, RewardConfig.out_dir)
-
-
-def run(args) -> int:
-    init_distributed_from_args(args)
-    cfg = config_from_args(args, RewardConfig())
-    result = train_reward(cfg)
-    if jax.process_index() == 0:
-        ev = result.eval_metrics
-        print(f"reward: {result.final_step} steps; eval accuracy {ev.get('accuracy', float('nan')):.3f}"
-              f" margin {ev.get('margin', float('nan')):.3f}; out {result.out_dir}"
-              + (f"; shift {result.extra['reward_shift']:.4f}" if "reward_shift" in result.extra else ""))
-    return 0

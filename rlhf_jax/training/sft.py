@@ -11,54 +11,42 @@ and devices and divided once (``steps.update_step``).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Literal
 
 import jax
 
-from rlhf_jax.config import ConfigError, to_dict
-from rlhf_jax.data import DataConfig
+from rlhf_jax.config import ConfigError
+from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
+from rlhf_jax.losses import sft_loss
 from rlhf_jax.training import loop, steps
-from rlhf_jax.training.checkpoint import CheckpointConfig
-from rlhf_jax.training.common import (add_common_arguments, build_model, check_path, config_from_args,
-                                      export_model, get_task_or_none, init_distributed_from_args,
-                                      resolve_tokenizer_dir)
-from rlhf_jax.training.configs import MeshConfig, ModelSection
-from rlhf_jax.training.metrics import LogConfig
-from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
+from rlhf_jax.training.common import build_model, check_path, get_task_or_none, resolve_tokenizer_dir, run_supervised
+from rlhf_jax.training.configs import ModelSection, RunConfig
+from rlhf_jax.training.optim import OptimConfig
 from rlhf_jax.training.state import TrainState
 
 SFT_BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """Everything an SFT run needs. ``data.batch_size`` is the GLOBAL batch (all hosts).
+class SFTConfig(RunConfig):
+    """Everything an SFT run needs (the shared run section, :class:`RunConfig`, plus the fields below).
 
     Data: ``data.path`` (JSONL/Parquet/``tfds:``) in the ``sft`` format, or, when empty,
     the embedded ``task``'s demonstrations. Held-out loss from ``eval_path`` (or the
     task's ``validation`` split) every ``eval_every`` steps over ``eval_batches`` batches.
     """
-    task: str = ""
-    model: ModelSection = ModelSection()
     data: DataConfig = DataConfig(batch_size=8, max_length=128)
+    out_dir: str = "runs/sft"
+    model: ModelSection = ModelSection()
     eval_path: str = ""
     eval_batches: int = 4
     optim: OptimConfig = OptimConfig()
-    mesh: MeshConfig = MeshConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    log: LogConfig = LogConfig()
     steps: int = 100
     micro_batches: int = 1
     reduction: Literal["token", "sequence"] = "token"
     eval_every: int = 50
-    seed: int = 0
-    out_dir: str = "runs/sft"
-    export: bool = True
-    resume: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +62,6 @@ def sft_sums(params, batch: dict, rng, *, apply_fn, reduction: str = "token"):
     ``batch``: ``input_ids, targets, loss_mask, attention_mask [B, L]`` and, for packed
     rows, ``positions, segment_ids [B, L]``. ``logits[b, t]`` predicts ``targets[b, t]``.
     """
-    from rlhf_jax.losses import sft_loss
     logits = apply_fn(params, batch["input_ids"], attention_mask=batch["attention_mask"],
                       positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
     _, met = sft_loss(logits, batch["targets"], batch["loss_mask"], reduction=reduction)
@@ -133,7 +120,6 @@ def validate_sft_config(cfg: SFTConfig) -> None:
 
 
 def _iterators(cfg, fmt: str, task, tokenizer, records_fn, eval_records_fn):
-    from rlhf_jax.data import make_iterator
     nproc, pid = jax.process_count(), jax.process_index()
     per_host = cfg.data.batch_size // nproc
     train_src = None if cfg.data.path else records_fn("train")
@@ -176,8 +162,6 @@ def train_sft(cfg: SFTConfig) -> loop.TrainResult:
     Writes ``out_dir/{config.json, run.json, metrics.jsonl, tb/, checkpoints/, export/}``.
     """
     validate_sft_config(cfg)
-    from rlhf_jax import models
-    from rlhf_jax.data import load_tokenizer
     task = get_task_or_none(cfg.task)
     tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
     tokenizer = load_tokenizer(tok_dir)
@@ -187,9 +171,6 @@ def train_sft(cfg: SFTConfig) -> loop.TrainResult:
     rng = jax.random.PRNGKey(cfg.seed)
     model, params, mconfig = build_model(cfg.model, task=task, tokenizer=tokenizer, head=None,
                                          rng=jax.random.fold_in(rng, 1))
-    tx = make_optimizer(cfg.optim, params, total_steps=cfg.steps)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                              rng=jax.random.fold_in(rng, 2))
     train_it, eval_iter_fn = _iterators(
         cfg, "sft", task, tokenizer,
         (lambda split: task.sft_records(split)) if task else None,
@@ -200,34 +181,7 @@ def train_sft(cfg: SFTConfig) -> loop.TrainResult:
     def eval_fn(st):
         return run_eval(placement, st.params, eval_iter_fn, eval_jit, SFT_BATCH_KEYS, cfg.eval_batches)
 
-    factor = schedule_factor(cfg.optim, cfg.steps)
-    final_state, result = loop.run_training(
-        state=state, step_fn=sft_step,
-        step_static={"cfg": SFTStepConfig(cfg.micro_batches, cfg.reduction)},
-        data_iter=train_it, batch_keys=SFT_BATCH_KEYS, total_steps=cfg.steps,
-        out_dir=cfg.out_dir, config_dict=to_dict(cfg), placement=placement,
-        ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, eval_every=cfg.eval_every, eval_fn=eval_fn,
-        resume=cfg.resume, tokens_per_batch=lambda b: float(b["input_ids"].size),
-        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True),
-        lr_fn=lambda i: cfg.optim.learning_rate * float(factor(i)), desc="sft")
-    export_dir = None
-    if cfg.export:
-        export_dir = export_model(Path(result.out_dir) / "export", model, final_state.params, tok_dir)
-    return dataclasses.replace(result, export_dir=export_dir, state=final_state, model=model)
-
-
-# ------------------------------------------------------------------ CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, SFTConfig.out_dir)
-
-
-def run(args) -> int:
-    init_distributed_from_args(args)
-    cfg = config_from_args(args, SFTConfig())
-    result = train_sft(cfg)
-    if jax.process_index() == 0:
-        print(f"sft: {result.final_step} steps; train {result.train_metrics.get('loss', float('nan')):.4f}"
-              f" eval {result.eval_metrics.get('loss', float('nan')):.4f}; out {result.out_dir}"
-              + (f"; export {result.export_dir}" if result.export_dir else ""))
-    return 0
+    return run_supervised(cfg, name="sft", model=model, mconfig=mconfig, params=params, placement=placement,
+                          step_fn=sft_step, step_cfg=SFTStepConfig(cfg.micro_batches, cfg.reduction),
+                          batches=train_it, batch_keys=SFT_BATCH_KEYS, eval_fn=eval_fn, tokenizer_dir=tok_dir,
+                          tokens=lambda b: float(b["input_ids"].size))

@@ -25,19 +25,26 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     apply_fn: Callable = struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    tx: Any = struct.field(pytree_node=False)  # optax transformation (``training.make_optimizer``)
 
     @classmethod
-    def create(cls, *, apply_fn: Callable, params: Any, tx: optax.GradientTransformation,
+    def create(cls, *, apply_fn: Callable, params: Any, tx: Any,
                rng: jax.Array | int = 0) -> "TrainState":
         if isinstance(rng, int):
             rng = jax.random.PRNGKey(rng)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                    rng=jnp.asarray(rng), apply_fn=apply_fn, tx=tx)
 
-    def apply_gradients(self, grads: Any) -> "TrainState":
-        """One optimiser update; ``step`` counts updates."""
+    def apply_gradients(self, grads: Any, lr: jax.Array | float | None = None) -> "TrainState":
+        """One optimiser update; ``step`` counts updates.
+
+        ``lr``: when given, the optimiser's update is multiplied by it (``p ← p + lr · u``). The RL
+        trainers build their optimiser with a unit learning rate and pass their traced rate here, so
+        a sweep over the rate changes an argument of the update, never the optimiser state.
+        """
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        if lr is not None:
+            updates = jax.tree_util.tree_map(lambda u: (jnp.asarray(lr, jnp.float32) * u).astype(u.dtype), updates)
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 

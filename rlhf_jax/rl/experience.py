@@ -1,4 +1,4 @@
-"""Rollout pieces shared by PPO, GRPO and RLOO: sampling, forward passes, scoring.
+"""The rollout half of the RL core: sampling, the policy/reference/value forwards, scoring.
 
 Layout of one rollout (``B`` rows, prompt length ``P``, response length ``N``)::
 
@@ -10,7 +10,7 @@ Layout of one rollout (``B`` rows, prompt length ``P``, response length ``N``)::
 The logits at sequence position ``P - 1 + t`` predict response token ``t``; the value of the
 state before response token ``t`` is read at the same position. All three log-prob sets
 (``old_logp``, ``ref_logp`` and the ``logp`` of the update) come from ``losses.sequence_logprobs``
-on logits divided by the same sampling temperature τ (RLHF_SPEC §3), computed by the same
+on logits divided by the same sampling temperature τ (docs/MATH.md, PPO section), computed by the same
 forward function on the same minibatch shape, so the first update's ratio is exactly 1.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlhf_jax import losses
+from rlhf_jax.generation import generate
+from rlhf_jax.models import CausalLM, CausalLMWithValueHead, last_token_values, split_value_head
 
 Array = jax.Array
 RewardFn = Callable[[Array, Array, Array, Array], Array]
@@ -112,8 +114,7 @@ def value_forward(model, params, prompt_ids: Array, prompt_mask: Array, response
 
 def reward_model_scores(model, params, prompt_ids: Array, prompt_mask: Array, response_ids: Array,
                         response_mask: Array) -> Array:
-    """``[B]`` reward-model score at the last real token of prompt+response (RLHF_SPEC §2)."""
-    from rlhf_jax.models import last_token_values
+    """``[B]`` reward-model score at the last real token of prompt+response."""
     ids, mask = concat_sequences(prompt_ids, prompt_mask, response_ids, response_mask)
     values = model.apply(params, ids, attention_mask=mask)
     if isinstance(values, tuple):
@@ -149,7 +150,7 @@ def has_stop_token(response_ids: Array, response_mask: Array, stop_token_ids: Se
 
 def adjust_scores(scores: Array, stopped: Array, *, missing_eos_penalty: Array, score_clip: Array,
                   stop_token_ids: Sequence[int]) -> Array:
-    """Missing-EOS penalty then clipping to ±score_clip (RLHF_SPEC §3), ``[B]`` float32.
+    """Missing-EOS penalty then clipping to ±score_clip (docs/MATH.md, PPO section), ``[B]`` float32.
 
     ``score - missing_eos_penalty`` where no stop token was emitted (only when stop tokens are
     configured at all), then ``clip(score, -score_clip, score_clip)`` (``inf`` = no clipping).
@@ -176,3 +177,71 @@ def check_prompts(prompts: dict[str, Array], batch_size: int, where: str) -> tup
     if ids.shape[0] != batch_size:
         raise ValueError(f"{where}: the prompt batch has {ids.shape[0]} rows but batch_size is {batch_size}")
     return ids, mask
+
+
+def lm_view(model, params) -> tuple[Any, Any]:
+    """``(CausalLM, its params)`` of a policy: itself, or the LM part of a ``CausalLMWithValueHead``."""
+    if isinstance(model, CausalLMWithValueHead):
+        return CausalLM(model.config), (None if params is None else split_value_head(params)[0])
+    return model, params
+
+
+def sample(policy_model, policy_params, prompt_ids: Array, prompt_mask: Array, rng: Array, *, cfg) -> Any:
+    """``generation.generate`` with the policy at the config's sampling settings (``GenerationOutput``)."""
+    model, params = lm_view(policy_model, policy_params)
+    hp = cfg.hparams
+    return generate(model, params, prompt_ids, prompt_mask, rng=rng, max_new_tokens=cfg.max_new_tokens,
+                    temperature=hp.temperature, top_k=cfg.top_k, top_p=hp.top_p,
+                    stop_token_ids=tuple(cfg.stop_token_ids), pad_token_id=cfg.pad_token_id)
+
+
+def rollout_forwards(policy_params, value_params, frozen, prompt_ids: Array, prompt_mask: Array,
+                     response_ids: Array, response_mask: Array, *, chunk: int, temperature: Array,
+                     value_mode: str | None, with_ref: bool = True) -> Rollout:
+    """The policy/reference/value forward passes of a rollout, in chunks of ``chunk`` rows.
+
+    ``value_mode``: "separate" (value model), "shared" (the policy's value head) or None (zeros).
+    ``with_ref=False`` skips the reference pass (``ref_logp`` is then a copy of ``old_logp``).
+    """
+    model = frozen.policy_model
+    ref_model, _ = lm_view(model, None)
+    sg = jax.lax.stop_gradient
+
+    def pol(p_ids, p_mask, r_ids, r_mask):
+        out = policy_forward(model, sg(policy_params), p_ids, p_mask, r_ids, r_mask, temperature)
+        if with_ref:
+            ref_logp = policy_forward(ref_model, sg(frozen.ref_params), p_ids, p_mask, r_ids, r_mask,
+                                      temperature, with_entropy=False)["logp"]
+        else:
+            ref_logp = out["logp"]
+        res = {"logp": out["logp"], "entropy": out["entropy"], "ref_logp": ref_logp}
+        if value_mode == "shared":
+            res["values"] = out["values"]
+        elif value_mode == "separate":
+            res["values"] = value_forward(frozen.value_model, sg(value_params), p_ids, p_mask, r_ids, r_mask)
+        else:
+            res["values"] = jnp.zeros(r_ids.shape, jnp.float32)
+        return res
+
+    out = chunked(pol, chunk, prompt_ids, prompt_mask, response_ids, response_mask)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+                   response_mask=response_mask, old_logp=out["logp"], ref_logp=out["ref_logp"],
+                   old_values=out["values"], entropy=out["entropy"])
+
+
+def score_rollout(frozen, rollout: Rollout, *, chunk: int) -> Array:
+    """``[B]`` raw scores from the reward model (last real token, plus its shift) or the JAX reward function."""
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+    if frozen.reward_fn is not None:
+        scores = frozen.reward_fn(*args)
+    elif frozen.reward_model is not None:
+        scores = chunked(lambda *a: reward_model_scores(frozen.reward_model, frozen.reward_params, *a),
+                         chunk, *args) + jnp.asarray(frozen.reward_shift, jnp.float32)
+    else:
+        raise ValueError("RLFrozen has neither reward_fn nor reward_model: a Python reward must go through "
+                         "rollout -> host scores -> update")
+    scores = jnp.asarray(scores, jnp.float32)
+    if scores.shape != rollout.response_ids.shape[:1]:
+        raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
+                         f"({rollout.response_ids.shape[0]},)")
+    return jax.lax.stop_gradient(scores)
