@@ -18,7 +18,7 @@ def gae_advantages(rewards: Array, values: Array, mask: Array, *, gamma: Any = 1
     ``δ_t = r_t + γ V_next - V_t``, ``A_t = δ_t + γ λ A_next``, with ``V_next = A_next = 0`` after the
     last real token (``V_T = 0``: the episode ends there). Returns ``R_t = A_t + V_t``. Both outputs
     are 0 outside the mask, so adding padding anywhere never changes an advantage. ``gamma`` and
-    ``lam`` are traced (defaults γ = 1, λ = 0.95 as in the spec).
+    ``lam`` are traced (defaults γ = 1, λ = 0.95; docs/MATH.md §3.5).
 
     Shapes: ``rewards``, ``values``, ``mask``: ``[B, T]``. Returns ``(advantages, returns)``, ``[B, T]``
     float32. Whitening (global batch) is a separate step: :func:`rlhf_jax.losses.masked_whiten`.

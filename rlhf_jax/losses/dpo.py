@@ -25,12 +25,12 @@ def dpo_loss(policy_chosen_logp: Array, policy_rejected_logp: Array, ref_chosen_
     * ``hinge`` (SLiC): ``relu(1 - βΔ)``.
     * ``ipo`` (Azar et al. 2023), length-normalised as TRL does:
       ``(Δ_c/|c| - Δ_r/|r| - 1/(2β))²`` with ``chosen_len``/``rejected_len`` the completion token counts
-      (clamped ≥ 1). Pass them for the spec's form; without them ``|c| = |r| = 1`` (the paper's eq. 17
+      (clamped ≥ 1). Pass them for the form of docs/MATH.md §4.4; without them ``|c| = |r| = 1`` (the paper's eq. 17
       on the log-ratios as given, e.g. already per-token averages).
-    * ``robust`` (RLHF_SPEC §4, "robust/cDPO"): ``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)``, the expected loss
+    * ``robust`` (docs/MATH.md §4.4, "robust/cDPO"): ``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)``, the expected loss
       when a label is flipped with probability ε; divided by ``1 - 2ε`` when ``robust_normalize=True``.
     * ``rdpo`` (Chowdhury et al. 2024, TRL 1.12's ``robust``): ``[-(1-ε) log σ(βΔ) + ε log σ(-βΔ)] / (1 - 2ε)``,
-      the unbiased estimator under label-flip rate ε < 1/2 (note the + sign: not the spec's ``robust``).
+      the unbiased estimator under label-flip rate ε < 1/2 (note the + sign: not our ``robust``).
 
     ``beta`` and ``label_smoothing`` are traced. ``mask [B]`` (optional) drops padded pairs.
     Shapes: the four log-probs and lengths ``[B]``. Returns ``(loss, metrics)``: ``loss`` (mean over
