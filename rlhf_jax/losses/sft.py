@@ -13,97 +13,97 @@ from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, 
 
 @jax.custom_vjp
 def _masked_token_logprobs(logits: Array, targets: Array, mask: Array) -> Array:
-  """``log softmax(logits)[targets]`` on rows with ``mask > 0``, computed on ``where(mask, logits, 0)``.
+    """``log softmax(logits)[targets]`` on rows with ``mask > 0``, computed on ``where(mask, logits, 0)``.
 
-  ``z_y - logsumexp(z)`` without materialising the log-softmax. The backward pass is written out:
-  ``d logp / d logits = onehot(y) - softmax(z)`` as one elementwise pass (autodiff of
-  ``take_along_axis`` scatters into a zero ``[B, T, V]`` buffer and then selects the padding away:
-  two more passes over the largest tensor of a language-model step). Padding rows, even with
-  non-finite logits, get exactly zero gradient.
-  """
-  logp, _ = _masked_token_logprobs_fwd(logits, targets, mask)
-  return logp
+    ``z_y - logsumexp(z)`` without materialising the log-softmax. The backward pass is written out:
+    ``d logp / d logits = onehot(y) - softmax(z)`` as one elementwise pass (autodiff of
+    ``take_along_axis`` scatters into a zero ``[B, T, V]`` buffer and then selects the padding away:
+    two more passes over the largest tensor of a language-model step). Padding rows, even with
+    non-finite logits, get exactly zero gradient.
+    """
+    logp, _ = _masked_token_logprobs_fwd(logits, targets, mask)
+    return logp
 
 
 def _masked_token_logprobs_fwd(logits, targets, mask):
-  live = (mask > 0)[..., None]
-  z = jnp.where(live, logits, 0.0)
-  zmax = jnp.max(z, axis=-1, keepdims=True)  # a custom VJP: no gradient flows through this anyway
-  lse = jnp.log(jnp.sum(jnp.exp(z - zmax), axis=-1)) + zmax[..., 0]
-  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
-  return picked - lse, (logits, lse, targets, mask)
+    live = (mask > 0)[..., None]
+    z = jnp.where(live, logits, 0.0)
+    zmax = jnp.max(z, axis=-1, keepdims=True)  # a custom VJP: no gradient flows through this anyway
+    lse = jnp.log(jnp.sum(jnp.exp(z - zmax), axis=-1)) + zmax[..., 0]
+    picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return picked - lse, (logits, lse, targets, mask)
 
 
 def _masked_token_logprobs_bwd(res, g):
-  logits, lse, targets, mask = res
-  live = (mask > 0)[..., None]
-  p = jnp.exp(jnp.where(live, logits, 0.0) - lse[..., None])
-  onehot = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
-  d = jnp.where(live, (onehot.astype(p.dtype) - p) * g[..., None], 0.0)
-  return d.astype(logits.dtype), None, None
+    logits, lse, targets, mask = res
+    live = (mask > 0)[..., None]
+    p = jnp.exp(jnp.where(live, logits, 0.0) - lse[..., None])
+    onehot = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    d = jnp.where(live, (onehot.astype(p.dtype) - p) * g[..., None], 0.0)
+    return d.astype(logits.dtype), None, None
 
 
 _masked_token_logprobs.defvjp(_masked_token_logprobs_fwd, _masked_token_logprobs_bwd)
 
 
 def _check_logits_targets(fn: str, logits: Any, targets: Any, mask: Any, targets_name: str):
-  logits = check_float(fn, "logits", logits)
-  check_ndim(fn, "logits", logits, 3, "[B, T, V]")
-  targets = check_int(fn, targets_name, targets)
-  check_shape(fn, targets_name, targets, logits.shape[:2], "`logits` without its vocabulary axis")
-  m = check_mask(fn, "mask", mask, logits.shape[:2], "`logits` without its vocabulary axis")
-  # Padding is selected away inside `_masked_token_logprobs` BEFORE the non-linear math, so
-  # non-finite padding cannot reach a value or a gradient.
-  return logits, targets, m
+    logits = check_float(fn, "logits", logits)
+    check_ndim(fn, "logits", logits, 3, "[B, T, V]")
+    targets = check_int(fn, targets_name, targets)
+    check_shape(fn, targets_name, targets, logits.shape[:2], "`logits` without its vocabulary axis")
+    m = check_mask(fn, "mask", mask, logits.shape[:2], "`logits` without its vocabulary axis")
+    # Padding is selected away inside `_masked_token_logprobs` BEFORE the non-linear math, so
+    # non-finite padding cannot reach a value or a gradient.
+    return logits, targets, m
 
 
 def sequence_logprobs(logits: Array, tokens: Array, mask: Array, *, temperature: Any = 1.0) -> Array:
-  """Per-token log-probability of ``tokens`` under ``softmax(logits / temperature)``.
+    """Per-token log-probability of ``tokens`` under ``softmax(logits / temperature)``.
 
-  ``logp[b, t] = log softmax(logits[b, t] / τ)[tokens[b, t]]`` on masked positions, 0 elsewhere.
-  ``logits[b, t]`` must already be the distribution that predicts ``tokens[b, t]`` (the caller does
-  the one-position shift). The same τ as sampling must be used for logp, old_logp and ref_logp, or the
-  first PPO ratio is not 1. ``temperature`` is traced (changing it does not recompile).
+    ``logp[b, t] = log softmax(logits[b, t] / τ)[tokens[b, t]]`` on masked positions, 0 elsewhere.
+    ``logits[b, t]`` must already be the distribution that predicts ``tokens[b, t]`` (the caller does
+    the one-position shift). The same τ as sampling must be used for logp, old_logp and ref_logp, or the
+    first PPO ratio is not 1. ``temperature`` is traced (changing it does not recompile).
 
-  Shapes: ``logits [B, T, V]``, ``tokens [B, T]`` int, ``mask [B, T]`` -> ``[B, T]`` float32.
-  Sum over ``T`` for a sequence log-probability (as DPO needs).
-  """
-  fn = "sequence_logprobs"
-  logits, tokens, m = _check_logits_targets(fn, logits, tokens, mask, "tokens")
-  logp = _masked_token_logprobs(logits / as_float(temperature), tokens, m)
-  return jnp.where(m > 0, logp, 0.0)
+    Shapes: ``logits [B, T, V]``, ``tokens [B, T]`` int, ``mask [B, T]`` -> ``[B, T]`` float32.
+    Sum over ``T`` for a sequence log-probability (as DPO needs).
+    """
+    fn = "sequence_logprobs"
+    logits, tokens, m = _check_logits_targets(fn, logits, tokens, mask, "tokens")
+    logp = _masked_token_logprobs(logits / as_float(temperature), tokens, m)
+    return jnp.where(m > 0, logp, 0.0)
 
 
 def sft_loss(logits: Array, targets: Array, mask: Array, *, reduction: str = "token",
              normalizer: Optional[Any] = None) -> Tuple[Array, Dict[str, Array]]:
-  """Masked token cross-entropy.
+    """Masked token cross-entropy.
 
-  ``l[b, t] = logsumexp(logits[b, t]) - logits[b, t, targets[b, t]]`` on masked tokens
-  (response tokens; prompt and padding have ``mask = 0``). ``targets[b, t]`` is the token that
-  ``logits[b, t]`` predicts — the caller does the one-position shift (and for packed rows sets
-  ``mask = 0`` at the last token of each segment, so a segment never predicts the next one).
+    ``l[b, t] = logsumexp(logits[b, t]) - logits[b, t, targets[b, t]]`` on masked tokens
+    (response tokens; prompt and padding have ``mask = 0``). ``targets[b, t]`` is the token that
+    ``logits[b, t]`` predicts — the caller does the one-position shift (and for packed rows sets
+    ``mask = 0`` at the last token of each segment, so a segment never predicts the next one).
 
-  Reductions (see :func:`rlhf_jax.losses.common.reduction_terms`): ``"token"`` (default,
-  ``Σ m·l / Σ m``), ``"sequence"`` (mean over sequences of the per-sequence token mean), ``"sum"``.
-  ``normalizer``: divide the numerator by this (e.g. the global token count) instead.
+    Reductions (see :func:`rlhf_jax.losses.common.reduction_terms`): ``"token"`` (default,
+    ``Σ m·l / Σ m``), ``"sequence"`` (mean over sequences of the per-sequence token mean), ``"sum"``.
+    ``normalizer``: divide the numerator by this (e.g. the global token count) instead.
 
-  Shapes: ``logits [B, T, V]`` float, ``targets [B, T]`` int, ``mask [B, T]``.
-  Returns ``(loss, metrics)`` with metrics ``loss``, ``nll`` (token-mean NLL), ``accuracy``
-  (token-mean argmax accuracy), ``num_tokens``, ``loss_numerator``, ``loss_denominator``.
-  """
-  fn = "sft_loss"
-  check_choice(fn, "reduction", reduction, ("token", "sequence", "sum"))
-  logits, targets, m = _check_logits_targets(fn, logits, targets, mask, "targets")
-  nll = -_masked_token_logprobs(logits, targets, m)
-  loss, num, den = reduce_loss(nll, m, reduction, normalizer=normalizer)
-  n_tok = jnp.sum(m)
-  correct = (jnp.argmax(jnp.where(m[..., None] > 0, logits, 0.0), axis=-1) == targets).astype(jnp.float32)
-  metrics = {
-      "loss": loss,
-      "nll": jnp.sum(jnp.where(m > 0, nll * m, 0.0)) / jnp.maximum(n_tok, 1.0),
-      "accuracy": jnp.sum(correct * m) / jnp.maximum(n_tok, 1.0),
-      "num_tokens": n_tok,
-      "loss_numerator": num,
-      "loss_denominator": den,
-  }
-  return loss, metrics
+    Shapes: ``logits [B, T, V]`` float, ``targets [B, T]`` int, ``mask [B, T]``.
+    Returns ``(loss, metrics)`` with metrics ``loss``, ``nll`` (token-mean NLL), ``accuracy``
+    (token-mean argmax accuracy), ``num_tokens``, ``loss_numerator``, ``loss_denominator``.
+    """
+    fn = "sft_loss"
+    check_choice(fn, "reduction", reduction, ("token", "sequence", "sum"))
+    logits, targets, m = _check_logits_targets(fn, logits, targets, mask, "targets")
+    nll = -_masked_token_logprobs(logits, targets, m)
+    loss, num, den = reduce_loss(nll, m, reduction, normalizer=normalizer)
+    n_tok = jnp.sum(m)
+    correct = (jnp.argmax(jnp.where(m[..., None] > 0, logits, 0.0), axis=-1) == targets).astype(jnp.float32)
+    metrics = {
+        "loss": loss,
+        "nll": jnp.sum(jnp.where(m > 0, nll * m, 0.0)) / jnp.maximum(n_tok, 1.0),
+        "accuracy": jnp.sum(correct * m) / jnp.maximum(n_tok, 1.0),
+        "num_tokens": n_tok,
+        "loss_numerator": num,
+        "loss_denominator": den,
+    }
+    return loss, metrics
