@@ -43,7 +43,7 @@ def parts():
 
 def test_dpo_raises_margin_and_accuracy(parts):
     model, params, batch = parts
-    cfg = DPOConfig(loss_type="sigmoid", beta=0.1, lr=3e-3, precompute_ref=True)
+    cfg = DPOConfig(loss_type="sigmoid", hparams=DPOHParams(beta=0.1, lr=3e-3), precompute_ref=True)
     frozen = DPOFrozen(ref_params=params, model=model)
     state = init_dpo_state(model=model, params=params, tx=make_optimizer(OPTIM, params, total_steps=100), cfg=cfg)
     batch = {**batch, **precompute_reference_logps(model, params, batch)}
@@ -61,14 +61,13 @@ def test_dpo_raises_margin_and_accuracy(parts):
 
 def test_precomputed_reference_equals_on_the_fly(parts):
     model, params, batch = parts
-    cfg = DPOConfig(loss_type="ipo", beta=0.5, lr=1e-3)  # IPO also exercises the completion lengths
+    cfg = DPOConfig(loss_type="ipo", hparams=DPOHParams(beta=0.5, lr=1e-3))  # IPO also exercises the completion lengths
     frozen = DPOFrozen(ref_params=params, model=model)
     tx = make_optimizer(OPTIM, params, total_steps=100)
-    hp = DPOHParams.from_config(cfg)
-    s1, m1 = dpo_step(init_dpo_state(model=model, params=params, tx=tx, cfg=cfg), frozen, batch, cfg=cfg, hparams=hp)
+    s1, m1 = dpo_step(init_dpo_state(model=model, params=params, tx=tx, cfg=cfg), frozen, batch, cfg=cfg)
     pre = {**batch, **precompute_reference_logps(model, params, batch)}
     s2, m2 = dpo_step(init_dpo_state(model=model, params=params, tx=tx, cfg=cfg), DPOFrozen(None, model), pre,
-                      cfg=cfg, hparams=hp)
+                      cfg=cfg)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

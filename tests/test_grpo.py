@@ -2,8 +2,6 @@
 on-policy ratio is exactly 1, groups are contiguous, the advantages are the losses package's."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +10,12 @@ import pytest
 from rlhf_jax import losses
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM, init_params, tiny_config
-from rlhf_jax.rl import (GRPOConfig, GRPOHParams, PPOFrozen, grpo_iteration, grpo_rollout, init_grpo_state,
-                         rloo_iteration)
+from rlhf_jax.rl import GRPOConfig, GRPOHParams
+from rlhf_jax.rl import RLFrozen as PPOFrozen
+from rlhf_jax.rl import init_state as init_grpo_state
+from rlhf_jax.rl import iteration as grpo_iteration
+from rlhf_jax.rl import iteration as rloo_iteration
+from rlhf_jax.rl import rollout as grpo_rollout
 from rlhf_jax.rl.grpo import group_advantages
 from rlhf_jax.training.optim import OptimConfig, make_optimizer
 
@@ -43,19 +45,18 @@ def parts():
 
 def _train(parts, cfg, n, iteration):
     model, params, prompts, frozen = parts
-    hparams = GRPOHParams.from_config(cfg)
     state = init_grpo_state(policy_model=model, policy_params=params,
-                            policy_tx=make_optimizer(OPTIM, params, total_steps=1000), cfg=cfg, hparams=hparams)
+                            policy_tx=make_optimizer(OPTIM, params, total_steps=1000), cfg=cfg)
     hist = []
     for _ in range(n):
-        state, m = iteration(state, frozen, prompts, cfg=cfg, hparams=hparams)
+        state, m = iteration(state, frozen, prompts, cfg=cfg)
         hist.append({k: float(v) for k, v in m.items()})
     return state, hist
 
 
 def test_grpo_raises_reward_with_k3_kl_in_loss(parts):
-    cfg = GRPOConfig(batch_size=4, group_size=4, max_new_tokens=8, minibatches=2, use_kl_loss=True, kl_coef=0.01,
-                     lr=5e-3)
+    cfg = GRPOConfig(batch_size=4, group_size=4, max_new_tokens=8, minibatches=2, use_kl_loss=True, 
+                     hparams=GRPOHParams(kl_coef=0.01, lr=5e-3))
     _, hist = _train(parts, cfg, 25, grpo_iteration)
     for h in hist:
         assert h["first_ratio_mean"] == pytest.approx(1.0, abs=1e-6) and h["first_clipfrac"] == 0.0
@@ -67,7 +68,7 @@ def test_grpo_raises_reward_with_k3_kl_in_loss(parts):
 
 def test_rloo_raises_reward_with_kl_in_reward(parts):
     cfg = GRPOConfig(batch_size=4, group_size=4, max_new_tokens=8, advantage="rloo", use_kl_loss=False,
-                     loss_aggregation="token-mean", kl_coef=0.01, lr=5e-3)
+                     loss_aggregation="token-mean", hparams=GRPOHParams(kl_coef=0.01, lr=5e-3))
     _, hist = _train(parts, cfg, 25, rloo_iteration)
     first = np.mean([h["score"] for h in hist[:3]])
     last = np.mean([h["score"] for h in hist[-3:]])
@@ -85,14 +86,14 @@ def test_groups_are_contiguous_and_advantages_match_losses(parts):
     roll = grpo_rollout(state, frozen, prompts, jax.random.PRNGKey(3), cfg=cfg)
     np.testing.assert_array_equal(roll.prompt_ids, np.repeat(np.asarray(prompts["prompt_ids"]), 4, axis=0))
     scores = jnp.arange(16, dtype=jnp.float32) % 5
-    adv, _ = group_advantages(scores, roll.old_logp, roll.ref_logp, roll.response_mask, cfg=cfg,
-                              kl_coef=jnp.float32(0.0))
+    adv, _ = group_advantages(scores, losses.kl_estimate(roll.old_logp, roll.ref_logp, mask=roll.response_mask),
+                              cfg=cfg, kl_coef=jnp.float32(0.0))
     g = np.asarray(scores).reshape(4, 4)
     expected = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)
     np.testing.assert_allclose(adv, expected.reshape(-1), rtol=1e-5)
-    cfg_r = dataclasses.replace(cfg, advantage="rloo", use_kl_loss=False)
-    adv_r, rewards = group_advantages(scores, roll.old_logp, roll.ref_logp, roll.response_mask, cfg=cfg_r,
-                                      kl_coef=jnp.float32(0.0))
+    cfg_r = cfg.replace(advantage="rloo", use_kl_loss=False)
+    adv_r, rewards = group_advantages(scores, losses.kl_estimate(roll.old_logp, roll.ref_logp, mask=roll.response_mask),
+                                      cfg=cfg_r, kl_coef=jnp.float32(0.0))
     np.testing.assert_allclose(adv_r, losses.rloo_advantages(scores, 4), rtol=1e-6)
     loo = (g.sum(1, keepdims=True) - g) / 3
     np.testing.assert_allclose(adv_r, (g - loo).reshape(-1), rtol=1e-5, atol=1e-6)

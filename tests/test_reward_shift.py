@@ -1,7 +1,7 @@
 """The reward model's normalisation shift is applied with the sign train_reward records.
 
 train_reward stores ``shift = -mean score`` of reference responses and documents
-``reward = model_score + shift`` (RLHF_SPEC §2); PPO must score rollouts the same way, so the
+``reward = model_score + shift`` (docs/MATH.md §2.4); PPO must score rollouts the same way, so the
 SFT policy's responses score mean 0 during RL.
 """
 import jax
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models import ScalarHeadModel, init_params, tiny_config
-from rlhf_jax.rl.ppo import PPOFrozen, score_rollout
-from rlhf_jax.rl.experience import Rollout, reward_model_scores
+from rlhf_jax.rl import RLFrozen as PPOFrozen
+from rlhf_jax.rl.experience import Rollout, reward_model_scores, score_rollout
 
 
 def test_ppo_scores_add_the_recorded_shift():

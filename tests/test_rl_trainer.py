@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.config import ConfigError, apply_overrides
-from rlhf_jax.rl.config import GRPOConfig, PPOConfig
-from rlhf_jax.rl.trainer import (DPOTrainConfig, GRPOTrainConfig, PPOTrainConfig, RewardSection, train_dpo, train_grpo,
-                                 train_ppo)
+from rlhf_jax.rl import (DPOTrainConfig, GRPOConfig, GRPOHParams, GRPOTrainConfig, PPOConfig, PPOHParams,
+                         PPOTrainConfig, RewardSection, train_dpo, train_grpo, train_ppo)
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import ModelSection
 from rlhf_jax.training.metrics import LogConfig, read_jsonl
@@ -23,7 +22,8 @@ LOG = LogConfig(every=1, tensorboard=False, progress=False)
 
 def ppo_cfg(out, **kw):
     base = PPOTrainConfig(task="sort", policy=SMALL,
-                          ppo=PPOConfig(batch_size=8, max_new_tokens=10, ppo_epochs=2, minibatches=2, lr=1e-3),
+                          ppo=PPOConfig(batch_size=8, max_new_tokens=10, ppo_epochs=2, minibatches=2,
+                                        hparams=PPOHParams(lr=1e-3)),
                           checkpoint=CheckpointConfig(every=2, keep=5, async_save=False), log=LOG, iterations=4,
                           sample_every=0, out_dir=str(out), export=False,
                           # a fixed schedule horizon: the 2- and 4-iteration runs share one optimizer (one compile)
@@ -69,7 +69,8 @@ def test_python_reward_path_logs_samples_and_exports(tmp_path):
 
 def test_grpo_trainer_and_dpo_trainer_run(tmp_path):
     g = train_grpo(GRPOTrainConfig(task="sort", policy=SMALL,
-                                   grpo=GRPOConfig(batch_size=4, group_size=4, max_new_tokens=10, lr=1e-3),
+                                   grpo=GRPOConfig(batch_size=4, group_size=4, max_new_tokens=10,
+                                                   hparams=GRPOHParams(lr=1e-3)),
                                    checkpoint=CheckpointConfig(every=0, async_save=False), log=LOG, iterations=2,
                                    sample_every=0, out_dir=str(tmp_path / "grpo"), export=False))
     assert len(read_jsonl(g.metrics_path)) == 2
@@ -107,12 +108,11 @@ def test_cli_runs_ppo(tmp_path, capsys):
 def test_make_train_from_a_trainer_config_vmaps_over_beta(tmp_path):
     import jax
 
-    from rlhf_jax.rl import make_train, stack_hparams, sweep_keys
-    from rlhf_jax.rl.trainer import build_setup
+    from rlhf_jax.rl import build_setup, make_train, stack_hparams, sweep_keys
     cfg = ppo_cfg(tmp_path / "sweep", iterations=2)
     setup = build_setup(cfg, num_prompts=16)
     assert setup.prompts["prompt_ids"].shape == (16, 8) and setup.algo.stop_token_ids == (2,)
-    train = make_train(cfg, setup)
+    train = make_train(setup.algo, setup, num_iterations=cfg.iterations)
     hp, seeds = stack_hparams(setup.algo, {"kl_coef": [0.0, 0.5]}, num_seeds=1)
     _, hist = jax.jit(jax.vmap(train))(hp, sweep_keys(0, seeds))
     assert hist["score"].shape == (2, 2)
@@ -121,7 +121,7 @@ def test_make_train_from_a_trainer_config_vmaps_over_beta(tmp_path):
 
 
 # every rollout row and minibatch must split over all 8 devices (the batch is sharded over data x fsdp)
-MESH_PPO = PPOConfig(batch_size=16, max_new_tokens=10, ppo_epochs=2, minibatches=2, lr=1e-3)
+MESH_PPO = PPOConfig(batch_size=16, max_new_tokens=10, ppo_epochs=2, minibatches=2, hparams=PPOHParams(lr=1e-3))
 MESH_SCRIPT = r"""
 import dataclasses, json, sys
 sys.path.insert(0, {tests!r})

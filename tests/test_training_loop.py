@@ -75,13 +75,16 @@ def read_tfrecords(path):
 
 
 def _run(tmp_path, batches, total, mesh=MeshConfig(), **kw):
-    return loop.run_training(
-        state=toy_state(), step_fn=scaled_step, step_static={"cfg": 2},
-        data_iter=ListIterator(batches), batch_keys=("input_ids", "targets", "loss_mask", "scale"),
-        total_steps=total, out_dir=tmp_path, config_dict={"toy": True},
-        placement=loop.make_placement(mesh),
-        ckpt_cfg=CheckpointConfig(every=2, keep=2), log_cfg=LogConfig(every=1, progress=False),
-        tokens_per_batch=lambda b: float(b["input_ids"].size), flops_per_token=100.0, **kw)
+    placement = loop.make_placement(mesh)
+    keys = ("input_ids", "targets", "loss_mask", "scale")
+    job = loop.Job(
+        name="toy", state=toy_state(), make_step=lambda placed: loop.compile_step(placement, scaled_step, placed, cfg=2),
+        batches=ListIterator(batches), prepare=lambda b: loop.put(placement, {k: b[k] for k in keys}),
+        total_steps=total, config_dict={"toy": True}, placement=placement,
+        tokens=lambda b, m: float(b["input_ids"].size), flops_per_token=100.0, **kw)
+    res = loop.run(job, out_dir=tmp_path, ckpt_cfg=CheckpointConfig(every=2, keep=2),
+                   log_cfg=LogConfig(every=1, progress=False))
+    return res.state, res
 
 
 def test_metrics_jsonl_and_tensorboard_files(tmp_path):

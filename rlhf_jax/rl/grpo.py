@@ -125,12 +125,7 @@ class GRPOConfig:
 
     def advantages(self, algo_state, rollout, scores, kl_tok):
         kl_coef = jnp.asarray(self.hparams.kl_coef, jnp.float32)
-        if self.advantage == "rloo":
-            rewards = scores - kl_coef * jnp.sum(kl_tok, axis=1)
-            advantages = losses.rloo_advantages(rewards, self.group_size)
-        else:
-            rewards = scores
-            advantages = losses.grpo_advantages(scores, self.group_size, scale=self.advantage_scale)
+        advantages, rewards = group_advantages(scores, kl_tok, cfg=self, kl_coef=kl_coef)
         group_std = jnp.std(scores.reshape(self.batch_size, self.group_size), axis=1, ddof=1)
         metrics = {
             "reward": jnp.mean(rewards),
@@ -154,3 +149,12 @@ class GRPOConfig:
         if self.use_kl_loss:
             metrics["kl_loss"] = m["kl"]
         return loss, metrics
+
+
+def group_advantages(scores, kl_tok, *, cfg: GRPOConfig, kl_coef) -> tuple:
+    """``(advantages [B·G], rewards [B·G])`` of a grouped rollout: GRPO's normalised group baseline on the
+    scores, or RLOO's leave-one-out baseline on ``score − β Σ_t k1_t`` (``kl_tok`` = per-token k1)."""
+    if cfg.advantage == "rloo":
+        rewards = scores - kl_coef * jnp.sum(kl_tok, axis=1)
+        return losses.rloo_advantages(rewards, cfg.group_size), rewards
+    return losses.grpo_advantages(scores, cfg.group_size, scale=cfg.advantage_scale), scores
