@@ -16,7 +16,7 @@ from rlhf_jax.data.batching import (bucket_length, default_buckets, preference_b
 from rlhf_jax.data.errors import DataError, DataStats, Location
 from rlhf_jax.data.formats import (FORMATS, detect_format, parse_field_map, parse_record,
                                    split_shared_prefix)
-from rlhf_jax.data.pipeline import (DataConfig, DataIterator, PrefetchIterator, epoch_order,
+from rlhf_jax.data.iterators import (DataConfig, DataIterator, PrefetchIterator, epoch_order,
                                     host_rows, make_iterator, preference_batches, prompt_batches, ranking_batches, read_records,
                                     sft_batches)
 from rlhf_jax.data.sources import (ConcatSource, JsonlSource, MemorySource, ParquetSource,

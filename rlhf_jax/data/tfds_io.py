@@ -222,7 +222,7 @@ def files_to_tfds(files_by_split: Mapping[str, Any], name: str, data_dir: str | 
 
     Every row is validated in format ``fmt`` and stored in its canonical form (so bad rows fail
     here, naming file and line, or are skipped and counted). Returns (dataset dir, stats)."""
-    from rlhf_jax.data.pipeline import read_records
+    from rlhf_jax.data.iterators import read_records
 
     _check_name(name)
     stats = DataStats()
