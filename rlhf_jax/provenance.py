@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+
+from rlhf_jax.config import to_dict
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "transformers",
             "tokenizers", "safetensors", "tensorflow-datasets", "torch", "rlhf_jax")
 
@@ -77,7 +81,6 @@ def git_info(path: str | Path | None = None) -> dict[str, Any]:
 
 def device_info() -> dict[str, Any]:
     """The device set as JAX sees it (initialises the backend)."""
-    import jax
     devices = jax.devices()
     return {"platform": devices[0].platform if devices else None, "count": len(devices),
             "local_count": jax.local_device_count(), "kinds": sorted({d.device_kind for d in devices}),
@@ -86,7 +89,6 @@ def device_info() -> dict[str, Any]:
 
 
 def _config_dict(cfg: Any) -> Any:
-    from rlhf_jax.config import to_dict
     if isinstance(cfg, Mapping):
         return to_dict(dict(cfg))
     return to_dict(cfg)
@@ -117,7 +119,6 @@ def write_run_record(out_dir: str | Path, cfg: Any, *, extra: Mapping[str, Any] 
     ``cfg``: a config dataclass (or a mapping). ``extra``: JSON-serialisable additions. In a
     multi-host run only process 0 writes (others return None).
     """
-    import jax
     if jax.process_index() != 0:
         return None
     record = run_record(cfg, extra=extra)

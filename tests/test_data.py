@@ -415,12 +415,12 @@ def test_data_config_overrides_and_make_iterator(tok, tmp_path):
 
 
 def test_read_ahead_changes_nothing(tok, monkeypatch):
-    from rlhf_jax.data import pipeline
+    from rlhf_jax.data import iterators
 
     recs = SFT * 4 + [{"prompt": "one", "completion": "two"}] * 3
     mk = lambda: list(data.sft_batches(recs, tok, batch_size=2, seq_len=16, seed=1, num_epochs=2))
     ref = mk()
-    monkeypatch.setattr(pipeline, "PREFETCH", 1)                  # one row at a time, unbatched
+    monkeypatch.setattr(iterators, "PREFETCH", 1)                  # one row at a time, unbatched
     one = mk()
     assert len(ref) == len(one)
     for a, b in zip(ref, one):

@@ -8,33 +8,25 @@ Batch layouts are fixed in docs/DESIGN.md ("Data"). Typical use::
     batch = next(it); ckpt["data"] = it.state(); ...; it.restore(ckpt["data"])
     metrics.update(it.stats.as_metrics())
 
-The TFDS names (``RecordsBuilder``, ``TfdsSource``, ``write_tfds_dataset``, ``files_to_tfds``,
-``infer_features_spec``) are imported on first use, so ``import rlhf_jax.data`` stays light.
+Modules, lowest first (each imports only those before it): ``errors``, ``batching``, ``formats``,
+``tokenize``, ``sources`` (JSONL, Parquet, TFDS readers), ``iterators`` (``DataIterator``,
+``DataConfig``, ``make_iterator``), ``tfds_io`` (TFDS builders and conversion), ``cli``.
+``tensorflow_datasets`` is a required dependency and is imported with this package (no TensorFlow).
 """
 from rlhf_jax.data.batching import (bucket_length, default_buckets, preference_batch, prompt_batch,
                                     ranking_batch, sft_batch)
 from rlhf_jax.data.errors import DataError, DataStats, Location
 from rlhf_jax.data.formats import (FORMATS, detect_format, parse_field_map, parse_record,
                                    split_shared_prefix)
-from rlhf_jax.data.pipeline import (DataConfig, DataIterator, PrefetchIterator, epoch_order,
-                                    host_rows, make_iterator, preference_batches, prompt_batches, ranking_batches, read_records,
-                                    sft_batches)
+from rlhf_jax.data.iterators import (DataConfig, DataIterator, PrefetchIterator, epoch_order, host_rows,
+                                     make_iterator, preference_batches, prompt_batches, ranking_batches,
+                                     read_records, sft_batches)
 from rlhf_jax.data.sources import (ConcatSource, JsonlSource, MemorySource, ParquetSource,
-                                   RecordSource, open_source)
+                                   RecordSource, TfdsSource, open_source)
+from rlhf_jax.data.tfds_io import (FEATURE_KINDS, RecordsBuilder, files_to_tfds, infer_features_spec,
+                                   write_tfds_dataset)
 from rlhf_jax.data.tokenize import (TRUNCATION_POLICIES, Encoder, TokenizeOptions, load_tokenizer,
                                     normalized_ranks, tokenize_record)
-
-_TFDS_NAMES = ("RecordsBuilder", "TfdsSource", "write_tfds_dataset", "files_to_tfds",
-               "infer_features_spec", "FEATURE_KINDS")
-
-
-def __getattr__(name):
-    if name in _TFDS_NAMES:
-        from rlhf_jax.data import tfds_io
-
-        return getattr(tfds_io, name)
-    raise AttributeError(f"module 'rlhf_jax.data' has no attribute {name!r}")
-
 
 __all__ = [
     "DataError", "DataStats", "Location", "FORMATS", "detect_format", "parse_record",
@@ -44,5 +36,6 @@ __all__ = [
     "preference_batch", "ranking_batch", "prompt_batch", "default_buckets", "bucket_length",
     "DataIterator", "PrefetchIterator", "DataConfig", "make_iterator", "sft_batches", "preference_batches",
     "ranking_batches", "prompt_batches", "read_records", "epoch_order", "host_rows",
-    *_TFDS_NAMES,
+    "TfdsSource", "RecordsBuilder", "write_tfds_dataset", "files_to_tfds", "infer_features_spec",
+    "FEATURE_KINDS",
 ]

@@ -15,7 +15,10 @@ import json
 import sys
 
 from rlhf_jax.data.errors import DataError, DataStats
-from rlhf_jax.data.formats import FORMATS, detect_format, parse_field_map
+from rlhf_jax.data.formats import FORMATS, apply_field_map, detect_format, parse_field_map, parse_record
+from rlhf_jax.data.sources import open_source
+from rlhf_jax.data.tfds_io import files_to_tfds
+from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, load_tokenizer, tokenize_record
 
 _ACTIONS = ("validate", "inspect", "to-tfds")
 
@@ -42,8 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _source(spec: str, args):
-    from rlhf_jax.data.sources import open_source
-
     return open_source(spec, split=args.split, data_dir=args.data_dir)
 
 
@@ -51,8 +52,6 @@ def _format(args, src) -> str:
     if args.format != "auto":
         return args.format
     fmap = parse_field_map(args.field_map)
-    from rlhf_jax.data.formats import apply_field_map
-
     for i in range(len(src)):
         try:
             raw, _ = src.get(i)
@@ -64,8 +63,6 @@ def _format(args, src) -> str:
 
 
 def _validate(args) -> int:
-    from rlhf_jax.data.formats import parse_record
-
     fmap = parse_field_map(args.field_map)
     total, bad = DataStats(), 0
     for spec in args.files:
@@ -92,9 +89,6 @@ def _validate(args) -> int:
 
 
 def _inspect(args) -> int:
-    from rlhf_jax.data.formats import parse_record
-    from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, load_tokenizer, tokenize_record
-
     fmap = parse_field_map(args.field_map)
     src = _source(args.files[0], args)
     fmt = _format(args, src)
@@ -131,8 +125,6 @@ def _inspect(args) -> int:
 
 
 def _to_tfds(args) -> int:
-    from rlhf_jax.data.tfds_io import files_to_tfds
-
     if not args.name or not args.data_dir:
         raise DataError("to-tfds needs --name and --data-dir", reason="config")
     by_split: dict[str, list[str]] = {}

@@ -1,4 +1,7 @@
-"""Random-access record sources: JSONL, Parquet, in-memory lists (TFDS lives in ``tfds_io``).
+"""Random-access record sources: JSONL, Parquet, prepared TFDS datasets, in-memory lists.
+
+The TFDS *writers* (builders, conversion) live in ``tfds_io``; :class:`TfdsSource` reads here and,
+like :class:`ParquetSource` with pyarrow, imports ``tensorflow_datasets`` only when constructed.
 
 A source is a sequence of raw records: ``len(src)`` and ``src.get(i) -> (dict, Location)``.
 Random access is what makes shuffling from a seed, per-host sharding (a host parses only its own
@@ -17,7 +20,10 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from rlhf_jax.data.errors import DataError, Location
+from rlhf_jax.data.formats import apply_field_map, parse_field_map
 
 
 class RecordSource:
@@ -234,6 +240,86 @@ class ConcatSource(RecordSource):
         return self._sources[k].get(index - self._starts[k])
 
 
+def _to_python(value: Any) -> Any:
+    """numpy arrays/scalars -> Python lists/scalars, recursively."""
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value.tolist()] if value.ndim else _to_python(value.item())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    return value
+
+
+def _sequence_of_dicts(feature) -> bool:
+    import tensorflow_datasets as tfds
+
+    return (isinstance(feature, tfds.features.Sequence)
+            and isinstance(feature.feature, tfds.features.FeaturesDict))
+
+
+def _unstack(d: Mapping[str, list]) -> list[dict[str, Any]]:
+    """A ``Sequence({...})`` value (dict of equal-length lists) -> list of dicts."""
+    n = len(next(iter(d.values()))) if d else 0
+    return [{k: d[k][i] for k in d} for i in range(n)]
+
+
+class TfdsSource(RecordSource):
+    """Rows of a prepared TFDS dataset (``array_record``) read with ``tfds.data_source``.
+
+    ``name`` as in ``tfds.builder`` (``"name"``, ``"name/config:1.0.0"``); ``field_map``
+    (``{canonical: column}``) is applied to every row (format parsers apply it too, so either
+    place works). Text comes back as ``str``; a row that is not UTF-8 raises DataError."""
+
+    def __init__(self, name: str, *, split: str = "train", data_dir: str | os.PathLike | None = None,
+                 field_map=None):
+        import tensorflow_datasets as tfds
+
+        data_dir = os.fspath(data_dir) if data_dir else None
+        self.name = f"tfds:{name}/{split}"
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # DatasetNotFoundError and friends
+            raise DataError(f"cannot open TFDS dataset {name!r} in data_dir {data_dir!r}: {e}",
+                            location=Location(self.name, 0, "file"), reason="missing_file") from e
+        splits = list(builder.info.splits.keys())
+        if split not in splits and "[" not in split:
+            raise DataError(f"no split {split!r}; the dataset has {splits}",
+                            location=Location(self.name, 0, "file"), reason="missing_file")
+        try:
+            self._ds = builder.as_data_source(split=split)
+        except Exception as e:
+            raise DataError(f"cannot read TFDS dataset {name!r} as a data source (it must be "
+                            f"prepared in array_record format): {e}",
+                            location=Location(self.name, 0, "file"), reason="bad_file") from e
+        meta = builder.info.metadata or {}
+        self._json_fields = set(meta.get("rlhf_jax_json_fields", []) or [])
+        features = builder.info.features
+        self._stacked = {k for k, f in features.items() if _sequence_of_dicts(f)} if features else set()
+        self._field_map = parse_field_map(field_map)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def get(self, index: int) -> tuple[dict[str, Any], Location]:
+        self._check_index(index)
+        loc = Location(self.name, index + 1, "row")
+        row = _decode_bytes(_to_python(self._ds[int(index)]), loc)
+        for k in self._stacked:
+            if isinstance(row.get(k), Mapping):
+                row[k] = _unstack(row[k])
+        for k in self._json_fields:
+            if k in row and isinstance(row[k], str):
+                try:
+                    row[k] = json.loads(row[k])
+                except json.JSONDecodeError as e:
+                    raise DataError(f"stored JSON is malformed: {e.msg}", location=loc, field=k,
+                                    reason="malformed_json") from None
+        return apply_field_map(row, self._field_map), loc
+
+
 def open_file(path: str | os.PathLike) -> RecordSource:
     """A JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``/``.pq``) file."""
     p = os.fspath(path)
@@ -274,8 +360,6 @@ def open_source(spec: str | os.PathLike | Sequence[str] | RecordSource, *, split
     if isinstance(spec, RecordSource):
         return spec
     if isinstance(spec, str) and spec.startswith("tfds:"):
-        from rlhf_jax.data.tfds_io import TfdsSource
-
         return TfdsSource(spec[len("tfds:"):], split=split, data_dir=data_dir)
     files = expand_paths(spec)
     sources = [open_file(p) for p in files]

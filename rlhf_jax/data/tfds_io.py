@@ -6,7 +6,8 @@ and :func:`files_to_tfds` turns a user's JSONL/Parquet files into a validated TF
 are ``array_record`` (random access, no TF needed), example order is kept
 (``disable_shuffling``).
 
-Reading: :class:`TfdsSource` opens any prepared dataset in a ``data_dir`` by name through
+Reading: :class:`TfdsSource` (defined in ``sources`` beside the other record sources, so
+``open_source("tfds:NAME")`` needs no import of this module; re-exported here) opens any prepared dataset in a ``data_dir`` by name through
 ``tfds.data_source`` (a project builder, a converted file, or a dataset someone else prepared in
 ``array_record`` format), decodes TFDS values (bytes -> str, ``Sequence({...})`` dict-of-lists ->
 list of dicts, numpy -> Python) and renames columns with a field map.
@@ -27,11 +28,15 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from rlhf_jax.data.errors import DataError, DataStats, Location
-from rlhf_jax.data.formats import apply_field_map, parse_field_map
-from rlhf_jax.data.sources import RecordSource, _decode_bytes
-
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
+
+from rlhf_jax.data.errors import DataError, DataStats
+from rlhf_jax.data.iterators import read_records
+from rlhf_jax.data.sources import TfdsSource  # the reader lives with the other sources; re-exported
+
+__all__ = ["FEATURE_KINDS", "RecordsBuilder", "TfdsSource", "files_to_tfds", "infer_features_spec",
+           "write_tfds_dataset"]
 
 FEATURE_KINDS = ("text", "int", "float", "text_list", "int_list", "messages", "json")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -205,8 +210,6 @@ class _quiet:
     """Turns TFDS progress bars off for a block (they flood test logs)."""
 
     def __enter__(self):
-        from tensorflow_datasets.core.utils import tqdm_utils
-
         self._was = tqdm_utils._active
         tfds.disable_progress_bar()
 
@@ -222,8 +225,6 @@ def files_to_tfds(files_by_split: Mapping[str, Any], name: str, data_dir: str | 
 
     Every row is validated in format ``fmt`` and stored in its canonical form (so bad rows fail
     here, naming file and line, or are skipped and counted). Returns (dataset dir, stats)."""
-    from rlhf_jax.data.pipeline import read_records
-
     _check_name(name)
     stats = DataStats()
     by_split = {}
@@ -237,79 +238,3 @@ def files_to_tfds(files_by_split: Mapping[str, Any], name: str, data_dir: str | 
                              description=f"{fmt} records converted by rlhf_jax from "
                              f"{ {k: str(v) for k, v in files_by_split.items()} }")
     return out, stats
-
-
-def _to_python(value: Any) -> Any:
-    """numpy arrays/scalars -> Python lists/scalars, recursively."""
-    if isinstance(value, np.ndarray):
-        return [_to_python(v) for v in value.tolist()] if value.ndim else _to_python(value.item())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {k: _to_python(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_python(v) for v in value]
-    return value
-
-
-def _sequence_of_dicts(feature) -> bool:
-    return (isinstance(feature, tfds.features.Sequence)
-            and isinstance(feature.feature, tfds.features.FeaturesDict))
-
-
-def _unstack(d: Mapping[str, list]) -> list[dict[str, Any]]:
-    """A ``Sequence({...})`` value (dict of equal-length lists) -> list of dicts."""
-    n = len(next(iter(d.values()))) if d else 0
-    return [{k: d[k][i] for k in d} for i in range(n)]
-
-
-class TfdsSource(RecordSource):
-    """Rows of a prepared TFDS dataset (``array_record``) read with ``tfds.data_source``.
-
-    ``name`` as in ``tfds.builder`` (``"name"``, ``"name/config:1.0.0"``); ``field_map``
-    (``{canonical: column}``) is applied to every row (format parsers apply it too, so either
-    place works). Text comes back as ``str``; a row that is not UTF-8 raises DataError."""
-
-    def __init__(self, name: str, *, split: str = "train", data_dir: str | os.PathLike | None = None,
-                 field_map=None):
-        data_dir = os.fspath(data_dir) if data_dir else None
-        self.name = f"tfds:{name}/{split}"
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as e:  # DatasetNotFoundError and friends
-            raise DataError(f"cannot open TFDS dataset {name!r} in data_dir {data_dir!r}: {e}",
-                            location=Location(self.name, 0, "file"), reason="missing_file") from e
-        splits = list(builder.info.splits.keys())
-        if split not in splits and "[" not in split:
-            raise DataError(f"no split {split!r}; the dataset has {splits}",
-                            location=Location(self.name, 0, "file"), reason="missing_file")
-        try:
-            self._ds = builder.as_data_source(split=split)
-        except Exception as e:
-            raise DataError(f"cannot read TFDS dataset {name!r} as a data source (it must be "
-                            f"prepared in array_record format): {e}",
-                            location=Location(self.name, 0, "file"), reason="bad_file") from e
-        meta = builder.info.metadata or {}
-        self._json_fields = set(meta.get("rlhf_jax_json_fields", []) or [])
-        features = builder.info.features
-        self._stacked = {k for k, f in features.items() if _sequence_of_dicts(f)} if features else set()
-        self._field_map = parse_field_map(field_map)
-
-    def __len__(self) -> int:
-        return len(self._ds)
-
-    def get(self, index: int) -> tuple[dict[str, Any], Location]:
-        self._check_index(index)
-        loc = Location(self.name, index + 1, "row")
-        row = _decode_bytes(_to_python(self._ds[int(index)]), loc)
-        for k in self._stacked:
-            if isinstance(row.get(k), Mapping):
-                row[k] = _unstack(row[k])
-        for k in self._json_fields:
-            if k in row and isinstance(row[k], str):
-                try:
-                    row[k] = json.loads(row[k])
-                except json.JSONDecodeError as e:
-                    raise DataError(f"stored JSON is malformed: {e.msg}", location=loc, field=k,
-                                    reason="malformed_json") from None
-        return apply_field_map(row, self._field_map), loc

@@ -14,6 +14,12 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.generation.text import generate_text
+from rlhf_jax.models import check_tokenizer_compat, from_pretrained
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF-format model directory (config.json + safetensors)")
@@ -69,12 +75,7 @@ def run(args) -> int:
             raise SystemExit(f"rlhf-jax generate: {flag} {path!r} is not a directory")
     prompts = _read_prompts(args)
 
-    import jax
-    import jax.numpy as jnp
-    import transformers
-
-    from rlhf_jax.generation.text import generate_text
-    from rlhf_jax.models import check_tokenizer_compat, from_pretrained
+    import transformers  # heavy (~1.7 s); only this command needs it
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model, params = from_pretrained(args.model, dtype=jnp.dtype(args.dtype))

@@ -29,6 +29,8 @@ import numpy as np
 from rlhf_jax.generation.bucketing import bucket_length, left_pad_to
 from rlhf_jax.generation.decode import GenerationOutput, decode_loop
 from rlhf_jax.generation.stopping import normalize_stop_ids
+from rlhf_jax.models import CausalLM, grow_cache, init_cache  # generation sits above models
+from rlhf_jax.models.transformer import linear
 
 Array = jax.Array
 
@@ -67,8 +69,6 @@ def decode_compiler_options() -> dict | None:
 # plain tied head (no second copy of the embedding in memory).
 def _decode_output_kernel(model, params) -> Array | None:
     """The ``[D, V]`` output kernel to use in the decode loop, or ``None`` for ``logits_from_hidden``."""
-    from rlhf_jax.models import CausalLM
-
     cls = type(model)
     if (jax.default_backend() != "cpu" or not isinstance(model, CausalLM)
             or cls.logits_from_hidden is not CausalLM.logits_from_hidden or not model.config.tie_word_embeddings):
@@ -87,9 +87,6 @@ def segment_ends(max_new_tokens: int, segment_steps: int | None = None) -> tuple
 def decode_program(model, params, ids, mask, rng, temperature, top_k, top_p, *, max_new_tokens, greedy,
                    stop_token_ids, pad_token_id) -> GenerationOutput:
     """The traced body of ``generate`` on already bucketed inputs (inline it in a larger jit)."""
-    from rlhf_jax.models import grow_cache, init_cache  # generation -> models (ARCHITECTURE.md)
-    from rlhf_jax.models.transformer import linear
-
     cls = type(model)
     ids, mask = ids.astype(jnp.int32), mask.astype(jnp.int32)
     batch, width = ids.shape

@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import _HF_SEQ_CLS, ModelConfig, UnsupportedModelError
 from rlhf_jax.models.heads import CausalLMWithValueHead, ScalarHeadModel, head_init
@@ -169,8 +171,6 @@ class _SafetensorsReader:
                 if not os.path.exists(f):
                     raise CheckpointError(f"{index}: shard {os.path.basename(f)} is listed but missing from {path}")
         elif os.path.exists(single):
-            from safetensors import safe_open
-
             with safe_open(single, framework="numpy") as fh:
                 self.files = {k: single for k in fh.keys()}
         else:
@@ -185,16 +185,12 @@ class _SafetensorsReader:
         return self.files.keys()
 
     def get(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
         fname = self.files[key]
         if fname not in self._open:
             self._open[fname] = safe_open(fname, framework="flax")
         return np.asarray(self._open[fname].get_tensor(key))
 
     def shape(self, key: str) -> tuple:
-        from safetensors import safe_open
-
         fname = self.files[key]
         if fname not in self._open:
             self._open[fname] = safe_open(fname, framework="flax")
@@ -374,8 +370,6 @@ def save_pretrained(path, model, params: dict, *, max_shard_bytes: int | None = 
     (transformers ignores them; `from_pretrained(head="value")` reads them back).
     `max_shard_bytes` splits the weights into shards with a `model.safetensors.index.json`.
     """
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     config: ModelConfig = model.config

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.models import ModelConfig
 from rlhf_jax.tasks.labeller import plackett_luce_ranks
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -171,8 +172,6 @@ class Task(abc.ABC):
     # ---------------------------------------------------------------- model
     def model_config(self, **overrides: Any):
         """The tiny llama-style ``rlhf_jax.models.ModelConfig`` this task trains from scratch."""
-        from rlhf_jax.models import ModelConfig  # tasks sit beside models; import on use only
-
         fields = dict(
             arch="llama", vocab_size=self.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=16, intermediate_size=128,

@@ -15,14 +15,15 @@ import argparse
 import os
 import sys
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
 from rlhf_jax.tasks.base import BOS, EOS, PAD, UNK, Task, assets_root
 from rlhf_jax.tasks.registry import get_task, list_tasks
 
 
 def build_tokenizer(task: Task, out_dir: str) -> list[str]:
     """Writes ``task``'s tokenizer directory into ``out_dir``; returns the file names written."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy (~1.7 s); only this script needs it
 
     tok = Tokenizer(models.WordLevel(vocab=dict(task.token_to_id), unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,7 +33,7 @@ from rlhf_jax.data import batching
 from rlhf_jax.data.errors import DataError, DataStats
 from rlhf_jax.data.formats import check_format, parse_field_map, parse_record
 from rlhf_jax.data.sources import MemorySource, RecordSource, open_source
-from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, tokenize_record
+from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, load_tokenizer, tokenize_record
 
 STATE_VERSION = 1
 PREFETCH = 64  # rows parsed and tokenised together (a speed-up only; see DataIterator._parse_ahead)
@@ -360,9 +362,6 @@ class PrefetchIterator:
     _END = object()
 
     def __init__(self, iterator: DataIterator, size: int = 2):
-        import queue
-        import threading
-
         if size < 1:
             raise ValueError(f"size={size}; need >= 1")
         self._it = iterator
@@ -374,8 +373,6 @@ class PrefetchIterator:
         self._thread.start()
 
     def _put(self, item) -> bool:
-        import queue
-
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -508,8 +505,6 @@ def make_iterator(cfg: DataConfig, fmt: str, *, tokenizer=None, source=None, hos
     if tokenizer is None:
         if not cfg.tokenizer:
             raise DataError("data.tokenizer is empty: give a tokenizer directory", reason="config")
-        from rlhf_jax.data.tokenize import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.tokenizer)
     if source is None:
         if not cfg.path:
