@@ -143,16 +143,16 @@ def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epoch
     """Four random models (policy, reference = the policy's weights, reward, value) and the config.
 
     Returns ``cfg`` (``rlhf_jax.rl.PPOConfig``: full-length responses, separate value model), the
-    ``PPOFrozen`` and the modules/params/optimizers of policy and value.
+    ``RLFrozen`` and the modules/params/optimizers of policy and value.
     """
-    PPOConfig, PPOFrozen = need("rlhf_jax.rl", "PPOConfig", "PPOFrozen")
+    PPOConfig, PPOHParams, RLFrozen = need("rlhf_jax.rl", "PPOConfig", "PPOHParams", "RLFrozen")
     cfg = PPOConfig(batch_size=batch, max_new_tokens=response_length, ppo_epochs=epochs, minibatches=minibatches,
                     value_model="separate", stop_token_ids=(), pad_token_id=shape["pad_token_id"],
-                    temperature=1.0, kl_coef=0.05)
+                    hparams=PPOHParams(temperature=1.0, kl_coef=0.05))
     policy, policy_params = build(shape, dtype=dtype, seed=0)
     reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1)
     value, value_params = build(shape, head="scalar", dtype=dtype, seed=2)
-    frozen = PPOFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
+    frozen = RLFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
                        value_model=value, reward_model=reward)
     return dict(cfg=cfg, frozen=frozen, policy_model=policy, policy_params=policy_params,
                 policy_tx=_optimizer(policy_params, weight_decay=0.0), value_model=value,
@@ -161,7 +161,7 @@ def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epoch
 
 def ppo_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, response_length: int, epochs: int,
                        minibatches: int, iterations: int, dtype: str) -> dict[str, Any]:
-    """Seconds per ``rlhf_jax.rl.ppo_iteration`` (rollout + reward + reference + value + updates).
+    """Seconds per PPO ``rlhf_jax.rl.iteration`` (rollout + reward + reference + value + updates).
 
     One compiled program per iteration, the state donated; the first call (compilation included)
     is reported apart and not in the median.
@@ -169,20 +169,20 @@ def ppo_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *,
     import jax
     import jax.numpy as jnp
 
-    init_ppo_state, ppo_iteration = need("rlhf_jax.rl", "init_ppo_state", "ppo_iteration")
+    init_state, iteration = need("rlhf_jax.rl", "init_state", "iteration")
     if iterations < 2:
         raise ValueError(f"iterations must be >= 2 (the first compiles), got {iterations}")
     s = _ppo_setup(shape, prompts["prompt_ids"].shape[0], response_length=response_length, epochs=epochs,
                    minibatches=minibatches, dtype=dtype)
     copy = lambda t: jax.tree_util.tree_map(lambda x: x.copy(), t)  # noqa: E731 (the state is donated)
-    state = init_ppo_state(policy_model=s["policy_model"], policy_params=copy(s["policy_params"]),
-                           policy_tx=s["policy_tx"], value_model=s["value_model"],
-                           value_params=copy(s["value_params"]), value_tx=s["value_tx"], cfg=s["cfg"], rng=0)
+    state = init_state(policy_model=s["policy_model"], policy_params=copy(s["policy_params"]),
+                       policy_tx=s["policy_tx"], value_model=s["value_model"],
+                       value_params=copy(s["value_params"]), value_tx=s["value_tx"], cfg=s["cfg"], rng=0)
     dev_prompts = {k: jnp.asarray(v) for k, v in prompts.items()}
     times = []
     for _ in range(iterations):
         t = time.perf_counter()
-        state, metrics = ppo_iteration(state, s["frozen"], dev_prompts, cfg=s["cfg"])
+        state, metrics = iteration(state, s["frozen"], dev_prompts, cfg=s["cfg"])
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     timed = times[1:]

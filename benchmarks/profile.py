@@ -115,18 +115,16 @@ def _ppo(shape, wl, dtype):
 
     from benchmarks import jax_side
     from rlhf_jax import rl
-    from rlhf_jax.rl import ppo as ppo_mod
+    from rlhf_jax.rl import core
 
     p = data.prompts(shape["vocab_size"], wl.ppo_batch, wl.ppo_prompt)
     s = jax_side._ppo_setup(shape, wl.ppo_batch, response_length=wl.ppo_response, epochs=wl.ppo_epochs,
                             minibatches=wl.ppo_minibatches, dtype=dtype)
-    state = rl.init_ppo_state(policy_model=s["policy_model"], policy_params=s["policy_params"],
-                              policy_tx=s["policy_tx"], value_model=s["value_model"],
-                              value_params=s["value_params"], value_tx=s["value_tx"], cfg=s["cfg"], rng=0)
-    cfg = s["cfg"].validate()
-    fn = jax.jit(functools.partial(ppo_mod.ppo_iteration_pure, cfg=ppo_mod.static_part(cfg),
-                                   hparams=ppo_mod.PPOHParams.from_config(cfg)))
-    return fn, (state, s["frozen"], {k: jnp.asarray(v) for k, v in p.items()})
+    state = rl.init_state(policy_model=s["policy_model"], policy_params=s["policy_params"],
+                          policy_tx=s["policy_tx"], value_model=s["value_model"],
+                          value_params=s["value_params"], value_tx=s["value_tx"], cfg=s["cfg"], rng=0)
+    fn = jax.jit(lambda st, frozen, prompts, cfg: core.iteration_pure(st, frozen, prompts, None, cfg)[:2])
+    return fn, (state, s["frozen"], {k: jnp.asarray(v) for k, v in p.items()}, core.traced(s["cfg"]))
 
 
 PROGRAMS: dict[str, Callable[..., tuple[Callable, tuple]]] = {"sft": _sft, "decode": _decode, "ppo": _ppo}

@@ -7,8 +7,7 @@ from rlhf_jax.data import DataConfig
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import MeshConfig, ModelSection
 from rlhf_jax.training.metrics import LogConfig
-from rlhf_jax.rl.config import DPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, DPOTrainConfig
+from rlhf_jax.rl import RL_OPTIM, DPOConfig, DPOHParams, DPOTrainConfig
 
 
 def get_config() -> DPOTrainConfig:
@@ -16,7 +15,7 @@ def get_config() -> DPOTrainConfig:
         task="sentiment",
         policy=ModelSection(path="runs/sft_llama1b/export", dtype="bfloat16", remat=True),
         data=DataConfig(batch_size=32, max_length=256, pack=False),
-        dpo=DPOConfig(loss_type="sigmoid", beta=0.1, lr=5e-7),
+        dpo=DPOConfig(loss_type="sigmoid", hparams=DPOHParams(beta=0.1, lr=5e-7)),
         optim=RL_OPTIM,
         mesh=MeshConfig(data=1, fsdp=-1),
         steps=500,

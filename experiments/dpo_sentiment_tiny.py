@@ -8,8 +8,7 @@
 precomputed once over the training pairs (``dpo.precompute_ref``).
 """
 from rlhf_jax.data import DataConfig
-from rlhf_jax.rl.config import DPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, DPOTrainConfig
+from rlhf_jax.rl import RL_OPTIM, DPOConfig, DPOHParams, DPOTrainConfig
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import ModelSection
 from rlhf_jax.training.metrics import LogConfig
@@ -21,7 +20,7 @@ def get_config() -> DPOTrainConfig:
         policy=ModelSection(path="runs/sft_sentiment_tiny/export", name="task"),
         data=DataConfig(batch_size=16, max_length=24, pack=False),
         noise=-1.0,
-        dpo=DPOConfig(loss_type="sigmoid", beta=0.1, lr=1e-4),
+        dpo=DPOConfig(loss_type="sigmoid", hparams=DPOHParams(beta=0.1, lr=1e-4)),
         optim=RL_OPTIM,
         checkpoint=CheckpointConfig(every=0, keep=1),
         log=LogConfig(every=10, progress=False),

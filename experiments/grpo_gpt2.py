@@ -10,8 +10,7 @@ from rlhf_jax.data import DataConfig
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import MeshConfig, ModelSection
 from rlhf_jax.training.metrics import LogConfig
-from rlhf_jax.rl.config import GRPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, GRPOTrainConfig, RewardSection
+from rlhf_jax.rl import RL_OPTIM, GRPOConfig, GRPOHParams, GRPOTrainConfig, RewardSection
 
 
 def get_config() -> GRPOTrainConfig:
@@ -20,8 +19,7 @@ def get_config() -> GRPOTrainConfig:
         policy=ModelSection(path="runs/sft_gpt2/export", dtype="bfloat16", remat=False),
         reward=RewardSection(kind="python"),
         data=DataConfig(batch_size=16, max_length=128),
-        grpo=GRPOConfig(batch_size=16, group_size=8, max_new_tokens=32, minibatches=2,
-                        kl_coef=0.04, lr=1e-6),
+        grpo=GRPOConfig(batch_size=16, group_size=8, max_new_tokens=32, minibatches=2, hparams=GRPOHParams(kl_coef=0.04, lr=1e-6)),
         optim=RL_OPTIM,
         mesh=MeshConfig(data=-1, fsdp=1),
         checkpoint=CheckpointConfig(every=50, keep=2),

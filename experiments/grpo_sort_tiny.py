@@ -5,8 +5,7 @@
     rlhf-jax sweep experiments/grpo_sort_tiny.py --vmap --grid grpo.lr=3e-4,1e-3 --seeds 2 --out runs/grpo_lr
 """
 from rlhf_jax.data import DataConfig
-from rlhf_jax.rl.config import GRPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, GRPOTrainConfig, RewardSection
+from rlhf_jax.rl import RL_OPTIM, GRPOConfig, GRPOHParams, GRPOTrainConfig, RewardSection
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import ModelSection
 from rlhf_jax.training.metrics import LogConfig
@@ -19,7 +18,7 @@ def get_config() -> GRPOTrainConfig:
                             head_dim=16),
         reward=RewardSection(kind="gold"),
         data=DataConfig(batch_size=8, max_length=32),
-        grpo=GRPOConfig(batch_size=8, group_size=4, max_new_tokens=10, kl_coef=0.04, lr=1e-3),
+        grpo=GRPOConfig(batch_size=8, group_size=4, max_new_tokens=10, hparams=GRPOHParams(kl_coef=0.04, lr=1e-3)),
         optim=RL_OPTIM,
         checkpoint=CheckpointConfig(every=0, keep=1),
         log=LogConfig(every=5, progress=False),

@@ -11,8 +11,7 @@ from rlhf_jax.data import DataConfig
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import MeshConfig, ModelSection
 from rlhf_jax.training.metrics import LogConfig
-from rlhf_jax.rl.config import PPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, PPOTrainConfig, RewardSection
+from rlhf_jax.rl import RL_OPTIM, PPOConfig, PPOHParams, PPOTrainConfig, RewardSection
 
 
 def get_config() -> PPOTrainConfig:
@@ -22,8 +21,7 @@ def get_config() -> PPOTrainConfig:
         value_init="reward",
         reward=RewardSection(kind="model", path="runs/reward_gpt2/export"),
         data=DataConfig(batch_size=64, max_length=128),
-        ppo=PPOConfig(batch_size=64, max_new_tokens=32, ppo_epochs=4, minibatches=2,
-                      kl_coef=0.05, kl_target=6.0, adaptive_kl=True, lr=1e-6, temperature=1.0),
+        ppo=PPOConfig(batch_size=64, max_new_tokens=32, ppo_epochs=4, minibatches=2, adaptive_kl=True, hparams=PPOHParams(kl_coef=0.05, kl_target=6.0, lr=1e-6, temperature=1.0)),
         optim=RL_OPTIM,
         mesh=MeshConfig(data=-1, fsdp=1),
         checkpoint=CheckpointConfig(every=50, keep=2),

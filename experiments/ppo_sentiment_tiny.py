@@ -10,8 +10,7 @@ policy. β (``ppo.kl_coef``) is traced: sweep it in one program with
 ``rlhf-jax sweep experiments/ppo_sentiment_tiny.py --vmap --grid ppo.kl_coef=0.01,0.05,0.2 --seeds 2``.
 """
 from rlhf_jax.data import DataConfig
-from rlhf_jax.rl.config import PPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, PPOTrainConfig, RewardSection
+from rlhf_jax.rl import RL_OPTIM, PPOConfig, PPOHParams, PPOTrainConfig, RewardSection
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import ModelSection
 from rlhf_jax.training.metrics import LogConfig
@@ -24,8 +23,7 @@ def get_config() -> PPOTrainConfig:
         value_init="policy",
         reward=RewardSection(kind="model", path="runs/reward_sentiment_tiny/export"),
         data=DataConfig(batch_size=32, max_length=64),
-        ppo=PPOConfig(batch_size=32, max_new_tokens=16, ppo_epochs=4, minibatches=2, kl_coef=0.05,
-                      kl_target=6.0, lr=1e-3, temperature=1.0),
+        ppo=PPOConfig(batch_size=32, max_new_tokens=16, ppo_epochs=4, minibatches=2, hparams=PPOHParams(kl_coef=0.05, kl_target=6.0, lr=1e-3, temperature=1.0)),
         optim=RL_OPTIM,
         checkpoint=CheckpointConfig(every=0, keep=1),
         log=LogConfig(every=5, progress=False),

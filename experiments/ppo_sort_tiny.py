@@ -8,8 +8,7 @@ The smallest RL recipe: the task's tiny model (d=32 here) from scratch as policy
 gold reward inside the jitted iteration. It is the config the vmapped-sweep test runs.
 """
 from rlhf_jax.data import DataConfig
-from rlhf_jax.rl.config import PPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, PPOTrainConfig, RewardSection
+from rlhf_jax.rl import RL_OPTIM, PPOConfig, PPOHParams, PPOTrainConfig, RewardSection
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.configs import ModelSection
 from rlhf_jax.training.metrics import LogConfig
@@ -22,7 +21,7 @@ def get_config() -> PPOTrainConfig:
                             head_dim=16),
         reward=RewardSection(kind="gold"),
         data=DataConfig(batch_size=8, max_length=32),
-        ppo=PPOConfig(batch_size=8, max_new_tokens=10, ppo_epochs=2, minibatches=2, kl_coef=0.05, lr=1e-3),
+        ppo=PPOConfig(batch_size=8, max_new_tokens=10, ppo_epochs=2, minibatches=2, hparams=PPOHParams(kl_coef=0.05, lr=1e-3)),
         optim=RL_OPTIM,
         checkpoint=CheckpointConfig(every=0, keep=1),
         log=LogConfig(every=5, progress=False),

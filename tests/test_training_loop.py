@@ -74,7 +74,7 @@ def read_tfrecords(path):
     return out
 
 
-def _run(tmp_path, batches, total, mesh=MeshConfig(), **kw):
+def _run(tmp_path, batches, total, mesh=MeshConfig(), resume=False, **kw):
     placement = loop.make_placement(mesh)
     keys = ("input_ids", "targets", "loss_mask", "scale")
     job = loop.Job(
@@ -83,7 +83,7 @@ def _run(tmp_path, batches, total, mesh=MeshConfig(), **kw):
         total_steps=total, config_dict={"toy": True}, placement=placement,
         tokens=lambda b, m: float(b["input_ids"].size), flops_per_token=100.0, **kw)
     res = loop.run(job, out_dir=tmp_path, ckpt_cfg=CheckpointConfig(every=2, keep=2),
-                   log_cfg=LogConfig(every=1, progress=False))
+                   log_cfg=LogConfig(every=1, progress=False), resume=resume)
     return res.state, res
 
 

@@ -13,7 +13,7 @@ Modules, lowest first (each imports only those before it): ``errors``, ``batchin
 ``DataConfig``, ``make_iterator``), ``tfds_io`` (TFDS builders and conversion), ``cli``.
 ``tensorflow_datasets`` is a required dependency and is imported with this package (no TensorFlow).
 """
-from rlhf_jax.data.batching import (bucket_length, default_buckets, preference_batch, prompt_batch,
+from rlhf_jax.data.batching import (fit_bucket, length_buckets, preference_batch, prompt_batch,
                                     ranking_batch, sft_batch)
 from rlhf_jax.data.errors import DataError, DataStats, Location
 from rlhf_jax.data.formats import (FORMATS, detect_format, parse_field_map, parse_record,
@@ -33,7 +33,7 @@ __all__ = [
     "parse_field_map", "split_shared_prefix", "RecordSource", "JsonlSource", "ParquetSource",
     "MemorySource", "ConcatSource", "open_source", "TRUNCATION_POLICIES", "TokenizeOptions",
     "Encoder", "load_tokenizer", "tokenize_record", "normalized_ranks", "sft_batch",
-    "preference_batch", "ranking_batch", "prompt_batch", "default_buckets", "bucket_length",
+    "preference_batch", "ranking_batch", "prompt_batch", "length_buckets", "fit_bucket",
     "DataIterator", "PrefetchIterator", "DataConfig", "make_iterator", "sft_batches", "preference_batches",
     "ranking_batches", "prompt_batches", "read_records", "epoch_order", "host_rows",
     "TfdsSource", "RecordsBuilder", "write_tfds_dataset", "files_to_tfds", "infer_features_spec",

@@ -2,7 +2,7 @@
 
 All ids and masks are ``int32``; masks are 0/1. Rows beyond the real examples of a final
 partial batch are padding rows (``example_mask`` 0, every token mask 0). Lengths come from a
-fixed set of buckets (:func:`default_buckets`) so a training step compiles a bounded number of
+fixed set of buckets (:func:`length_buckets`) so a training step compiles a bounded number of
 times.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
     """Powers of two from ``smallest`` below ``max_length``, then ``max_length`` itself."""
     out = []
     b = smallest
@@ -23,7 +23,7 @@ def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(out)
 
 
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
+def fit_bucket(n: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= ``n``."""
     for b in sorted(buckets):
         if b >= n:
@@ -105,7 +105,7 @@ def preference_batch(examples: Sequence[dict[str, Any]], batch_size: int, bucket
     1 on response tokens (for DPO log-probs); ``margin [B]`` float32; ``example_mask [B]``;
     ``example_index [B]`` (source row, -1 on padding rows)."""
     longest = max([len(ex["chosen"]) for ex in examples] + [len(ex["rejected"]) for ex in examples] + [1])
-    L = bucket_length(longest, buckets)
+    L = fit_bucket(longest, buckets)
     c_ids, c_mask = _right_pad([ex["chosen"] for ex in examples], batch_size, L, pad_id)
     r_ids, r_mask = _right_pad([ex["rejected"] for ex in examples], batch_size, L, pad_id)
     plens = [ex["prompt_len"] for ex in examples]
@@ -132,7 +132,7 @@ def ranking_batch(examples: Sequence[dict[str, Any]], batch_size: int, buckets: 
     if k_max > K:
         raise ValueError(f"a row has {k_max} responses but num_responses={K}")
     longest = max([len(s) for ex in examples for s in ex["responses"]] + [1])
-    L = bucket_length(longest, buckets)
+    L = fit_bucket(longest, buckets)
     ids = np.full((batch_size, K, L), pad_id, np.int32)
     mask = np.zeros((batch_size, K, L), np.int32)
     loss = np.zeros((batch_size, K, L), np.int32)
@@ -157,7 +157,7 @@ def prompt_batch(examples: Sequence[dict[str, Any]], batch_size: int, buckets: S
     generation engine expects), ``example_mask [B]``, ``example_index [B]``. Padding rows are all
     pad with mask 0."""
     longest = max([len(ex["ids"]) for ex in examples] + [1])
-    P = bucket_length(longest, buckets)
+    P = fit_bucket(longest, buckets)
     ids = np.full((batch_size, P), pad_id, np.int32)
     mask = np.zeros((batch_size, P), np.int32)
     for i, ex in enumerate(examples):

@@ -102,7 +102,7 @@ class DataIterator:
         self.batch_size = int(batch_size)
         self.pack = bool(pack) and fmt == "sft"
         top = self.opts.prompt_limit(prompt_only=True) if fmt == "prompt" else max_length
-        self.buckets = tuple(sorted(buckets)) if buckets else batching.default_buckets(top)
+        self.buckets = tuple(sorted(buckets)) if buckets else batching.length_buckets(top)
         if max(self.buckets) < top:
             raise ValueError(f"largest bucket {max(self.buckets)} < maximum length {top}")
         self.num_responses = num_responses
@@ -291,7 +291,7 @@ class DataIterator:
         pad = self.encoder.pad_id
         if self.fmt == "sft":
             longest = max([len(ex["ids"]) for ex in examples] + [1])
-            L = batching.bucket_length(longest, self.buckets)
+            L = batching.fit_bucket(longest, self.buckets)
             batch = batching.sft_batch([[ex] for ex in examples], B, L, pad)
             example_mask, index = batching.row_info(examples, B)
             batch.update(example_mask=example_mask, example_index=index)

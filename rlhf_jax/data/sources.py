@@ -97,15 +97,19 @@ def parse_json_line(raw: bytes, location: Location) -> dict[str, Any]:
     return obj
 
 
+def _existing_file(path: str | os.PathLike) -> str:
+    """``path`` as a string, or a DataError naming it when there is no such file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError("no such file", location=Location(path, 0, "file"), reason="missing_file")
+    return path
+
+
 class JsonlSource(RecordSource):
     """One JSON object per line. Blank lines are ignored; line numbers are the file's own."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self.name = self.path
-        if not os.path.isfile(self.path):
-            raise DataError("no such file", location=Location(self.path, 0, "file"),
-                            reason="missing_file")
+        self.path = self.name = _existing_file(path)
         self._offsets: list[int] = []
         self._lines: list[int] = []
         self._handle = None
@@ -161,11 +165,7 @@ class ParquetSource(RecordSource):
     def __init__(self, path: str | os.PathLike):
         import pyarrow.parquet as pq
 
-        self.path = os.fspath(path)
-        self.name = self.path
-        if not os.path.isfile(self.path):
-            raise DataError("no such file", location=Location(self.path, 0, "file"),
-                            reason="missing_file")
+        self.path = self.name = _existing_file(path)
         try:
             self._file = pq.ParquetFile(self.path, memory_map=True)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a broken file

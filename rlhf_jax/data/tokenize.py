@@ -205,18 +205,23 @@ class Encoder:
 
 # --- truncation ---------------------------------------------------------------------------
 
+def _fit_prompt(prompt: list[int], limit: int, opts: TokenizeOptions, counts: Counts) -> list[int]:
+    """The prompt under the truncation policy: kept, cut on the left to ``limit`` tokens, dropped or refused."""
+    if len(prompt) <= limit:
+        return prompt
+    if opts.truncation == "error":
+        raise DataError(f"prompt has {len(prompt)} tokens, more than the maximum {limit}",
+                        field="prompt", reason="too_long")
+    if opts.truncation == "drop":
+        raise _Drop("dropped_too_long")
+    counts["truncated_prompt"] = 1
+    return prompt[len(prompt) - limit:]
+
+
 def _fit_pair(prompt: list[int], response: list[int], opts: TokenizeOptions, counts: Counts,
               resp_field: str) -> tuple[list[int], list[int]]:
     """Applies the truncation policy to one prompt/response pair."""
-    p_lim = opts.prompt_limit()
-    if len(prompt) > p_lim:
-        if opts.truncation == "error":
-            raise DataError(f"prompt has {len(prompt)} tokens, more than the maximum {p_lim}",
-                            field="prompt", reason="too_long")
-        if opts.truncation == "drop":
-            raise _Drop("dropped_too_long")
-        prompt = prompt[len(prompt) - p_lim:]
-        counts["truncated_prompt"] = 1
+    prompt = _fit_prompt(prompt, opts.prompt_limit(), opts, counts)
     room = opts.max_length - len(prompt)
     if len(response) > room:
         if opts.truncation == "error":
@@ -306,16 +311,7 @@ def tokenize_ranking(rec: dict, enc: Encoder, opts: TokenizeOptions, counts: Cou
 
 def tokenize_prompt(rec: dict, enc: Encoder, opts: TokenizeOptions, counts: Counts) -> dict[str, Any]:
     """-> ``{"ids" [n]}``: prompt ids (chat prompts end with the generation prompt)."""
-    ids = enc.prompt(rec["prompt"])
-    lim = opts.prompt_limit(prompt_only=True)
-    if len(ids) > lim:
-        if opts.truncation == "error":
-            raise DataError(f"prompt has {len(ids)} tokens, more than the maximum {lim}",
-                            field="prompt", reason="too_long")
-        if opts.truncation == "drop":
-            raise _Drop("dropped_too_long")
-        ids = ids[len(ids) - lim:]
-        counts["truncated_prompt"] = 1
+    ids = _fit_prompt(enc.prompt(rec["prompt"]), opts.prompt_limit(prompt_only=True), opts, counts)
     return {"ids": _as_array(ids)}
 
 

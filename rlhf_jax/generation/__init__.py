@@ -1,5 +1,5 @@
 """rlhf_jax.generation: batched sampling with a KV cache, compiled once per shape bucket."""
-from rlhf_jax.generation.bucketing import bucket_length, default_buckets, left_pad_sequences, left_pad_to
+from rlhf_jax.generation.bucketing import bucket_length, power_of_two_buckets, left_pad_sequences, left_pad_to
 from rlhf_jax.generation.decode import GenerationOutput, decode_loop
 from rlhf_jax.generation.engine import generate
 from rlhf_jax.generation.sampling import filter_logits, sample_tokens, scale_logits
@@ -10,7 +10,7 @@ __all__ = [
     "GenerationOutput",
     "bucket_length",
     "decode_loop",
-    "default_buckets",
+    "power_of_two_buckets",
     "filter_logits",
     "generate",
     "generate_text",

@@ -20,7 +20,7 @@ Array = jax.Array
 MIN_BUCKET = 16
 
 
-def default_buckets(max_len: int) -> tuple[int, ...]:
+def power_of_two_buckets(max_len: int) -> tuple[int, ...]:
     """Powers of two from ``MIN_BUCKET`` up to the first one ``>= max_len``."""
     out = [MIN_BUCKET]
     while out[-1] < max_len:
@@ -38,7 +38,7 @@ def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
     if length < 1:
         raise ValueError(f"prompt length must be >= 1, got {length}")
     if buckets is None:
-        return default_buckets(length)[-1]
+        return power_of_two_buckets(length)[-1]
     fitting = sorted(int(b) for b in buckets if int(b) >= length)
     if not fitting:
         raise ValueError(

@@ -25,7 +25,7 @@ not by positions), which only matters for exactly equal logits.
 
 The log-probability returned for a sampled token is ``log_softmax(z)[token]``,
 the *unfiltered* temperature-scaled distribution: it is what a full forward pass
-recomputes as ``logp``/``old_logp``/``ref_logp`` (RLHF_SPEC §3), so the PPO
+recomputes as ``logp``/``old_logp``/``ref_logp`` (docs/MATH.md §0.3), so the PPO
 ratio is exactly 1 before the first update. (Top-k/top-p renormalisation would
 make the sampler's log-probs disagree with every later recomputation.)
 """

@@ -1,7 +1,7 @@
 """Stop tokens and the response mask.
 
 A response is every generated token up to *and including* the first stop token;
-everything after it is padding (RLHF_SPEC §3: the sequence score lands on the
+everything after it is padding (docs/MATH.md §3.3: the sequence score lands on the
 last real response token, the stop token when there is one).
 """
 from __future__ import annotations

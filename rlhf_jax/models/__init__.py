@@ -1,7 +1,7 @@
 """rlhf_jax.models: the Flax decoder-only transformer (GPT-2 / Llama / Mistral / Qwen2 / Qwen3 by
 config), scalar heads, the KV cache and Hugging Face safetensors import/export."""
 
-from rlhf_jax.models.config import (
+from rlhf_jax.models.architecture import (
     SUPPORTED_ARCHS,
     ModelConfig,
     UnsupportedModelError,

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.architecture import ModelConfig
 from rlhf_jax.models.transformer import LMHead, Transformer
 
 Array = jax.Array

@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.models.config import _HF_SEQ_CLS, ModelConfig, UnsupportedModelError
+from rlhf_jax.models.architecture import _HF_SEQ_CLS, ModelConfig, UnsupportedModelError
 from rlhf_jax.models.heads import CausalLMWithValueHead, ScalarHeadModel, head_init
 from rlhf_jax.models.transformer import CausalLM
 

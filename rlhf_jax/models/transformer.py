@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.architecture import ModelConfig
 
 Array = jax.Array
 

@@ -77,6 +77,17 @@ class Algorithm(Protocol):
     def next_algo_state(self, algo_state, metrics: dict) -> Any: ...
 
 
+class ReadsHParams:
+    """Mixin of algorithm configs: a traced hyper-parameter reads directly off the config
+    (``cfg.kl_coef`` is ``cfg.hparams.kl_coef``), as it may be written in overrides (``ppo.kl_coef=``)."""
+
+    def __getattr__(self, name: str):
+        hp = self.__dict__.get("hparams")
+        if not name.startswith("_") and hp is not None and name in {f.name for f in dataclasses.fields(hp)}:
+            return getattr(hp, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 def traced_hparams(hp, **fallbacks):
     """``hp`` with every field a float32 array; a ``None`` field takes ``fallbacks[name]``: the name of
     another field (``value_lr=None`` → ``lr``) or a number (``score_clip=None`` → ``inf``)."""

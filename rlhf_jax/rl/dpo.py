@@ -27,10 +27,10 @@ from flax import struct
 from rlhf_jax import losses
 from rlhf_jax.config import ConfigError, to_dict
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
-from rlhf_jax.rl.core import RL_OPTIM, own_copy, traced_hparams, train_state
+from rlhf_jax.rl.core import RL_OPTIM, ReadsHParams, own_copy, traced_hparams, train_state
 from rlhf_jax.rl.validation import check_choice, check_positive, concrete, fail
 from rlhf_jax.training import loop
-from rlhf_jax.training.common import build_model, export_model, get_task_or_none, resolve_tokenizer_dir
+from rlhf_jax.training.common import build_model, export_model, get_task_or_none, require_tokenizer_dir
 from rlhf_jax.training.configs import ModelSection, RunConfig
 from rlhf_jax.training.metrics import to_host_scalars
 from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
@@ -62,7 +62,7 @@ class DPOHParams:
 
 
 @struct.dataclass
-class DPOConfig:
+class DPOConfig(ReadsHParams):
     """The DPO section of a trainer config: ``losses.dpo_loss`` on sequence log-probs of chosen/rejected.
 
     Static: loss_type (sigmoid|hinge|ipo|robust|rdpo), precompute_ref (reference log-probs computed once
@@ -307,9 +307,7 @@ def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
     """DPO (sigmoid/hinge/IPO/robust/rDPO) from a config (CLI: ``rlhf-jax dpo``), through the one loop."""
     validate_dpo_config(cfg)
     task = get_task_or_none(cfg.task)
-    tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task)
-    if not tok_dir:
-        raise ConfigError("config key 'data.tokenizer': empty (and neither policy.path nor task has a tokenizer)")
+    tok_dir = require_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task, "policy")
     tokenizer = load_tokenizer(tok_dir)
     rng = jax.random.PRNGKey(cfg.seed)
     model, params, _ = build_model(cfg.policy, task=task, tokenizer=tokenizer, head=None,

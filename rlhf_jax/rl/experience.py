@@ -102,13 +102,17 @@ def policy_forward(model, params, prompt_ids: Array, prompt_mask: Array, respons
     return out
 
 
+def _token_values(model, params, ids: Array, mask: Array) -> Array:
+    """``[B, T]`` scalar head of a ``ScalarHeadModel`` (or the value head of a ``CausalLMWithValueHead``)."""
+    values = model.apply(params, ids, attention_mask=mask)
+    return values[1] if isinstance(values, tuple) else values
+
+
 def value_forward(model, params, prompt_ids: Array, prompt_mask: Array, response_ids: Array,
                   response_mask: Array) -> Array:
     """``[B, N]`` V(s_t) of a separate value model (``ScalarHeadModel``), 0 off the mask."""
     ids, mask = concat_sequences(prompt_ids, prompt_mask, response_ids, response_mask)
-    values = model.apply(params, ids, attention_mask=mask)
-    if isinstance(values, tuple):
-        values = values[1]
+    values = _token_values(model, params, ids, mask)
     return response_slice(values, prompt_ids.shape[1]).astype(jnp.float32) * response_mask
 
 
@@ -116,10 +120,7 @@ def reward_model_scores(model, params, prompt_ids: Array, prompt_mask: Array, re
                         response_mask: Array) -> Array:
     """``[B]`` reward-model score at the last real token of prompt+response."""
     ids, mask = concat_sequences(prompt_ids, prompt_mask, response_ids, response_mask)
-    values = model.apply(params, ids, attention_mask=mask)
-    if isinstance(values, tuple):
-        values = values[1]
-    return last_token_values(values, mask).astype(jnp.float32)
+    return last_token_values(_token_values(model, params, ids, mask), mask).astype(jnp.float32)
 
 
 def chunked(fn: Callable[..., Any], chunk: int, *arrays: Array) -> Any:

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlhf_jax import losses
-from rlhf_jax.rl.core import traced_hparams
-from rlhf_jax.rl.validation import check_choice, check_positive, check_positive_int, concrete, fail
+from rlhf_jax.rl.core import ReadsHParams, traced_hparams
+from rlhf_jax.rl.validation import check_choice, check_policy_hparams, check_positive_int, fail
 
 
 @struct.dataclass
@@ -38,18 +38,11 @@ class GRPOHParams:
         return traced_hparams(self, clip_eps_high="clip_eps", score_clip=math.inf)
 
     def validate(self, prefix: str) -> None:
-        check_positive(prefix, "temperature", self.temperature)
-        check_positive(prefix, "clip_eps", self.clip_eps)
-        if concrete(self.clip_eps_high):
-            check_positive(prefix, "clip_eps_high", self.clip_eps_high)
-        if concrete(self.top_p) and not 0 < self.top_p <= 1:
-            fail(prefix, "top_p", self.top_p, "a number in (0, 1]")
-        for name in ("lr", "kl_coef", "missing_eos_penalty"):
-            check_positive(prefix, name, getattr(self, name), strict=False)
+        check_policy_hparams(prefix, self, non_negative=())
 
 
 @struct.dataclass
-class GRPOConfig:
+class GRPOConfig(ReadsHParams):
     """GRPO's or RLOO's section of a trainer config: static settings + traced ``hparams``.
 
     batch_size: prompts per iteration; the rollout has ``batch_size · group_size`` responses. group_size:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlhf_jax import losses
-from rlhf_jax.rl.core import traced_hparams
-from rlhf_jax.rl.validation import check_choice, check_positive, check_positive_int, concrete, fail
+from rlhf_jax.rl.core import ReadsHParams, traced_hparams
+from rlhf_jax.rl.validation import check_choice, check_policy_hparams, check_positive_int, concrete, fail
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
@@ -60,18 +60,11 @@ class PPOHParams:
 
     def validate(self, prefix: str) -> None:
         """Range checks of the values given as Python numbers (traced arrays are the caller's)."""
-        check_positive(prefix, "temperature", self.temperature)
-        check_positive(prefix, "clip_eps", self.clip_eps)
-        if concrete(self.clip_eps_high):
-            check_positive(prefix, "clip_eps_high", self.clip_eps_high)
-        if concrete(self.top_p) and not 0 < self.top_p <= 1:
-            fail(prefix, "top_p", self.top_p, "a number in (0, 1]")
-        for name in ("lr", "kl_coef", "vf_coef", "ent_coef", "kl_loss_coef", "missing_eos_penalty"):
-            check_positive(prefix, name, getattr(self, name), strict=False)
+        check_policy_hparams(prefix, self, non_negative=("value_lr", "vf_coef", "ent_coef", "kl_loss_coef", "vf_clip"))
 
 
 @struct.dataclass
-class PPOConfig:
+class PPOConfig(ReadsHParams):
     """PPO's section of a trainer config: static settings (part of the compiled program) + ``hparams``.
 
     batch_size: prompts (= rollouts) per iteration, B. max_new_tokens: response length N (padded after

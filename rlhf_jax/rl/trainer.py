@@ -35,7 +35,7 @@ from rlhf_jax.rl.experience import has_stop_token
 from rlhf_jax.training import loop
 from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.training.common import (build_model, check_path, export_model, get_task_or_none,
-                                      resolve_tokenizer_dir)
+                                      require_tokenizer_dir)
 from rlhf_jax.training.configs import ModelSection, RunConfig
 from rlhf_jax.training.metrics import to_host_scalars
 from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
@@ -232,9 +232,7 @@ def _value_model(cfg: RLRunConfig, mconfig, policy_params, reward_model, reward_
 def _build(cfg: RLRunConfig) -> _Built:
     validate_rl_config(cfg)
     task = get_task_or_none(cfg.task)
-    tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task)
-    if not tok_dir:
-        raise ConfigError("config key 'data.tokenizer': empty (and neither policy.path nor task has a tokenizer)")
+    tok_dir = require_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task, "policy")
     tokenizer = load_tokenizer(tok_dir)
     algo = _resolve_stop_and_pad(algorithm_config(cfg), tokenizer)
     rng = jax.random.PRNGKey(cfg.seed)

@@ -44,6 +44,40 @@ def resolve_tokenizer_dir(data_tokenizer: str, model_path: str, task) -> str:
     return ""
 
 
+def require_tokenizer_dir(data_tokenizer: str, model_path: str, task, model_key: str = "model") -> str:
+    """:func:`resolve_tokenizer_dir`, or a ConfigError when there is none."""
+    tok = resolve_tokenizer_dir(data_tokenizer, model_path, task)
+    if not tok:
+        raise ConfigError(f"config key 'data.tokenizer': empty (and neither {model_key}.path nor task has "
+                          "a tokenizer)")
+    check_path("data.tokenizer", tok, kind="dir")
+    return tok
+
+
+def validate_supervised(cfg, cls: type) -> Any:
+    """The checks every supervised trainer config (SFT, reward) needs before any model is built;
+    returns the task (or None)."""
+    if not isinstance(cfg, cls):
+        raise ConfigError(f"expected a {cls.__name__}, got {type(cfg).__name__}")
+    if cfg.steps < 1:
+        raise ConfigError(f"config key 'steps': must be >= 1, got {cfg.steps}")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"config key 'eval_every': must be >= 0, got {cfg.eval_every}")
+    if cfg.eval_batches < 1:
+        raise ConfigError(f"config key 'eval_batches': must be >= 1, got {cfg.eval_batches}")
+    cfg.validate_run()
+    cfg.optim.validate()
+    cfg.model.validate()
+    loop.validate_layout(cfg.mesh, cfg.data.batch_size, cfg.micro_batches)
+    task = get_task_or_none(cfg.task)
+    if not cfg.data.path and task is None:
+        raise ConfigError("config key 'data.path': empty and no 'task' given; nothing to train on")
+    check_path("data.path", cfg.data.path)
+    check_path("eval_path", cfg.eval_path)
+    require_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
+    return task
+
+
 def check_path(key: str, path: str, *, kind: str = "file") -> None:
     """ConfigError naming ``key`` when a data path (comma-separated, globs, tfds:) is missing."""
     if not path or path.startswith("tfds:"):

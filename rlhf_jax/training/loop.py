@@ -196,9 +196,12 @@ def claim_run_dir(out_dir: Path, resume: bool) -> list[int]:
     return steps
 
 
-def _split_step_output(out) -> tuple[Any, dict, Any]:
-    """``(state, host metrics, aux)`` of a step that returned ``(state, metrics[, aux])``."""
+def _split_step_output(out, placement: Placement) -> tuple[Any, dict, Any]:
+    """``(state, host metrics, aux)`` of a step that returned ``(state, metrics[, aux])`` (under pmap the
+    metrics are replicated: device 0's copy)."""
     state, metrics, aux = out if len(out) == 3 else (*out, None)
+    if placement.mode == "pmap":
+        metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
     return state, to_host_scalars(metrics), aux
 
 
@@ -285,7 +288,7 @@ def run(job: Job, *, out_dir: str | Path, ckpt_cfg: CheckpointConfig, log_cfg: L
         last_eval: dict = {}
         for i in range(start, job.total_steps):
             batch = _next_batch(job, i)
-            placed, m, aux = _split_step_output(step(placed, prepare(batch)))
+            placed, m, aux = _split_step_output(step(placed, prepare(batch)), job.placement)
             done = i + 1
             check_finite(m, done)
             logger.add(i, batch, m)

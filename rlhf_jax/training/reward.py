@@ -1,6 +1,6 @@
 """Reward model (Bradley–Terry): pure step, trainer ``train_reward(cfg)``, ``rlhf-jax reward``.
 
-Spec §2. The reward of a sequence is the scalar head at its last real token.
+docs/MATH.md §2. The reward of a sequence is the scalar head at its last real token.
 Pairwise batches (``chosen_ids/chosen_mask/rejected_ids/rejected_mask [B, L]``,
 ``margin [B]``): ``-log σ(r_c - r_r - m) + c·(r_c + r_r)²`` averaged over pairs;
 chosen and rejected go through ONE forward pass of ``[2B, L]``. K-wise ranking
@@ -33,7 +33,8 @@ from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.losses import bradley_terry_loss, ranking_loss
 from rlhf_jax.models import last_token_values
 from rlhf_jax.training import loop, steps
-from rlhf_jax.training.common import build_model, check_path, get_task_or_none, resolve_tokenizer_dir, run_supervised
+from rlhf_jax.training.common import (build_model, check_path, get_task_or_none, resolve_tokenizer_dir,
+                                      run_supervised, validate_supervised)
 from rlhf_jax.training.configs import ModelSection, RunConfig
 from rlhf_jax.training.optim import OptimConfig
 from rlhf_jax.training.sft import run_eval
@@ -167,14 +168,7 @@ def calibration_shift(apply_fn, params, batches, placement=None) -> tuple[float,
 
 
 def validate_reward_config(cfg: RewardConfig) -> None:
-    if not isinstance(cfg, RewardConfig):
-        raise ConfigError(f"expected a RewardConfig, got {type(cfg).__name__}")
-    if cfg.steps < 1:
-        raise ConfigError(f"config key 'steps': must be >= 1, got {cfg.steps}")
-    if cfg.eval_every < 0:
-        raise ConfigError(f"config key 'eval_every': must be >= 0, got {cfg.eval_every}")
-    if cfg.eval_batches < 1:
-        raise ConfigError(f"config key 'eval_batches': must be >= 1, got {cfg.eval_batches}")
+    task = validate_supervised(cfg, RewardConfig)
     if cfg.calibration_batches < 1:
         raise ConfigError("config key 'calibration_batches': must be >= 1")
     if cfg.ranking_k < 2:
@@ -186,25 +180,10 @@ def validate_reward_config(cfg: RewardConfig) -> None:
     if cfg.data.pack:
         raise ConfigError("config key 'data.pack': reward models take one sequence per row; "
                           "set data.pack=false")
-    cfg.optim.validate()
-    cfg.checkpoint.validate()
-    cfg.log.validate()
-    cfg.model.validate()
-    loop.validate_layout(cfg.mesh, cfg.data.batch_size, cfg.micro_batches)
-    task = get_task_or_none(cfg.task)
-    if not cfg.data.path and task is None:
-        raise ConfigError("config key 'data.path': empty and no 'task' given; nothing to train on")
-    check_path("data.path", cfg.data.path)
-    check_path("eval_path", cfg.eval_path)
     check_path("calibration_path", cfg.calibration_path)
     if cfg.normalize and not cfg.calibration_path and task is None:
         raise ConfigError("config key 'calibration_path': normalize=true needs a calibration set "
                           "(an sft-format file) or a task")
-    tok = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
-    if not tok:
-        raise ConfigError("config key 'data.tokenizer': empty (and neither model.path nor task has "
-                          "a tokenizer)")
-    check_path("data.tokenizer", tok, kind="dir")
 
 
 def train_reward(cfg: RewardConfig) -> loop.TrainResult:

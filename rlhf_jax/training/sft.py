@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the pure step, the trainer ``train_sft(cfg)`` and ``rlhf-jax sft``.
 
-Loss (spec §1): token cross-entropy on response tokens, ``Σ m·ℓ / Σ m`` over the
+Loss (docs/MATH.md §1): token cross-entropy on response tokens, ``Σ m·ℓ / Σ m`` over the
 GLOBAL batch (``reduction="token"``) or the mean of per-sequence means
 (``"sequence"``); numerators and denominators are carried through micro-batches
 and devices and divided once (``steps.update_step``).
@@ -21,7 +21,8 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.training import loop, steps
-from rlhf_jax.training.common import build_model, check_path, get_task_or_none, resolve_tokenizer_dir, run_supervised
+from rlhf_jax.training.common import (build_model, get_task_or_none, resolve_tokenizer_dir, run_supervised,
+                                      validate_supervised)
 from rlhf_jax.training.configs import ModelSection, RunConfig
 from rlhf_jax.training.optim import OptimConfig
 from rlhf_jax.training.state import TrainState
@@ -92,31 +93,9 @@ def sft_eval_sums(params, batch: dict, *, apply_fn, reduction: str = "token") ->
 
 def validate_sft_config(cfg: SFTConfig) -> None:
     """Every check that does not need a model: fails before anything compiles."""
-    if not isinstance(cfg, SFTConfig):
-        raise ConfigError(f"expected an SFTConfig, got {type(cfg).__name__}")
-    if cfg.steps < 1:
-        raise ConfigError(f"config key 'steps': must be >= 1, got {cfg.steps}")
-    if cfg.eval_every < 0:
-        raise ConfigError(f"config key 'eval_every': must be >= 0, got {cfg.eval_every}")
-    if cfg.eval_batches < 1:
-        raise ConfigError(f"config key 'eval_batches': must be >= 1, got {cfg.eval_batches}")
+    validate_supervised(cfg, SFTConfig)
     if cfg.data.max_length < 2:
         raise ConfigError(f"config key 'data.max_length': must be >= 2, got {cfg.data.max_length}")
-    cfg.optim.validate()
-    cfg.checkpoint.validate()
-    cfg.log.validate()
-    cfg.model.validate()
-    loop.validate_layout(cfg.mesh, cfg.data.batch_size, cfg.micro_batches)
-    task = get_task_or_none(cfg.task)
-    if not cfg.data.path and task is None:
-        raise ConfigError("config key 'data.path': empty and no 'task' given; nothing to train on")
-    check_path("data.path", cfg.data.path)
-    check_path("eval_path", cfg.eval_path)
-    tok = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.model.path, task)
-    if not tok:
-        raise ConfigError("config key 'data.tokenizer': empty (and neither model.path nor task has "
-                          "a tokenizer)")
-    check_path("data.tokenizer", tok, kind="dir")
 
 
 def _iterators(cfg, fmt: str, task, tokenizer, records_fn, eval_records_fn):
