@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rloo": ("rlhf_jax.rl.rloo_cli", "RLOO: REINFORCE with a leave-one-out baseline"),
     "dpo": ("rlhf_jax.rl.dpo_cli", "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
     "pipeline": ("rlhf_jax.pipeline", "SFT -> reward model -> PPO on an embedded gold-reward task"),
-    "sweep": ("rlhf_jax.sweep", "grid/random sweeps, sequential, as launch commands, or vmapped"),
+    "sweep": ("rlhf_jax.sweeps.cli", "grid/random sweeps, sequential, as launch commands, or vmapped"),
     "generate": ("rlhf_jax.generation.cli", "sample completions from a checkpoint"),
     "data": ("rlhf_jax.data.cli", "inspect, validate and convert datasets (JSONL/Parquet/TFDS)"),
     "bench": ("benchmarks.cli", "benchmarks against PyTorch peers and the hardware limit"),
