@@ -113,7 +113,7 @@ rm = train_reward(apply_overrides(load_config_file(EXP / "reward_sentiment_tiny.
                                   P["reward"] + QUIET + [f"model.path={sft.export_dir}", f"out_dir={OUT / 'reward'}"]))
 print("SFT", sft.train_metrics.get("loss"), "| reward model eval", rm.eval_metrics)'''),
         new_markdown_cell("## 2 · One program: β × seeds PPO runs through `jax.vmap`"),
-        new_code_cell('''from rlhf_jax.sweep import parse_grid, run_vmapped_sweep
+        new_code_cell('''from rlhf_jax.sweeps import parse_grid, run_vmapped_sweep
 
 ppo_cfg = apply_overrides(load_config_file(EXP / "ppo_sentiment_tiny.py"),
                           P["ppo"] + [f"policy.path={sft.export_dir}", f"reward.path={rm.export_dir}"])
@@ -121,7 +121,7 @@ result = run_vmapped_sweep(ppo_cfg, parse_grid([f"ppo.kl_coef={P['betas']}"]), s
                            out_dir=OUT / "sweep")
 print(f"{result.num_runs} runs: compile {result.compile_seconds:.1f} s, run {result.run_seconds:.1f} s")'''),
         new_markdown_cell("## 3 · Gold vs proxy on held-out prompts"),
-        new_code_cell('''from rlhf_jax.sweep import evaluate_runs, evaluate_start
+        new_code_cell('''from rlhf_jax.sweeps import evaluate_runs, evaluate_start
 
 evals = evaluate_runs(result, ppo_cfg, num_prompts=P["eval_prompts"])
 start = evaluate_start(result, ppo_cfg, num_prompts=P["eval_prompts"])
@@ -130,7 +130,7 @@ print(f"{'SFT':>7} {'':>4} {start['kl']:7.2f} {start['gold_reward']:7.3f} {start
 for e in evals:
     print(f"{e['ppo.kl_coef']:7.3f} {e['seed']:4d} {e['kl']:7.2f} {e['gold_reward']:7.3f} {e['proxy_reward']:7.3f}")'''),
         new_code_cell('''from IPython.display import Image, display
-from rlhf_jax.sweep import plot_curves, plot_series
+from rlhf_jax.evaluation import plot_curves, plot_series
 
 frontier = plot_series(evals, x="kl", y="gold_reward", start=start, annotate="ppo.kl_coef",
                        path=OUT / "gold_vs_kl_frontier.png", xlabel="KL(π ‖ π_SFT), nats / sequence",
@@ -162,7 +162,7 @@ P = {
 }[BUDGET]
 TASK = "sentiment"'''),
         new_code_cell('''from rlhf_jax.tasks import get_task
-from rlhf_jax.sweep import write_jsonl
+from rlhf_jax.evaluation import write_jsonl
 
 task = get_task(TASK)
 gold_test = write_jsonl(OUT / "data" / "test_gold_order.jsonl",
@@ -172,7 +172,7 @@ files = [write_jsonl(OUT / "data" / f"train_noise{noise}_n{size}.jsonl",
                      task.preference_records("train", noise, num=size)) for noise, size in grid]
 print(len(files), "training files;", gold_test)'''),
         new_code_cell('''from rlhf_jax.config import apply_overrides, load_config_file
-from rlhf_jax.sweep import SweepPoint, run_sequential
+from rlhf_jax.sweeps import SweepPoint, run_sequential
 
 config_path = str(ROOT / "experiments" / "reward_sentiment_tiny.py")
 base = apply_overrides(load_config_file(config_path),
@@ -185,7 +185,7 @@ table = [{"noise": noise, "size": size, "gold_accuracy": row["eval_metrics.accur
 for t in table:
     print(t)'''),
         new_code_cell('''from IPython.display import Image, display
-from rlhf_jax.sweep import plot_series
+from rlhf_jax.evaluation import plot_series
 
 by_size = plot_series(table, x="size", y="gold_accuracy", group="noise", logx=True,
                       path=OUT / "accuracy_vs_data_size.png", xlabel="training pairs",

@@ -36,7 +36,7 @@ TRAINERS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
 COMMANDS: dict[str, tuple[str, str]] = {
     **{name: ("rlhf_jax.train_command", row[3]) for name, row in TRAINERS.items()},
     "pipeline": ("rlhf_jax.pipeline", "SFT -> reward model -> PPO on an embedded gold-reward task"),
-    "sweep": ("rlhf_jax.sweep", "grid/random sweeps, sequential, as launch commands, or vmapped"),
+    "sweep": ("rlhf_jax.sweeps.cli", "grid/random sweeps, sequential, as launch commands, or vmapped"),
     "generate": ("rlhf_jax.generation.cli", "sample completions from a checkpoint"),
     "data": ("rlhf_jax.data.cli", "inspect, validate and convert datasets (JSONL/Parquet/TFDS)"),
     "bench": ("benchmarks.cli", "benchmarks against PyTorch peers and the hardware limit"),

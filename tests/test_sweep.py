@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from rlhf_jax.config import ConfigError
-from rlhf_jax.sweep import expand_points, final_metrics, parse_grid, parse_random
+from rlhf_jax.sweeps import expand_points, final_metrics, parse_grid, parse_random
 
 
 def test_grid_times_seeds_is_deterministic_and_complete():
@@ -85,7 +85,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rlhf_jax.config import apply_overrides, load_config_file  # noqa: E402
-from rlhf_jax.sweep import TRAINERS, run_separately, run_vmapped_sweep, trainer_for, vmap_values  # noqa: E402
+from rlhf_jax.sweeps import TRAINERS, run_separately, run_vmapped_sweep, trainer_for, vmap_values  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO_TINY = str(ROOT / "experiments" / "ppo_sort_tiny.py")

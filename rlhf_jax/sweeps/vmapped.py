@@ -1,0 +1,295 @@
+"""Vmapped sweeps: N seeds x M values of traced hyper-parameters of a PPO/GRPO/RLOO config as ONE
+compiled program, ``jax.jit(jax.vmap(rl.make_train(...)))`` (:func:`run_vmapped_sweep`).
+
+Only the continuous hyper-parameters the RL package traces (``ppo.kl_coef``, ``ppo.lr``,
+``ppo.clip_eps``, ``ppo.kl_target``, ...; :func:`traced_keys`) may vary; a grid key that is not
+traced is refused (:func:`vmap_values`). This module is the sweeps' one client of the RL package's
+internals (``make_train``, ``stack_hparams``, ``sweep_keys``, ``build_setup``, the hyper-parameter
+classes): everything else in :mod:`rlhf_jax.sweeps` goes through it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config import ConfigError, apply_overrides
+from rlhf_jax.data import load_tokenizer
+from rlhf_jax.evaluation import evaluate_policy
+from rlhf_jax.provenance import write_run_record
+from rlhf_jax.rl import make_train, stack_hparams, sweep_keys
+from rlhf_jax.rl.config import GRPO_HPARAM_FIELDS, PPO_HPARAM_FIELDS, GRPOHParams, PPOConfig, PPOHParams
+from rlhf_jax.rl.trainer import algorithm_config, build_setup, validate_rl_config
+from rlhf_jax.sweeps.points import SweepPoint, expand_points
+from rlhf_jax.sweeps.report import write_curves, write_results
+from rlhf_jax.tasks import get_task
+from rlhf_jax.training.common import get_task_or_none, resolve_tokenizer_dir
+
+VMAP_SECTIONS: dict[str, str] = {"PPOTrainConfig": "ppo", "GRPOTrainConfig": "grpo", "RLOOTrainConfig": "rloo"}
+
+
+def traced_keys(cfg: Any) -> list[str]:
+    """The dotted config keys a ``--vmap`` sweep may vary for this trainer config."""
+    name = type(cfg).__name__
+    if name not in VMAP_SECTIONS:
+        raise ConfigError(f"--vmap runs PPO/GRPO/RLOO trainer configs ({sorted(VMAP_SECTIONS)}); "
+                          f"the config is a {name}: drop --vmap to run its points one after another")
+    section = VMAP_SECTIONS[name]
+    fields = PPO_HPARAM_FIELDS if section == "ppo" else GRPO_HPARAM_FIELDS
+    return [f"{section}.{f}" for f in fields]
+
+
+def vmap_values(base_cfg: Any, grid: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Validates a ``--vmap`` grid: ``{"ppo.kl_coef": ["0.01", "0.1"]}`` -> ``{"kl_coef": [0.01, 0.1]}``.
+
+    Every key must be a traced (continuous) hyper-parameter of the config's algorithm section and
+    every value a number the config accepts; anything else -- a static field such as
+    ``ppo.batch_size``, ``optim.learning_rate`` (the RL trainers take ``<section>.lr``), the seed
+    (use ``--seeds``) -- is refused with a ConfigError naming the key, before anything is built.
+    """
+    allowed = traced_keys(base_cfg)
+    if not grid:
+        raise ConfigError(f"--vmap needs at least one --grid over a traced hyper-parameter: {allowed}")
+    out: dict[str, list[float]] = {}
+    for key, raw in grid.items():
+        if key not in allowed:
+            hint = ""
+            if key.split(".")[-1] in ("seed",):
+                hint = " (vary seeds with --seeds N)"
+            elif key.startswith("optim."):
+                hint = f" (the learning rate of an RL trainer is {allowed[0].split('.')[0]}.lr)"
+            raise ConfigError(f"--vmap: grid key {key!r} is not a traced hyper-parameter of "
+                              f"{type(base_cfg).__name__}{hint}; --vmap can vary only {allowed} -- "
+                              f"drop --vmap to sweep {key!r} with one run per point")
+        vals = []
+        for v in raw:
+            apply_overrides(base_cfg, [f"{key}={v}"])  # type check, names the key on error
+            try:
+                vals.append(float(v))
+            except ValueError:
+                raise ConfigError(f"--vmap: grid key {key!r}: {v!r} is not a number") from None
+        out[key.split(".", 1)[1]] = vals
+    return out
+
+
+def resolved_algorithm(cfg: Any) -> Any:
+    """The algorithm section as the trainer runs it: empty ``stop_token_ids`` -> the tokenizer's EOS,
+    ``pad_token_id`` -> the tokenizer's pad (the rule of ``rl.trainer``'s set-up)."""
+    algo = algorithm_config(cfg)
+    if algo.stop_token_ids:
+        return algo
+    tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, get_task_or_none(cfg.task))
+    if not tok_dir:
+        raise ConfigError("config key 'data.tokenizer': empty (and neither policy.path nor task has a tokenizer)")
+    tok = load_tokenizer(tok_dir)
+    stop = (int(tok.eos_token_id),) if tok.eos_token_id is not None else ()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
+    return dataclasses.replace(algo, stop_token_ids=stop, pad_token_id=int(pad))
+
+
+@dataclasses.dataclass(frozen=True)
+class VmapSweepResult:
+    """What :func:`run_vmapped_sweep` returns.
+
+    rows: one results-table row per run (point), as written to ``results.jsonl``.
+    history: ``{metric: [runs, iterations]}`` numpy arrays (the per-iteration curves).
+    final_state: the stacked final ``PPOState`` (leading axis = runs); :func:`unstack` one run.
+    values: ``{hparam: [runs]}`` value of each varied hyper-parameter per run; seed_index ``[runs]``.
+    setup, algo: the shared :class:`rlhf_jax.rl.RLSetup` and the resolved algorithm config.
+    compile_seconds / run_seconds: lowering+compilation, and the execution of all runs.
+    """
+    rows: list
+    history: dict
+    final_state: Any
+    values: dict
+    seed_index: Any
+    setup: Any
+    algo: Any
+    compile_seconds: float
+    run_seconds: float
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.rows)
+
+
+def unstack(tree: Any, i: int) -> Any:
+    """Run ``i`` of a pytree with a leading runs axis."""
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _history_to_host(history: dict) -> dict:
+    return {k: np.asarray(v) for k, v in history.items()}
+
+
+def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], *, setup: Any = None
+                   ) -> list[tuple[Any, dict]]:
+    """Points of a ``--vmap`` sweep run one at a time: ``jax.jit(make_train(...))(hparams, key)``.
+
+    ``runs``: ``[(values, seed_index), ...]`` such as ``({"kl_coef": 0.1}, 1)``. Each run gets the
+    same hyper-parameters (``XHParams.from_config(algo, **values)``) and key
+    (``fold_in(PRNGKey(cfg.seed), seed_index)``) as its slot in :func:`run_vmapped_sweep`, so the
+    results agree up to float reassociation; this is the reference the vmapped program is tested
+    against and the "N sequential runs" of the throughput benchmark. One jitted program serves all
+    runs (the hyper-parameters are traced). Returns ``[(final_state, history on the host), ...]``.
+    """
+    traced_keys(base_cfg)
+    validate_rl_config(base_cfg)
+    algo = resolved_algorithm(base_cfg)
+    setup = build_setup(base_cfg) if setup is None else setup
+    train = jax.jit(make_train(algo, setup, num_iterations=base_cfg.iterations))
+    cls = PPOHParams if isinstance(algo, PPOConfig) else GRPOHParams
+    out = []
+    for values, seed_index in runs:
+        hp = cls.from_config(algo, **values)
+        key = sweep_keys(base_cfg.seed, jnp.asarray([seed_index], jnp.int32))[0]
+        final, history = train(hp, key)
+        out.append((final, _history_to_host(jax.device_get(history))))
+    return out
+
+
+def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int = 1,
+                      out_dir: str | Path | None = None, setup: Any = None,
+                      config_path: str = "") -> VmapSweepResult:
+    """N seeds x M hyper-parameter values of a PPO/GRPO/RLOO config as ONE compiled program.
+
+    ``grid`` maps traced keys (``ppo.kl_coef``, ``ppo.lr``, ``ppo.clip_eps``, ``ppo.kl_target``,
+    ...; see :func:`traced_keys`) to value strings; their Cartesian product x ``seeds`` gives
+    ``R = M·N`` runs, points slowest and seeds fastest (the order of :func:`expand_points`). All runs
+    start from the same set-up (policy, reference, reward, prompt pool: ``build_setup(base_cfg)``)
+    and differ only in the traced hyper-parameters ``hp [R]`` and keys
+    ``fold_in(PRNGKey(cfg.seed), seed_index [R])``::
+
+        train = rl.make_train(algo, setup, num_iterations=cfg.iterations)
+        final, history = jax.jit(jax.vmap(train))(hp, keys)        # history: {k: [R, iterations]}
+
+    Writes into ``out_dir`` (when given): ``results.jsonl``/``results.csv`` (one row per run:
+    overrides, seed, the varied values and the LAST iteration's metrics as ``train_metrics.<k>``,
+    plus ``curve_mean.<k>`` over the last quarter of iterations), ``curves.jsonl`` (one line per run
+    and iteration) and ``run.json`` (provenance + the sweep's grid and timings).
+    """
+    values = vmap_values(base_cfg, grid)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    validate_rl_config(base_cfg)
+    points = expand_points(grid, seeds=seeds)
+    algo = resolved_algorithm(base_cfg)
+    setup = build_setup(base_cfg) if setup is None else setup
+    train = make_train(algo, setup, num_iterations=base_cfg.iterations)
+    hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
+    keys = sweep_keys(base_cfg.seed, seed_index)
+    final, history, compile_seconds, run_seconds = _compile_and_run(train, hp, keys)
+    per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
+    seed_index = np.asarray(seed_index)
+    rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
+    result = VmapSweepResult(rows=rows, history=history, final_state=final, values=per_run,
+                             seed_index=seed_index, setup=setup, algo=algo,
+                             compile_seconds=compile_seconds, run_seconds=run_seconds)
+    if out_dir is not None:
+        _write_outputs(Path(out_dir), base_cfg, grid, seeds, config_path, points, result)
+    return result
+
+
+def _compile_and_run(train, hp: Any, keys: Any) -> tuple[Any, dict, float, float]:
+    """``jax.jit(jax.vmap(train))`` lowered and compiled, then run once: ``(final_state, history on
+    the host, compile seconds, run seconds)``."""
+    t0 = time.time()
+    compiled = jax.jit(jax.vmap(train)).lower(hp, keys).compile()
+    t1 = time.time()
+    final, history = compiled(hp, keys)
+    history = _history_to_host(jax.device_get(history))
+    t2 = time.time()
+    return final, history, t1 - t0, t2 - t1
+
+
+def _result_rows(base_cfg: Any, points: list[SweepPoint], per_run: dict[str, list], seed_index: np.ndarray,
+                 history: dict, run_seconds: float) -> list[dict[str, Any]]:
+    """One results-table row per run: overrides, seed, the varied values, the last iteration's
+    metrics (``train_metrics.<k>``) and their mean over the last quarter (``curve_mean.<k>``)."""
+    section = VMAP_SECTIONS[type(base_cfg).__name__]
+    iters = base_cfg.iterations
+    tail = max(1, iters // 4)
+    rows = []
+    for i, point in enumerate(points):
+        row: dict[str, Any] = {"point": point.index, "overrides": list(point.overrides),
+                               "seed": int(seed_index[i]), "iterations": iters,
+                               "wall_seconds": round(run_seconds / len(points), 4)}
+        for name in per_run:
+            row[f"{section}.{name}"] = float(per_run[name][i])
+        for k, v in history.items():
+            row[f"train_metrics.{k}"] = float(v[i, -1])
+            row[f"curve_mean.{k}"] = float(np.mean(v[i, -tail:]))
+        rows.append(row)
+    return rows
+
+
+def _write_outputs(out: Path, base_cfg: Any, grid: dict[str, list[str]], seeds: int, config_path: str,
+                   points: list[SweepPoint], result: VmapSweepResult) -> None:
+    """``results.jsonl``/``results.csv``, ``curves.jsonl`` and ``run.json`` of a vmapped sweep."""
+    write_results(result.rows, out)
+    write_curves(out / "curves.jsonl", points, result.seed_index, result.history, base_cfg.iterations)
+    write_run_record(out, base_cfg, extra={"sweep": {
+        "mode": "vmap", "config_path": config_path, "grid": {k: list(v) for k, v in grid.items()},
+        "seeds": seeds, "runs": result.num_runs, "iterations": base_cfg.iterations,
+        "compile_seconds": round(result.compile_seconds, 3), "run_seconds": round(result.run_seconds, 3),
+        "runs_per_second": result.num_runs / max(result.run_seconds, 1e-9)}})
+
+
+def evaluate_runs(result: VmapSweepResult, base_cfg: Any, *, num_prompts: int = 128, split: str = "test",
+                  temperature: float | None = None, seed: int = 0, batch_size: int = 128) -> list[dict[str, Any]]:
+    """Held-out gold reward, proxy reward and KL to the start policy of every run's FINAL policy.
+
+    For each run: :func:`rlhf_jax.evaluation.evaluate_policy` on ``num_prompts`` prompts of the task's
+    ``split`` (one sample each at the run's sampling temperature), scoring with the task's gold
+    reward, the sweep's reward model (``reward.kind="model"``; proxy = its score minus the recorded
+    shift; with another reward kind the proxy column repeats gold) and
+    ``KL(π‖π_ref) = mean_prompts Σ_t log π(y_t) − log π_ref(y_t)``. Returns one dict per run
+    (``point``, the varied values, ``gold_reward``, ``proxy_reward``, ``kl`` and their standard errors).
+    """
+    if not getattr(base_cfg, "task", ""):
+        raise ConfigError("config key 'task': evaluate_runs needs an embedded task for the gold reward")
+    task = get_task(base_cfg.task)
+    prompts = [r["prompt"] for r in task.prompt_records(split, num=num_prompts)]
+    frozen = result.setup.frozen
+    reward_model, reward_params = frozen.reward_model, frozen.reward_params
+    if reward_model is None:
+        raise ConfigError("evaluate_runs needs reward.kind='model' (a learned proxy reward); "
+                          f"the config has reward.kind={base_cfg.reward.kind!r}")
+    out = []
+    for i, row in enumerate(result.rows):
+        params = unstack(result.final_state.policy.params, i)
+        temp = temperature if temperature is not None else (
+            float(result.values["temperature"][i]) if "temperature" in result.values else float(result.algo.temperature))
+        ev = evaluate_policy(task, result.setup.policy_model, params, frozen.ref_params, reward_model,
+                             reward_params, prompts=prompts, seed=seed, temperature=temp,
+                             batch_size=batch_size, reward_shift=float(frozen.reward_shift))
+        ev.pop("samples", None)
+        keep = {k: v for k, v in row.items() if k in ("point", "seed", "overrides") or
+                k.startswith(VMAP_SECTIONS[type(base_cfg).__name__] + ".")}
+        out.append({**keep, **ev})
+    return out
+
+
+def evaluate_start(result: VmapSweepResult, base_cfg: Any, **kw) -> dict[str, Any]:
+    """:func:`evaluate_runs`' numbers for the policy every run STARTED from (KL 0 to the reference
+    when the start is the reference, as with an SFT policy)."""
+    start = dataclasses.replace(result, rows=[{"point": -1, "overrides": ["start"]}],
+                                final_state=_StartState(result.setup.policy_params))
+    return evaluate_runs(start, base_cfg, **kw)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StartState:
+    """A one-run stand-in for a stacked final state: ``.policy.params`` with a leading axis of 1."""
+    params: Any
+
+    @property
+    def policy(self):
+        return types.SimpleNamespace(params=jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], self.params))
+
