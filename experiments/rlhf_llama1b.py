@@ -12,6 +12,7 @@ import dataclasses
 
 from rlhf_jax.data import DataConfig
 from rlhf_jax.pipeline import EvalSection, PipelineConfig
+from rlhf_jax.rl import with_hparams
 from rlhf_jax.training.configs import MeshConfig, ModelSection
 from rlhf_jax.training.optim import OptimConfig
 
@@ -35,6 +36,6 @@ def get_config() -> PipelineConfig:
                                    optim=OptimConfig(learning_rate=1e-5, warmup_steps=20)),
         ppo=dataclasses.replace(base.ppo, mesh=MESH, iterations=200,
                                 policy=dataclasses.replace(base.ppo.policy, dtype="bfloat16"),
-                                ppo=dataclasses.replace(base.ppo.ppo, batch_size=128, minibatches=4, lr=1e-5)),
+                                ppo=with_hparams(base.ppo.ppo.replace(batch_size=128, minibatches=4), lr=1e-5)),
         eval=EvalSection(num_prompts=1024, batch_size=256, num_pairs=2048, curve_points=8),
     )

@@ -1,7 +1,7 @@
 """`rlhf-jax` command line: parse a subcommand and hand over to the library.
 
-Every trainer is one row of :data:`TRAINERS` (its config class, its train function, the metrics of its
-summary line); they all share one argument set (``--config FILE``, ``--out``, ``--resume``, the
+Every trainer is one row of ``rlhf_jax.trainers.TRAINERS`` (its config class, its train function, the
+metrics of its summary line); they all share one argument set (``--config FILE``, ``--out``, ``--resume``, the
 multi-host flags and ``KEY=VALUE`` overrides) and one runner, :mod:`rlhf_jax.train_command`. The other
 subcommands live in the package that owns them. Each subcommand's module exposes
 ``add_arguments(parser)`` and ``run(args) -> int`` (``args.command`` names the subcommand).
@@ -14,23 +14,7 @@ import importlib
 import sys
 
 from rlhf_jax.config import ConfigError
-
-# trainer subcommand -> ("module:ConfigClass", "module:train_function", summary metrics, one-line help)
-TRAINERS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
-    "sft": ("rlhf_jax.training.sft:SFTConfig", "rlhf_jax.training.sft:train_sft", ("loss", "eval/loss"),
-            "supervised fine-tuning (token cross-entropy on responses)"),
-    "reward": ("rlhf_jax.training.reward:RewardConfig", "rlhf_jax.training.reward:train_reward",
-               ("loss", "eval/accuracy", "eval/margin", "reward_shift"),
-               "train a Bradley-Terry reward model on preferences/rankings"),
-    "ppo": ("rlhf_jax.rl.trainer:PPOTrainConfig", "rlhf_jax.rl.trainer:train_ppo", ("score", "kl", "loss"),
-            "PPO with a KL penalty against a reward model or function"),
-    "grpo": ("rlhf_jax.rl.trainer:GRPOTrainConfig", "rlhf_jax.rl.trainer:train_grpo", ("score", "kl", "loss"),
-             "GRPO: group-relative policy optimisation"),
-    "rloo": ("rlhf_jax.rl.trainer:RLOOTrainConfig", "rlhf_jax.rl.trainer:train_rloo", ("score", "kl", "loss"),
-             "RLOO: REINFORCE with a leave-one-out baseline"),
-    "dpo": ("rlhf_jax.rl.dpo:DPOTrainConfig", "rlhf_jax.rl.dpo:train_dpo", ("loss", "reward_margin"),
-            "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
-}
+from rlhf_jax.trainers import TRAINERS
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.generation import generate
-from rlhf_jax.rl.rollout import policy_forward, reward_model_scores
+from rlhf_jax.rl.experience import policy_forward, reward_model_scores
 from rlhf_jax.training.metrics import read_jsonl
 
 

@@ -41,10 +41,10 @@ import jax
 
 from rlhf_jax.config import ConfigError, apply_overrides, dump_json, load_config_file
 from rlhf_jax.data import DataConfig
-from rlhf_jax.evaluation import (encode_prompts, encode_responses, evaluate_policy, evaluate_reward_model,
-                                 plot_reward_vs_kl, plot_training_curves, read_metrics, score_responses)
-from rlhf_jax.rl.config import PPOConfig
-from rlhf_jax.rl.trainer import RL_OPTIM, PPOTrainConfig, RewardSection, train_ppo, validate_rl_config
+from rlhf_jax.evaluation import (evaluate_policy, evaluate_reward_model, plot_reward_vs_kl, plot_training_curves,
+                                 read_metrics)
+from rlhf_jax.rl import RL_OPTIM, PPOConfig, PPOHParams, PPOTrainConfig, RewardSection, train_ppo
+from rlhf_jax.rl.trainer import validate_rl_config
 from rlhf_jax.tasks import get_task, list_tasks
 from rlhf_jax.training.checkpoint import CheckpointConfig, CheckpointManager
 from rlhf_jax.training.configs import ModelSection
@@ -58,7 +58,6 @@ from rlhf_jax.training.sft import SFTConfig, train_sft
 __all__ = [
     "EvalSection", "PipelineConfig", "stage_configs", "run_pipeline", "write_summary_md",
     "add_arguments", "config_from_args", "run",
-    "encode_prompts", "encode_responses", "evaluate_policy", "evaluate_reward_model", "score_responses",
 ]
 
 
@@ -82,13 +81,12 @@ def _reward_defaults():
 
 def _ppo_defaults():
     # Adaptive β (Ziegler et al.) aiming at 5 nats per sequence; horizon 500 sequences lets β react
-    # within a few iterations of 64 rollouts (the spec's 10000 is tuned for long runs).
-    # sample_every=0: summary.md shows held-out samples; logging rollout samples would also compile
-    # the split rollout/update programs next to the fused iteration.
+    # within a few iterations of 64 rollouts (the default 10000 is tuned for long runs).
+    # sample_every=0: summary.md shows held-out samples (samples.jsonl would repeat them).
     return PPOTrainConfig(
         value_init="reward", reward=RewardSection(kind="model"),
-        ppo=PPOConfig(batch_size=64, ppo_epochs=4, minibatches=2, adaptive_kl=True, kl_coef=0.1,
-                      kl_target=5.0, kl_horizon=500.0, lr=3e-4),
+        ppo=PPOConfig(batch_size=64, ppo_epochs=4, minibatches=2, adaptive_kl=True,
+                      hparams=PPOHParams(kl_coef=0.1, kl_target=5.0, kl_horizon=500.0, lr=3e-4)),
         optim=RL_OPTIM, iterations=40, sample_every=0, num_samples=4,
         checkpoint=CheckpointConfig(every=10, keep=5), log=LogConfig(every=1, progress=False))
 

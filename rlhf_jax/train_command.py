@@ -1,31 +1,13 @@
 """The runner of every trainer subcommand (``rlhf-jax sft|reward|ppo|grpo|rloo|dpo``), from the table
-``rlhf_jax.cli.TRAINERS``: one argument set, config file + overrides, one summary line."""
+``rlhf_jax.trainers.TRAINERS``: one argument set, config file + overrides, one summary line."""
 from __future__ import annotations
 
 import argparse
-import importlib
-from typing import Any
 
 import jax
 
-from rlhf_jax.cli import TRAINERS
-from rlhf_jax.config import ConfigError
+from rlhf_jax.trainers import TRAINERS, load
 from rlhf_jax.training.common import add_common_arguments, config_from_args, init_distributed_from_args
-
-
-def load(target: str) -> Any:
-    """The object named by ``"package.module:name"``."""
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def trainer_for_config(cfg: Any) -> tuple[str, Any]:
-    """``(subcommand, train function)`` of a trainer config instance."""
-    for name, (config_target, train_target, _, _) in TRAINERS.items():
-        if type(cfg).__name__ == config_target.split(":")[1] and isinstance(cfg, load(config_target)):
-            return name, load(train_target)
-    raise ConfigError(f"no trainer runs a {type(cfg).__name__}; trainer configs: "
-                      f"{sorted(t[0].split(':')[1] for t in TRAINERS.values())}")
 
 
 # ---- the trainer subcommands (one argument set, one runner) ----

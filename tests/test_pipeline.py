@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax import evaluation as E
 from rlhf_jax import pipeline as P
 from rlhf_jax.config import ConfigError, apply_overrides
 from rlhf_jax.tasks import get_task, list_tasks
@@ -68,15 +69,15 @@ def test_encode_prompts_and_responses_match_the_tokenizer():
     task = get_task("sentiment")
     tok = AutoTokenizer.from_pretrained(task.tokenizer_dir)
     recs = task.sft_records("test", num=4)
-    ids, mask = P.encode_prompts(task, [r["prompt"] for r in recs])
-    r_ids, r_mask = P.encode_responses(task, [r["completion"] for r in recs])
+    ids, mask = E.encode_prompts(task, [r["prompt"] for r in recs])
+    r_ids, r_mask = E.encode_responses(task, [r["completion"] for r in recs])
     for i, r in enumerate(recs):
         assert ids[i][mask[i] == 1].tolist() == tok(r["prompt"])["input_ids"]
         assert mask[i, -1] == 1  # left padded
         assert r_ids[i][r_mask[i] == 1].tolist() == tok(r["completion"])["input_ids"] + [tok.eos_token_id]
         assert r_mask[i, 0] == 1  # right padded
     with pytest.raises(ValueError, match="tokens"):
-        P.encode_prompts(task, ["review movie plot : " + "great " * 10])
+        E.encode_prompts(task, ["review movie plot : " + "great " * 10])
 
 
 def _tiny_models(task, seed=0):
@@ -95,11 +96,11 @@ def test_evaluate_policy_numbers_agree_with_recomputation():
     lm, params, sm, rparams = _tiny_models(task)
     _, ref = _tiny_models(task, seed=5)[:2]
     prompts = [r["prompt"] for r in task.prompt_records("test", num=12)]
-    res = P.evaluate_policy(task, lm, params, ref, sm, rparams, prompts=prompts, seed=0, batch_size=8,
+    res = E.evaluate_policy(task, lm, params, ref, sm, rparams, prompts=prompts, seed=0, batch_size=8,
                             num_samples=3)
     # 12 prompts in batches of 8: padded rows are dropped, and the first batch's draws are
     # reproducible from the same key
-    ids, mask = P.encode_prompts(task, prompts)
+    ids, mask = E.encode_prompts(task, prompts)
     out = generate(lm, params, jnp.asarray(ids[:8]), jnp.asarray(mask[:8]), rng=jax.random.fold_in(jax.random.PRNGKey(0), 0),
                    max_new_tokens=task.response_length, stop_token_ids=(task.eos_id,), pad_token_id=task.pad_id,
                    prompt_buckets=(ids.shape[1],))
@@ -117,30 +118,30 @@ def test_evaluate_policy_numbers_agree_with_recomputation():
     assert res["num_prompts"] == 12 and res["kl"] != 0.0
     assert 0 <= res["gold_reward"] <= 1 and 0 <= res["stop_fraction"] <= 1
     # the same params as reference: KL exactly zero
-    same = P.evaluate_policy(task, lm, params, params, sm, rparams, prompts=prompts[:8], seed=0, batch_size=8)
+    same = E.evaluate_policy(task, lm, params, params, sm, rparams, prompts=prompts[:8], seed=0, batch_size=8)
     assert same["kl"] == pytest.approx(0.0, abs=1e-5)
     assert same["gold_reward"] == pytest.approx(float(gold.mean()), abs=1e-6)
     assert float(np.mean(kl8)) == pytest.approx(
-        P.evaluate_policy(task, lm, params, ref, sm, rparams, prompts=prompts[:8], seed=0, batch_size=8)["kl"],
+        E.evaluate_policy(task, lm, params, ref, sm, rparams, prompts=prompts[:8], seed=0, batch_size=8)["kl"],
         abs=1e-4)
 
 
 def test_evaluate_reward_model_accuracies():
     task = get_task("sentiment")
     _, _, sm, rparams = _tiny_models(task)
-    res = P.evaluate_reward_model(task, sm, rparams, noise=0.1, num_pairs=64)
+    res = E.evaluate_reward_model(task, sm, rparams, noise=0.1, num_pairs=64)
     recs = task.preference_records("test", 0.1, num=64)
     gold = task.preference_records("test", 0.0, num=64)
-    s_c = P.score_responses(task, sm, rparams, [r["prompt"] for r in recs], [r["chosen"] for r in recs])
-    s_r = P.score_responses(task, sm, rparams, [r["prompt"] for r in recs], [r["rejected"] for r in recs])
+    s_c = E.score_responses(task, sm, rparams, [r["prompt"] for r in recs], [r["chosen"] for r in recs])
+    s_r = E.score_responses(task, sm, rparams, [r["prompt"] for r in recs], [r["rejected"] for r in recs])
     assert res["heldout_accuracy"] == pytest.approx(float(np.mean(s_c > s_r)))
-    g_c = P.score_responses(task, sm, rparams, [r["prompt"] for r in gold], [r["chosen"] for r in gold])
-    g_r = P.score_responses(task, sm, rparams, [r["prompt"] for r in gold], [r["rejected"] for r in gold])
+    g_c = E.score_responses(task, sm, rparams, [r["prompt"] for r in gold], [r["chosen"] for r in gold])
+    g_r = E.score_responses(task, sm, rparams, [r["prompt"] for r in gold], [r["rejected"] for r in gold])
     assert res["gold_accuracy"] == pytest.approx(float(np.mean(g_c > g_r)))
     assert res["labeller_gold_agreement"] == pytest.approx(
         float(np.mean([a["chosen"] == b["chosen"] for a, b in zip(recs, gold)])))
     # scores do not depend on the batch they are computed in
-    one = P.score_responses(task, sm, rparams, [recs[5]["prompt"]], [recs[5]["chosen"]])
+    one = E.score_responses(task, sm, rparams, [recs[5]["prompt"]], [recs[5]["chosen"]])
     assert one[0] == pytest.approx(s_c[5], abs=1e-5)
 
 

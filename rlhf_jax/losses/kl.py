@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, check_mask, check_ndim, check_real,

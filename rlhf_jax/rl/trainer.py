@@ -199,13 +199,24 @@ class _Built:
     model_configs: dict
 
 
-def _resolve_stop_and_pad(algo, tokenizer):
+def resolve_stop_and_pad(algo, tokenizer):
     """The algorithm config with an empty ``stop_token_ids`` filled by the tokenizer's EOS, and its pad."""
     stop = tuple(algo.stop_token_ids)
     if not stop and tokenizer.eos_token_id is not None:
         stop = (int(tokenizer.eos_token_id),)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
     return algo.replace(stop_token_ids=stop, pad_token_id=int(pad))
+
+
+def resolved_algorithm(cfg: RLRunConfig):
+    """The algorithm section as the trainer runs it (stop/pad ids from the tokenizer when not given),
+    without building any model."""
+    algo = algorithm_config(cfg)
+    if algo.stop_token_ids:
+        return algo
+    task = get_task_or_none(cfg.task)
+    return resolve_stop_and_pad(algo, load_tokenizer(require_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path,
+                                                                           task, "policy")))
 
 
 def _reward_source(cfg: RLRunConfig, task, rng):
@@ -234,7 +245,7 @@ def _build(cfg: RLRunConfig) -> _Built:
     task = get_task_or_none(cfg.task)
     tok_dir = require_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task, "policy")
     tokenizer = load_tokenizer(tok_dir)
-    algo = _resolve_stop_and_pad(algorithm_config(cfg), tokenizer)
+    algo = resolve_stop_and_pad(algorithm_config(cfg), tokenizer)
     rng = jax.random.PRNGKey(cfg.seed)
     shared = algo.value_mode == "shared"
     policy_model, policy_params, mconfig = build_model(cfg.policy, task=task, tokenizer=tokenizer,

@@ -13,18 +13,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf_jax.config import ConfigError, apply_overrides
+from rlhf_jax import trainers
 from rlhf_jax.provenance import write_run_record
 from rlhf_jax.sweeps.points import SweepPoint
 from rlhf_jax.sweeps.report import write_results
 
-# config class name -> (cli subcommand, "module:function" of its Python entry point)
+# config class name -> (cli subcommand, "module:function" of its Python entry point): the trainers'
+# table plus the pipeline
 TRAINERS: dict[str, tuple[str, str]] = {
-    "SFTConfig": ("sft", "rlhf_jax.training.sft:train_sft"),
-    "RewardConfig": ("reward", "rlhf_jax.training.reward:train_reward"),
-    "PPOTrainConfig": ("ppo", "rlhf_jax.rl.trainer:train_ppo"),
-    "GRPOTrainConfig": ("grpo", "rlhf_jax.rl.trainer:train_grpo"),
-    "RLOOTrainConfig": ("rloo", "rlhf_jax.rl.trainer:train_rloo"),
-    "DPOTrainConfig": ("dpo", "rlhf_jax.rl.trainer:train_dpo"),
+    **{config.split(":")[1]: (name, train) for name, (config, train, _, _) in trainers.TRAINERS.items()},
     "PipelineConfig": ("pipeline", "rlhf_jax.pipeline:run_pipeline"),
 }
 

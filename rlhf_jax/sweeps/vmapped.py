@@ -20,16 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import ConfigError, apply_overrides
-from rlhf_jax.data import load_tokenizer
 from rlhf_jax.evaluation import evaluate_policy
 from rlhf_jax.provenance import write_run_record
-from rlhf_jax.rl import make_train, stack_hparams, sweep_keys
-from rlhf_jax.rl.config import GRPO_HPARAM_FIELDS, PPO_HPARAM_FIELDS, GRPOHParams, PPOConfig, PPOHParams
-from rlhf_jax.rl.trainer import algorithm_config, build_setup, validate_rl_config
+from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, sweep_keys, with_hparams
+from rlhf_jax.rl.trainer import build_setup, resolved_algorithm, validate_rl_config
 from rlhf_jax.sweeps.points import SweepPoint, expand_points
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.tasks import get_task
-from rlhf_jax.training.common import get_task_or_none, resolve_tokenizer_dir
 
 VMAP_SECTIONS: dict[str, str] = {"PPOTrainConfig": "ppo", "GRPOTrainConfig": "grpo", "RLOOTrainConfig": "rloo"}
 
@@ -41,8 +38,7 @@ def traced_keys(cfg: Any) -> list[str]:
         raise ConfigError(f"--vmap runs PPO/GRPO/RLOO trainer configs ({sorted(VMAP_SECTIONS)}); "
                           f"the config is a {name}: drop --vmap to run its points one after another")
     section = VMAP_SECTIONS[name]
-    fields = PPO_HPARAM_FIELDS if section == "ppo" else GRPO_HPARAM_FIELDS
-    return [f"{section}.{f}" for f in fields]
+    return [f"{section}.{f}" for f in hparam_fields(getattr(cfg, section))]
 
 
 def vmap_values(base_cfg: Any, grid: dict[str, list[str]]) -> dict[str, list[float]]:
@@ -58,6 +54,7 @@ def vmap_values(base_cfg: Any, grid: dict[str, list[str]]) -> dict[str, list[flo
         raise ConfigError(f"--vmap needs at least one --grid over a traced hyper-parameter: {allowed}")
     out: dict[str, list[float]] = {}
     for key, raw in grid.items():
+        key = key.replace(".hparams.", ".")  # ppo.hparams.kl_coef is ppo.kl_coef
         if key not in allowed:
             hint = ""
             if key.split(".")[-1] in ("seed",):
@@ -76,21 +73,6 @@ def vmap_values(base_cfg: Any, grid: dict[str, list[str]]) -> dict[str, list[flo
                 raise ConfigError(f"--vmap: grid key {key!r}: {v!r} is not a number") from None
         out[key.split(".", 1)[1]] = vals
     return out
-
-
-def resolved_algorithm(cfg: Any) -> Any:
-    """The algorithm section as the trainer runs it: empty ``stop_token_ids`` -> the tokenizer's EOS,
-    ``pad_token_id`` -> the tokenizer's pad (the rule of ``rl.trainer``'s set-up)."""
-    algo = algorithm_config(cfg)
-    if algo.stop_token_ids:
-        return algo
-    tok_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, get_task_or_none(cfg.task))
-    if not tok_dir:
-        raise ConfigError("config key 'data.tokenizer': empty (and neither policy.path nor task has a tokenizer)")
-    tok = load_tokenizer(tok_dir)
-    stop = (int(tok.eos_token_id),) if tok.eos_token_id is not None else ()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
-    return dataclasses.replace(algo, stop_token_ids=stop, pad_token_id=int(pad))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +115,7 @@ def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], 
     """Points of a ``--vmap`` sweep run one at a time: ``jax.jit(make_train(...))(hparams, key)``.
 
     ``runs``: ``[(values, seed_index), ...]`` such as ``({"kl_coef": 0.1}, 1)``. Each run gets the
-    same hyper-parameters (``XHParams.from_config(algo, **values)``) and key
+    same hyper-parameters (``with_hparams(algo, **values).hparams``) and key
     (``fold_in(PRNGKey(cfg.seed), seed_index)``) as its slot in :func:`run_vmapped_sweep`, so the
     results agree up to float reassociation; this is the reference the vmapped program is tested
     against and the "N sequential runs" of the throughput benchmark. One jitted program serves all
@@ -144,10 +126,9 @@ def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], 
     algo = resolved_algorithm(base_cfg)
     setup = build_setup(base_cfg) if setup is None else setup
     train = jax.jit(make_train(algo, setup, num_iterations=base_cfg.iterations))
-    cls = PPOHParams if isinstance(algo, PPOConfig) else GRPOHParams
     out = []
     for values, seed_index in runs:
-        hp = cls.from_config(algo, **values)
+        hp = with_hparams(algo, **values).hparams.traced()
         key = sweep_keys(base_cfg.seed, jnp.asarray([seed_index], jnp.int32))[0]
         final, history = train(hp, key)
         out.append((final, _history_to_host(jax.device_get(history))))
