@@ -27,8 +27,10 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from rlhf_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the key."""
 
 

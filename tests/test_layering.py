@@ -41,6 +41,7 @@ PACKAGE = "rlhf_jax"
 LAYERS: dict[str, int] = {
     "rlhf_jax": 0,
     "rlhf_jax.config": 0,
+    "rlhf_jax.errors": 0,
     "rlhf_jax.provenance": 0,
     "rlhf_jax.losses": 1,
     "rlhf_jax.models": 1,
@@ -59,6 +60,7 @@ LAYERS: dict[str, int] = {
 # (importer, imported) pairs allowed inside one layer; any other same-layer import is a violation.
 SAME_LAYER: frozenset[tuple[str, str]] = frozenset({
     ("rlhf_jax.provenance", "rlhf_jax.config"),
+    ("rlhf_jax.config", "rlhf_jax.errors"),
     ("rlhf_jax.tasks", "rlhf_jax.generation"),
 })
 # units that import no other rlhf_jax unit at all, whatever its layer

@@ -11,6 +11,8 @@ import dataclasses
 import logging
 from typing import Any
 
+from rlhf_jax.errors import UserError
+
 log = logging.getLogger("rlhf_jax.data")
 
 _MAX_SAMPLES = 5  # messages kept per reason in DataStats.examples
@@ -34,7 +36,7 @@ class Location:
         return f"{self.path}:{self.line}" if self.unit == "line" else f"{self.path} {self.unit} {self.line}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad input row (or a bad dataset). Carries ``path``, ``line``, ``field`` and ``reason``.
 
     ``reason`` is a short machine-readable kind (e.g. ``"malformed_json"``, ``"missing_field"``,

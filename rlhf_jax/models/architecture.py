@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from rlhf_jax.errors import UserError
+
 SUPPORTED_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 _HF_ARCHITECTURES = {
@@ -42,7 +44,7 @@ _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish"
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The checkpoint's architecture or one of its options is not implemented here."""
 
 

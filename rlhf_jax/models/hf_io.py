@@ -27,6 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.models.architecture import _HF_SEQ_CLS, ModelConfig, UnsupportedModelError
 from rlhf_jax.models.heads import CausalLMWithValueHead, ScalarHeadModel, head_init
 from rlhf_jax.models.transformer import CausalLM
@@ -36,7 +37,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 VALUE_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")  # TRL's AutoModelForCausalLMWithValueHead
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, malformed, or does not match its config (names the key)."""
 
 
