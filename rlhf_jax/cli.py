@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
 
-from rlhf_jax.config import ConfigError
+from rlhf_jax.errors import Interrupted, UserError
 from rlhf_jax.trainers import TRAINERS
 
 # name -> (module with add_arguments/run, one-line help)
@@ -38,8 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def debug_requested(argv: list[str]) -> bool:
+    """``--debug`` anywhere on the command line, or ``RLHF_JAX_DEBUG`` set to a true value."""
+    return "--debug" in argv or os.environ.get("RLHF_JAX_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: this one with ``--resume``."""
+    args = [a for a in argv if a != "--debug"]
+    return shlex.join(["rlhf-jax", *args, *([] if "--resume" in args else ["--resume"])])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -49,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS)}")
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    sub_parser = argparse.ArgumentParser(prog=f"rlhf-jax {name}", description=help_text)
+    sub_parser = argparse.ArgumentParser(
+        prog=f"rlhf-jax {name}", description=help_text,
+        epilog="Errors in what you give (config keys, data, model directories, checkpoints, run directories) "
+               "print one message and exit with status 2; --debug (or RLHF_JAX_DEBUG=1) shows the traceback.")
     module.add_arguments(sub_parser)
     # `--config.a.b=1` style overrides (absl/ml_collections habit) are pulled out before argparse
     # sees them, and land in the subcommand's `overrides` list as `a.b=1`.
@@ -64,8 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + dotted
     try:
         return int(module.run(args) or 0)
-    except ConfigError as e:  # a user error: say it plainly, no traceback
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"rlhf-jax {name}: interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:  # the user's to fix: say it plainly, no traceback (unless --debug)
+        if debug:
+            raise
         print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
+        if isinstance(e, Interrupted):
+            print(f"rlhf-jax {name}: continue with: {resume_command(argv)}", file=sys.stderr)
+            return 130
         return 2
 
 

@@ -220,18 +220,46 @@ def apply_overrides(cfg: Any, overrides: Iterable[str]) -> Any:
     return cfg
 
 
+def _user_code_line(exc: BaseException, path: Path) -> str:
+    """``":LINE"`` of the innermost traceback frame inside ``path`` (the line of the user's file)."""
+    line = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+            line = f":{tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
+
+
 def load_config_file(path: str | Path, *, arg: str | None = None) -> Any:
-    """Imports a Python config file and returns its ``get_config(arg)``."""
+    """Imports a Python config file and returns its ``get_config(arg)``.
+
+    A file that is missing, does not import (syntax error, failing import, an exception at module
+    level) or whose ``get_config()`` raises is a ConfigError naming the file and line; the original
+    exception is chained (``--debug`` shows it).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
     spec = importlib.util.spec_from_file_location(f"_rlhf_cfg_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {str(path)!r}: not a Python file (expected a .py file with get_config())")
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # the user's code failed: name where, keep the cause chained
+        raise ConfigError(f"config file {path}{_user_code_line(e, path)}: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} defines no get_config()")
-    return module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        return module.get_config(arg) if arg is not None else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's get_config() failed
+        raise ConfigError(f"config file {path}{_user_code_line(e, path)}: get_config() raised "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def dump_json(cfg: Any, path: str | Path) -> None:

@@ -8,6 +8,17 @@ shows the traceback of a user error too).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class UserError(Exception):
     """An error in the user's input or environment that the message alone lets them fix."""
+
+
+class Interrupted(UserError):
+    """The run was stopped with Ctrl-C (SIGINT); ``saved_step`` is the checkpoint it can continue from
+    (None when there is none)."""
+
+    def __init__(self, message: str, out_dir: Path, saved_step: int | None):
+        super().__init__(message)
+        self.out_dir, self.saved_step = out_dir, saved_step

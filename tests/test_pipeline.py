@@ -90,7 +90,7 @@ def _tiny_models(task, seed=0):
 
 def test_evaluate_policy_numbers_agree_with_recomputation():
     from rlhf_jax.generation import generate
-    from rlhf_jax.rl.rollout import policy_forward
+    from rlhf_jax.rl.experience import policy_forward
 
     task = get_task("sort")
     lm, params, sm, rparams = _tiny_models(task)

@@ -30,7 +30,8 @@ from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.rl.core import RL_OPTIM, ReadsHParams, own_copy, traced_hparams, train_state
 from rlhf_jax.rl.validation import check_choice, check_positive, concrete, fail
 from rlhf_jax.training import loop
-from rlhf_jax.training.common import build_model, export_model, get_task_or_none, require_tokenizer_dir
+from rlhf_jax.training.common import (build_model, check_path, export_model, get_task_or_none,
+                                      require_tokenizer_dir)
 from rlhf_jax.training.configs import ModelSection, RunConfig
 from rlhf_jax.training.metrics import to_host_scalars
 from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
@@ -273,6 +274,8 @@ def validate_dpo_config(cfg: DPOTrainConfig) -> None:
     cfg.optim.validate()
     cfg.policy.validate("policy.")
     loop.validate_layout(cfg.mesh, cfg.data.batch_size, 1)
+    check_path("data.path", cfg.data.path)
+    check_path("eval_path", cfg.eval_path)
     if not cfg.data.path and get_task_or_none(cfg.task) is None:
         raise ConfigError("config key 'data.path': empty and no 'task' given; nothing to train on")
 

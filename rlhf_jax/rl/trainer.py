@@ -153,6 +153,9 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
                           f"size {algo.minibatch_size} must be divisible by the {n} devices")
     cfg.optim.validate()
     cfg.policy.validate("policy.")
+    check_path("data.path", cfg.data.path)
+    if not cfg.data.path and get_task_or_none(cfg.task) is None:
+        raise ConfigError("config key 'data.path': empty and no 'task' given; no prompts to train on")
     if cfg.reward.kind not in ("gold", "model", "python"):
         raise ConfigError(f"config key 'reward.kind': expected gold|model|python, got {cfg.reward.kind!r}")
     if cfg.reward.kind == "model" and not cfg.reward.path:
@@ -427,7 +430,8 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
         tokens=lambda b, m: float(algo.rollout_size * seq_len),
         flops_per_token=iteration_flops_per_token(built, seq_len),
         lr_fn=lambda i: float(algo.hparams.lr) * float(factor(i * updates)),
-        average_window=False, progress_keys=("score", "kl"),
+        average_window=False, progress_keys=("score", "kl"), step_name="iteration",
+        finite_keys=("loss", "policy_grad_norm", "value_grad_norm", "score", "kl"),
         on_log=_sample_logger(cfg, built, out_dir / "samples.jsonl"),
         export=export if cfg.export else None)
     result = loop.run(job, out_dir=out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)

@@ -11,7 +11,8 @@ Each saved step ``DIR/<step>/`` holds the items
 Saves are asynchronous (training continues while the arrays are written) and
 atomic (Orbax writes to a temporary directory and renames it once complete, so a
 run killed mid-save leaves the previous step as the latest valid one). Only the
-last ``keep`` steps are kept.
+last ``keep`` steps are kept. A resume takes the newest checkpoint that restores
+(:meth:`CheckpointManager.restore_newest_good`): a corrupt one is reported and skipped.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,10 @@ class CheckpointConfig:
             raise ConfigError(f"config key {prefix + 'every'!r}: must be >= 0, got {self.every}")
         if self.keep < 1:
             raise ConfigError(f"config key {prefix + 'keep'!r}: must be >= 1, got {self.keep}")
+
+
+class CheckpointUnusable(UserError):
+    """No checkpoint of a run could be restored (each failure is named)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +130,23 @@ class CheckpointManager:
         return Restored(step=int(step), state=state, data_state=out["data"] or None,
                         config=out["config"] or None,
                         extra=out["extra"] if extra_template is not None else None)
+
+    def restore_newest_good(self, state_template, *, report=None) -> Restored:
+        """:meth:`restore` of the newest checkpoint that restores; each one that does not (truncated,
+        half-written, corrupt) is reported through ``report(message)`` and skipped. A
+        :class:`CheckpointUnusable` lists every failure when none restores."""
+        failures = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return self.restore(state_template, step=step)
+            except Exception as e:  # noqa: BLE001 -- reported, and raised below when no step restores
+                message = f"step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                failures.append(message)
+                if report is not None:
+                    report(f"checkpoint {self.directory / str(step)} could not be restored ({message}); "
+                           "trying the previous one")
+        raise CheckpointUnusable(f"no checkpoint under {self.directory} could be restored: "
+                                 + ("; ".join(failures) or "there are none"))
 
     def wait(self) -> None:
         """Blocks until pending async saves are durable."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,13 +17,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rlhf_jax.config import ConfigError
-from rlhf_jax.training import mesh as mesh_lib
-from rlhf_jax.training.checkpoint import CheckpointConfig, CheckpointManager
-from rlhf_jax.training.metrics import (LogConfig, MetricsWriter, ProgressBar, Throughput,
-                                       check_finite, peak_flops_per_device, read_jsonl,
-                                       to_host_scalars)
-from rlhf_jax.training.configs import MeshConfig
+from rlhf_jax.errors import Interrupted
 from rlhf_jax.provenance import write_run_record
+from rlhf_jax.training import mesh as mesh_lib
+from rlhf_jax.training import rundir
+from rlhf_jax.training.checkpoint import CheckpointConfig, CheckpointManager
+from rlhf_jax.training.configs import MeshConfig
+from rlhf_jax.training.metrics import (LogConfig, MetricsWriter, ProgressBar, Throughput, check_finite,
+                                       peak_flops_per_device, read_jsonl, to_host_scalars)
+
+log = logging.getLogger("rlhf_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,14 +135,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
-def saved_steps(ckpt_dir: Path) -> list[int]:
-    """Steps of the finished checkpoints under ``ckpt_dir`` (Orbax names them by step), without
-    creating anything."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 @dataclasses.dataclass
 class Job:
     """What a trainer hands to :func:`run`: its state, its compiled step and the hooks around it.
@@ -156,6 +152,8 @@ class Job:
     average_window: log the mean of the metrics since the last log (else the last step's).
     progress_keys: metrics shown on the progress bar.
     on_log(step, metrics, aux, writer): called at every step after the metrics are read (samples).
+    finite_keys: metrics whose NaN/Inf stops the run (the last good checkpoint stays intact).
+    step_name: what a step is called in messages ("step", "iteration").
     final_extra(state) -> (pytree for the final checkpoint's ``extra``, numbers for the result).
     export(state, out_dir) -> the export directory (or None).
     """
@@ -177,23 +175,10 @@ class Job:
     average_window: bool = True
     progress_keys: tuple[str, ...] = ("loss",)
     on_log: Callable[[int, dict, Any, MetricsWriter], None] | None = None
+    finite_keys: tuple[str, ...] = ("loss", "grad_norm")
+    step_name: str = "step"
     final_extra: Callable[[Any], tuple[Any, dict]] | None = None
     export: Callable[[Any, Path], str | None] | None = None
-
-
-def claim_run_dir(out_dir: Path, resume: bool) -> list[int]:
-    """Decides whether a run may start in ``out_dir`` BEFORE anything is written there.
-
-    A directory holding checkpoints needs ``resume``; otherwise a ConfigError names ``--resume``
-    and no file is touched. Returns the saved steps.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {str(out_dir)!r} is a file; expected a run directory")
-    steps = saved_steps(out_dir / "checkpoints")
-    if steps and not resume:
-        raise ConfigError(f"--out {str(out_dir)!r} already holds checkpoints (latest step {steps[-1]}); "
-                          "pass --resume (resume=True) to continue it or choose another --out")
-    return steps
 
 
 def _split_step_output(out, placement: Placement) -> tuple[Any, dict, Any]:
@@ -238,8 +223,10 @@ class _Logger:
 
 
 def _restore(job: Job, ckpt: CheckpointManager, placed, metrics_path: Path):
+    """The newest checkpoint that restores (a corrupt one is reported and skipped), with its data
+    position; the metrics the killed run logged after it are dropped."""
     template = placed if job.placement.mode == "jit" else job.state
-    restored = ckpt.restore(template)
+    restored = ckpt.restore_newest_good(template, report=log.warning)
     state = restored.state if job.placement.mode == "jit" else _place(job, restored.state)
     if restored.data_state:
         job.batches.restore(restored.data_state)
@@ -267,12 +254,27 @@ def run(job: Job, *, out_dir: str | Path, ckpt_cfg: CheckpointConfig, log_cfg: L
         resume: bool = False) -> TrainResult:
     """The one host loop of every trainer: run directory, resume, steps, evaluation, metrics,
     checkpoints, NaN guard, export and clean-up. Runs ``job.total_steps`` steps (or continues a run
-    from its latest checkpoint with ``resume``) and returns the result with the final state."""
+    from its newest good checkpoint with ``resume``) and returns the result with the final state.
+
+    Nothing is written into ``out_dir`` before the run has decided to go ahead there
+    (:func:`rundir.claim`), and the directory is held by this process while it runs
+    (:class:`rundir.RunLock`). Ctrl-C saves the last completed step when it safely can and raises
+    :class:`Interrupted`.
+    """
     out_dir = Path(out_dir).absolute()
-    claim_run_dir(out_dir, resume)
+    with rundir.RunLock(out_dir, enabled=jax.process_index() == 0) as lock:
+        rundir.claim(out_dir, job.config_dict, resume)
+        lock.mark()
+        run_record(out_dir, job.config_dict)
+        ckpt = CheckpointManager(out_dir / "checkpoints", ckpt_cfg)
+        try:
+            return _run_steps(job, out_dir, ckpt, log_cfg, resume)
+        finally:
+            ckpt.close()
+
+
+def _run_steps(job: Job, out_dir: Path, ckpt: CheckpointManager, log_cfg: LogConfig, resume: bool) -> TrainResult:
     metrics_path = out_dir / "metrics.jsonl"
-    run_record(out_dir, job.config_dict)
-    ckpt = CheckpointManager(out_dir / "checkpoints", ckpt_cfg)
     writer = progress = None
     try:
         placed = _place(job, job.state)
@@ -286,22 +288,26 @@ def run(job: Job, *, out_dir: str | Path, ckpt_cfg: CheckpointConfig, log_cfg: L
         progress = ProgressBar(job.total_steps, start, enabled=log_cfg.progress, desc=job.name)
         logger = _Logger(job, writer, log_cfg)
         last_eval: dict = {}
-        for i in range(start, job.total_steps):
-            batch = _next_batch(job, i)
-            placed, m, aux = _split_step_output(step(placed, prepare(batch)), job.placement)
-            done = i + 1
-            check_finite(m, done)
-            logger.add(i, batch, m)
-            if job.on_log is not None:
-                job.on_log(done, m, aux, writer)
-            progress.update(1, **{k: m[k] for k in job.progress_keys if k in m})
-            if job.eval_fn is not None and ((job.eval_every and done % job.eval_every == 0)
-                                            or done == job.total_steps):
-                last_eval = job.eval_fn(_unplace(job, placed))
-                if last_eval:
-                    writer.write(done, last_eval, prefix="eval")
-            if done != job.total_steps:
-                ckpt.save(done, _unplace(job, placed), data_state=job.batches.state(), config=job.config_dict)
+        done, data_state = start, job.batches.state()
+        try:
+            for i in range(start, job.total_steps):
+                batch = _next_batch(job, i)
+                placed, m, aux = _split_step_output(step(placed, prepare(batch)), job.placement)
+                done, data_state = i + 1, job.batches.state()
+                check_finite(m, done, job.finite_keys, unit=job.step_name)
+                logger.add(i, batch, m)
+                if job.on_log is not None:
+                    job.on_log(done, m, aux, writer)
+                progress.update(1, **{k: m[k] for k in job.progress_keys if k in m})
+                if job.eval_fn is not None and ((job.eval_every and done % job.eval_every == 0)
+                                                or done == job.total_steps):
+                    last_eval = job.eval_fn(_unplace(job, placed))
+                    if last_eval:
+                        writer.write(done, last_eval, prefix="eval")
+                if done != job.total_steps:
+                    ckpt.save(done, _unplace(job, placed), data_state=data_state, config=job.config_dict)
+        except KeyboardInterrupt:
+            raise _interrupted(job, ckpt, out_dir, placed, done, data_state) from None
         final_state = _unplace(job, placed)
         extra_tree, extra_json = job.final_extra(final_state) if job.final_extra else (None, {})
         if extra_json:
@@ -321,4 +327,21 @@ def run(job: Job, *, out_dir: str | Path, ckpt_cfg: CheckpointConfig, log_cfg: L
             progress.close()
         if writer is not None:
             writer.close()
-        ckpt.close()
+
+
+def _interrupted(job: Job, ckpt: CheckpointManager, out_dir: Path, placed, done: int, data_state) -> Interrupted:
+    """After Ctrl-C: saves step ``done`` when its state is intact (a step interrupted mid-call may have
+    consumed its donated input) and says where the run stands."""
+    alive = all(not (isinstance(x, jax.Array) and x.is_deleted()) for x in jax.tree_util.tree_leaves(placed))
+    saved = None
+    if alive and done > 0:
+        if done not in ckpt.all_steps():
+            ckpt.save(done, _unplace(job, placed), data_state=data_state, config=job.config_dict, force=True)
+        ckpt.wait()
+        saved = done
+    elif ckpt.latest_step() is not None:
+        ckpt.wait()
+        saved = ckpt.latest_step()
+    where = (f"checkpoint of {job.step_name} {saved} in {out_dir / 'checkpoints'}" if saved is not None
+             else "no checkpoint (nothing completed yet)")
+    return Interrupted(f"interrupted after {job.step_name} {done} of {job.total_steps}; {where}", out_dir, saved)

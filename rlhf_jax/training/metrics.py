@@ -18,9 +18,10 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.errors import UserError
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """A loss or gradient norm became NaN/Inf; the message names the step and metric."""
 
 
@@ -49,12 +50,12 @@ def to_host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def check_finite(metrics: Mapping[str, float], step: int,
-                 keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+                 keys: tuple[str, ...] = ("loss", "grad_norm"), *, unit: str = "step") -> None:
     """Raises ``NonFiniteError`` naming the step and metric if any of ``keys`` is NaN/Inf."""
     for k in keys:
         if k in metrics and not math.isfinite(float(metrics[k])):
             raise NonFiniteError(
-                f"non-finite {k} = {metrics[k]} at step {step}; stopping (the last saved "
+                f"non-finite {k} = {metrics[k]} at {unit} {step}; stopping (the last saved "
                 "checkpoint is untouched)")
 
 
