@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[1:]
     dotted = [a[len("--config."):] for a in rest if a.startswith("--config.")]
     rest = [a for a in rest if not a.startswith("--config.")]
-    args = sub_parser.parse_args(rest)
+    args = sub_parser.parse_intermixed_args(rest)  # overrides may come before and after --out etc.
     args.command = name
     if dotted:
         if not hasattr(args, "overrides"):

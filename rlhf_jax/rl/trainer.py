@@ -166,6 +166,10 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
         raise ConfigError("config key 'reward.kind': 'gold' needs config key 'task' set")
     if cfg.reward.kind == "python" and not cfg.reward.function and not cfg.task:
         raise ConfigError("config key 'reward.function': empty and no task to take gold_reward_text from")
+    if cfg.reward.kind == "python" and cfg.reward.function:
+        mod, _, name = cfg.reward.function.partition(":")
+        if not mod or not name:
+            raise ConfigError(f"config key 'reward.function': expected 'module:function', got {cfg.reward.function!r}")
     if isinstance(cfg, PPOTrainConfig) and cfg.value_init == "reward" and cfg.reward.kind != "model":
         raise ConfigError("config key 'value_init': 'reward' needs reward.kind='model' (a reward model trunk)")
 

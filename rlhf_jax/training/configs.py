@@ -122,3 +122,5 @@ class RunConfig:
         self.log.validate()
         if not self.out_dir:
             raise ConfigError("config key 'out_dir': empty; expected a run directory")
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise ConfigError(f"--out {self.out_dir!r} (config key 'out_dir') is a file; expected a run directory")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,10 @@ from rlhf_jax.training.configs import MeshConfig
 from rlhf_jax.training.metrics import (LogConfig, MetricsWriter, ProgressBar, Throughput, check_finite,
                                        peak_flops_per_device, read_jsonl, to_host_scalars)
 
-log = logging.getLogger("rlhf_jax")
+def warn(message: str) -> None:
+    """A warning the user must see (a skipped checkpoint, ...): on stderr, from process 0."""
+    if jax.process_index() == 0:
+        print(f"rlhf-jax: warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +229,7 @@ def _restore(job: Job, ckpt: CheckpointManager, placed, metrics_path: Path):
     """The newest checkpoint that restores (a corrupt one is reported and skipped), with its data
     position; the metrics the killed run logged after it are dropped."""
     template = placed if job.placement.mode == "jit" else job.state
-    restored = ckpt.restore_newest_good(template, report=log.warning)
+    restored = ckpt.restore_newest_good(template, report=warn)
     state = restored.state if job.placement.mode == "jit" else _place(job, restored.state)
     if restored.data_state:
         job.batches.restore(restored.data_state)
