@@ -32,7 +32,7 @@ import numpy as np
 from rlhf_jax.data import batching
 from rlhf_jax.data.errors import DataError, DataStats
 from rlhf_jax.data.formats import check_format, parse_field_map, parse_record
-from rlhf_jax.data.sources import MemorySource, RecordSource, open_source
+from rlhf_jax.data.sources import MemorySource, RecordSource, open_source, require_rows
 from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, load_tokenizer, tokenize_record
 
 STATE_VERSION = 1
@@ -111,9 +111,7 @@ class DataIterator:
         self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
         self.host_id, self.num_hosts = int(host_id), int(num_hosts)
         self.drop_remainder = drop_remainder
-        self.num_rows = len(self.source)
-        if self.num_rows == 0:
-            raise DataError(f"{self.source.name}: no rows", reason="empty_dataset")
+        self.num_rows = len(require_rows(self.source))
         self.stats = DataStats()
         self._epoch, self._pos = 0, 0
         self._order_epoch, self._order = -1, np.zeros((0,), np.int64)
