@@ -147,6 +147,10 @@ class JsonlSource(RecordSource):
             f.seek(offset)
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
+                    if not self._lines and line.lstrip().startswith(b"["):
+                        raise DataError("the file holds a JSON array; expected JSONL, one JSON object per "
+                                        "line (convert with: jq -c '.[]' FILE)",
+                                        location=Location(self.path, lineno), reason="malformed_json")
                     self._offsets.append(offset)
                     self._lines.append(lineno)
                 offset += len(line)

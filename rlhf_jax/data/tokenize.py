@@ -347,5 +347,5 @@ def load_tokenizer(path: str):
     except (OSError, ValueError) as e:  # no tokenizer files / an unrecognised tokenizer config
         raise DataError(f"tokenizer directory {path!r}: cannot load a Hugging Face tokenizer from it "
                         "(expected tokenizer.json or tokenizer_config.json + vocabulary files): "
-                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}",
+                        f"{' '.join(str(e).split())[:300] or type(e).__name__}",
                         reason="tokenizer") from e
