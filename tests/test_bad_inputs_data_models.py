@@ -214,6 +214,8 @@ CASES = [
     data_case("non-utf8-bytes", "sft",
               {"latin1.jsonl": '{"prompt": "caf\xe9 ->", "completion": " 1"}\n'.encode("latin-1")},
               [r"latin1\.jsonl:1:", "'prompt'", "non-UTF-8", "must be UTF-8"]),
+    data_case("not-parquet", "sft", {"train.parquet": "prompt,completion\n2 1 ->, 1 2\n"},
+              [r"train\.parquet", "cannot read as Parquet"]),
     data_case("utf16-file", "sft", {"utf16.jsonl": jsonl(SFT).encode("utf-16")},
               [r"utf16\.jsonl", "UTF-16", "save it as UTF-8"]),
     data_case("directory-without-shards", "sft", {"shards/readme.txt": "data comes later"},
