@@ -14,9 +14,9 @@ import argparse
 import json
 import sys
 
-from rlhf_jax.data.errors import DataError, DataStats
+from rlhf_jax.data.errors import DataError, DataStats, Location
 from rlhf_jax.data.formats import FORMATS, apply_field_map, detect_format, parse_field_map, parse_record
-from rlhf_jax.data.sources import open_source
+from rlhf_jax.data.sources import open_source, require_rows
 from rlhf_jax.data.tfds_io import files_to_tfds
 from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, load_tokenizer, tokenize_record
 
@@ -45,29 +45,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _source(spec: str, args):
-    return open_source(spec, split=args.split, data_dir=args.data_dir)
+    """The source of ``spec``; an empty one is an error here as in the trainers' iterators."""
+    return require_rows(open_source(spec, split=args.split, data_dir=args.data_dir))
 
 
 def _format(args, src) -> str:
     if args.format != "auto":
         return args.format
-    fmap = parse_field_map(args.field_map)
+    fmap = parse_field_map(args.field_map, key="--field-map")
     for i in range(len(src)):
         try:
             raw, _ = src.get(i)
         except DataError:
             continue
         return detect_format(apply_field_map(raw, fmap))
-    raise DataError(f"{src.name}: no readable row to guess the format from; pass --format",
-                    reason="unknown_format")
+    raise DataError("no readable row to guess the format from; pass --format",
+                    location=Location(src.name, 0, "file"), reason="unknown_format")
 
 
 def _validate(args) -> int:
-    fmap = parse_field_map(args.field_map)
+    fmap = parse_field_map(args.field_map, key="--field-map")
     total, bad = DataStats(), 0
     for spec in args.files:
-        src = _source(spec, args)
-        fmt = _format(args, src)
+        try:  # a file that cannot be read at all (missing, empty, not JSONL/Parquet) is bad too
+            src = _source(spec, args)
+            fmt = _format(args, src)
+        except DataError as e:
+            bad += 1
+            print(f"error: {e}", file=sys.stderr)
+            continue
         stats = DataStats()
         for i in range(len(src)):
             stats.rows += 1
@@ -89,7 +95,7 @@ def _validate(args) -> int:
 
 
 def _inspect(args) -> int:
-    fmap = parse_field_map(args.field_map)
+    fmap = parse_field_map(args.field_map, key="--field-map")
     src = _source(args.files[0], args)
     fmt = _format(args, src)
     enc = opts = tok = None

@@ -51,9 +51,9 @@ class DataError(UserError, ValueError):
         self.field = field
         self.reason = reason
         self.detail = message
-        where = str(location) if location else "<data>"
+        where = f"{location}: " if location else ""
         what = f"field {field!r}: " if field else ""
-        super().__init__(f"{where}: {what}{message}")
+        super().__init__(f"{where}{what}{message}")
 
     def at(self, location: Location) -> "DataError":
         """The same error attributed to ``location`` (used when a helper did not know it)."""

@@ -50,20 +50,47 @@ def apply_field_map(raw: Mapping[str, Any], field_map: Mapping[str, str] | None)
     return out
 
 
-def parse_field_map(items: Mapping[str, str] | tuple[str, ...] | list[str] | None) -> dict[str, str]:
-    """``("prompt=question", "chosen=answer_a")`` or a dict -> ``{canonical: column}``."""
+# every field a format reads (the canonical names a field_map may map to a column)
+CANONICAL_FIELDS = ("prompt", "completion", "messages", "text", "chosen", "rejected", "margin",
+                    "responses", "ranks")
+
+
+def parse_field_map(items: Mapping[str, str] | tuple[str, ...] | list[str] | None, *,
+                    key: str = "data.field_map") -> dict[str, str]:
+    """``("prompt=question", "chosen=answer_a")`` or a dict -> ``{canonical: column}``.
+
+    A malformed entry (no ``=``, an empty side, a name no format reads, a repeated name) is a
+    DataError naming ``key`` (the config key or command-line flag it came from) and the entry."""
     if not items:
         return {}
-    if isinstance(items, Mapping):
-        return {str(k): str(v) for k, v in items.items()}
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise DataError(f"field map entry {item!r}: expected CANONICAL=COLUMN (e.g. prompt=question)",
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    pairs = items.items() if isinstance(items, Mapping) else [_field_map_pair(it, key) for it in items]
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        k, v = str(k).strip(), str(v).strip()
+        entry = f"{key} entry {k + '=' + v!r}"
+        if not k or not v:
+            raise DataError(f"{entry}: expected CANONICAL=COLUMN with both names non-empty "
+                            "(e.g. prompt=question)", reason="bad_field_map")
+        if k not in CANONICAL_FIELDS:
+            swapped = f"; did you mean {v}={k}?" if v in CANONICAL_FIELDS else ""
+            raise DataError(f"{entry}: {k!r} is not a field any format reads; expected "
+                            f"CANONICAL=COLUMN with CANONICAL one of {list(CANONICAL_FIELDS)}{swapped}",
                             reason="bad_field_map")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        if k in out:
+            raise DataError(f"{entry}: {k!r} is mapped twice ({k}={out[k]} and {k}={v})",
+                            reason="bad_field_map")
+        out[k] = v
     return out
+
+
+def _field_map_pair(item: Any, key: str) -> tuple[str, str]:
+    if not isinstance(item, str) or "=" not in item:
+        raise DataError(f"{key} entry {item!r}: expected a field map entry CANONICAL=COLUMN "
+                        "(e.g. prompt=question)", reason="bad_field_map")
+    k, v = item.split("=", 1)
+    return k, v
 
 
 class _Ctx:

@@ -29,11 +29,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batching
-from rlhf_jax.data.errors import DataError, DataStats
+from rlhf_jax.data.errors import DataError, DataStats, Location
 from rlhf_jax.data.formats import check_format, parse_field_map, parse_record
-from rlhf_jax.data.sources import MemorySource, RecordSource, open_source
-from rlhf_jax.data.tokenize import Encoder, TokenizeOptions, load_tokenizer, tokenize_record
+from rlhf_jax.data.sources import MemorySource, RecordSource, open_source, require_rows
+from rlhf_jax.data.tokenize import (TRUNCATION_POLICIES, Encoder, TokenizeOptions, load_tokenizer,
+                                    tokenize_record)
 
 STATE_VERSION = 1
 PREFETCH = 64  # rows parsed and tokenised together (a speed-up only; see DataIterator._parse_ahead)
@@ -111,9 +113,7 @@ class DataIterator:
         self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
         self.host_id, self.num_hosts = int(host_id), int(num_hosts)
         self.drop_remainder = drop_remainder
-        self.num_rows = len(self.source)
-        if self.num_rows == 0:
-            raise DataError(f"{self.source.name}: no rows", reason="empty_dataset")
+        self.num_rows = len(require_rows(self.source))
         self.stats = DataStats()
         self._epoch, self._pos = 0, 0
         self._order_epoch, self._order = -1, np.zeros((0,), np.int64)
@@ -134,13 +134,14 @@ class DataIterator:
 
     def _roll_epoch(self) -> bool:
         """At the end of the host slice: start the next epoch (True) or report the end (False)."""
+        if self._good_in_epoch == 0 and len(self._rows()):  # finite or not: nothing to train on
+            raise DataError(f"no usable example in a whole epoch on host {self.host_id}/{self.num_hosts} "
+                            f"({len(self._rows())} rows; skipped {self.stats.skipped}, dropped "
+                            f"{self.stats.dropped_too_long}); the first problems: "
+                            f"{[m for ms in self.stats.samples.values() for m in ms][:2]}",
+                            location=Location(self.source.name, 0, "file"), reason="empty_dataset")
         if self.num_epochs is not None and self._epoch + 1 >= self.num_epochs:
             return False
-        if self._good_in_epoch == 0:
-            raise DataError(f"{self.source.name}: no usable example in a whole epoch on host "
-                            f"{self.host_id}/{self.num_hosts} ({len(self._rows())} rows; "
-                            f"skipped {self.stats.skipped}, dropped {self.stats.dropped_too_long})",
-                            reason="empty_dataset")
         self._epoch, self._pos, self._good_in_epoch = self._epoch + 1, 0, 0
         return True
 
@@ -519,4 +520,29 @@ def make_iterator(cfg: DataConfig, fmt: str, *, tokenizer=None, source=None, hos
               drop_remainder=cfg.drop_remainder, split=cfg.split,
               data_dir=os.path.expanduser(cfg.data_dir) if cfg.data_dir else None)
     kw.update(overrides)
+    _check_iterator_settings(kw, fmt)
     return DataIterator(source, fmt, tokenizer, **kw)
+
+
+def _check_iterator_settings(kw: Mapping[str, Any], fmt: str) -> None:
+    """ConfigError naming ``data.<key>`` for a data setting no iterator can use."""
+    def bad(key: str, expected: str):
+        return ConfigError(f"data.{key}={kw[key]!r}: expected {expected}")
+
+    if kw["batch_size"] < 1:
+        raise bad("batch_size", "an integer >= 1 (rows per batch on each host)")
+    if kw["max_length"] < 2:
+        raise bad("max_length", "an integer >= 2 (tokens of prompt + response)")
+    if kw["max_prompt_length"] is not None and kw["max_prompt_length"] < 0:
+        raise bad("max_prompt_length", "an integer >= 1, or 0 for the default")
+    if kw["truncation"] not in TRUNCATION_POLICIES:
+        raise bad("truncation", f"one of {list(TRUNCATION_POLICIES)}")
+    if kw["num_responses"] is not None and kw["num_responses"] < 2:
+        raise bad("num_responses", "an integer >= 2 (responses per ranking), or 0 for each batch's largest")
+    if kw["num_epochs"] is not None and kw["num_epochs"] < 0:
+        raise bad("num_epochs", "an integer >= 1, or 0 to repeat forever")
+    buckets = kw["buckets"] or ()
+    top = (kw["max_prompt_length"] or kw["max_length"]) if fmt == "prompt" else kw["max_length"]
+    if buckets and (min(buckets) < 1 or max(buckets) < top):
+        raise bad("buckets", f"padded lengths >= 1 whose largest is >= the maximum length {top} "
+                  "(or empty for powers of two)")

@@ -67,6 +67,17 @@ def _find_bad_text(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _json_type(obj: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(obj), "a number")
+
+
+def _array_hint(text: str) -> str:
+    """A hint for a line that opens a JSON array: a ``.json`` file holding one array of rows."""
+    return (" (this line starts a JSON array: write one object per line (JSONL), not an array of "
+            "objects)") if text.lstrip().startswith("[") else ""
+
+
 def parse_json_line(raw: bytes, location: Location) -> dict[str, Any]:
     """Decodes one JSONL line (strict UTF-8) into a dict, or raises DataError naming the field."""
     try:
@@ -83,10 +94,11 @@ def parse_json_line(raw: bytes, location: Location) -> dict[str, Any]:
             raise DataError(f"non-UTF-8 bytes (byte {utf8_error.start}: {utf8_error.reason}) in a "
                             f"line that is not valid JSON either", location=location,
                             reason="non_utf8") from None
-        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", location=location,
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object "
+                        f"per line{_array_hint(text)}", location=location,
                         reason="malformed_json") from None
     if not isinstance(obj, dict):
-        raise DataError(f"expected a JSON object per line, got {type(obj).__name__}",
+        raise DataError(f"expected a JSON object per line, got {_json_type(obj)}{_array_hint(text)}",
                         location=location, reason="malformed_json")
     bad = _find_bad_text(obj)
     if bad is not None:
@@ -105,8 +117,25 @@ def _existing_file(path: str | os.PathLike) -> str:
     return path
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Windows PowerShell's `>` writes
+
+
+def text_start(path: str, head: bytes) -> int:
+    """Offset of the text in a file starting with ``head``: 3 after a UTF-8 byte-order mark
+    (skipped, as Windows editors write one), else 0. A UTF-16 file is a :class:`DataError`."""
+    if head.startswith(UTF8_BOM):
+        return len(UTF8_BOM)
+    if head.startswith(_UTF16_BOMS):
+        raise DataError(f"the file is UTF-16 encoded (byte-order mark {head[:2].hex(' ').upper()}); "
+                        "save it as UTF-8", location=Location(path, 0, "file"), reason="non_utf8")
+    return 0
+
+
 class JsonlSource(RecordSource):
-    """One JSON object per line. Blank lines are ignored; line numbers are the file's own."""
+    """One JSON object per line. Blank lines are ignored; line numbers are the file's own.
+
+    A leading UTF-8 byte-order mark is skipped and CRLF line ends are accepted."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = self.name = _existing_file(path)
@@ -114,9 +143,14 @@ class JsonlSource(RecordSource):
         self._lines: list[int] = []
         self._handle = None
         with open(self.path, "rb") as f:
-            offset = 0
+            offset = text_start(self.path, f.read(len(UTF8_BOM)))
+            f.seek(offset)
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
+                    if not self._lines and line.lstrip().startswith(b"["):
+                        raise DataError("the file holds a JSON array; expected JSONL, one JSON object per "
+                                        "line (convert with: jq -c '.[]' FILE)",
+                                        location=Location(self.path, lineno), reason="malformed_json")
                     self._offsets.append(offset)
                     self._lines.append(lineno)
                 offset += len(line)
@@ -163,12 +197,13 @@ class ParquetSource(RecordSource):
     record by record."""
 
     def __init__(self, path: str | os.PathLike):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = self.name = _existing_file(path)
         try:
             self._file = pq.ParquetFile(self.path, memory_map=True)
-        except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a broken file
+        except (pa.ArrowException, OSError) as e:  # ArrowInvalid / OSError on a broken file
             raise DataError(f"cannot read as Parquet: {e}", location=Location(self.path, 0, "file"),
                             reason="bad_file") from e
         self._len = self._file.metadata.num_rows
@@ -238,6 +273,15 @@ class ConcatSource(RecordSource):
         self._check_index(index)
         k = bisect.bisect_right(self._starts, index) - 1
         return self._sources[k].get(index - self._starts[k])
+
+
+def require_rows(source: RecordSource) -> RecordSource:
+    """``source``, or a DataError naming it when it has no rows (an empty file, or one holding
+    only blank lines): the trainers and ``rlhf-jax data validate`` refuse it alike."""
+    if len(source) == 0:
+        raise DataError("no rows: the data is empty (an empty file, or only blank lines)",
+                        location=Location(source.name, 0, "file"), reason="empty_dataset")
+    return source
 
 
 def _to_python(value: Any) -> Any:
@@ -328,12 +372,39 @@ def open_file(path: str | os.PathLike) -> RecordSource:
         return JsonlSource(p)
     if lower.endswith((".parquet", ".pq")):
         return ParquetSource(p)
-    raise DataError("unknown file type; expected .jsonl/.json/.ndjson or .parquet",
-                    location=Location(p, 0, "file"), reason="bad_file")
+    ext = os.path.splitext(p)[1]
+    hint = (" (convert CSV/TSV to JSONL, e.g. pandas.read_csv(f).to_json(out, orient='records', "
+            "lines=True))") if ext.lower() in (".csv", ".tsv") else ""
+    raise DataError(f"unknown file type {ext or '(no extension)'!r}; expected "
+                    f"{'/'.join(SHARD_SUFFIXES)}{hint}", location=Location(p, 0, "file"),
+                    reason="bad_file")
+
+
+SHARD_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+
+
+def directory_shards(path: str) -> list[str]:
+    """The data files directly in directory ``path`` (``SHARD_SUFFIXES``, sorted by name), or a
+    DataError naming the directory when it holds none."""
+    names = sorted(os.listdir(path))
+    shards = [os.path.join(path, n) for n in names
+              if n.lower().endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
+    if shards:
+        return shards
+    if "dataset_info.json" in names or any(n.endswith(".array_record") or ".array_record-" in n
+                                          for n in names):
+        hint = "; this looks like a TFDS dataset: pass tfds:NAME with data.data_dir (--data-dir)"
+    else:
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        hint = f"; it holds {shown}" if names else "; it is empty"
+    raise DataError(f"a directory of data shards must hold {'/'.join(SHARD_SUFFIXES)} files, found "
+                    f"none{hint}", location=Location(path, 0, "file"), reason="missing_file")
 
 
 def expand_paths(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Comma-separated paths and globs (or a list of them) -> sorted existing file paths."""
+    """Comma-separated paths, globs and directories of shards (or a list of them) -> file paths.
+
+    A glob's matches are sorted; a directory stands for its data files (``directory_shards``)."""
     if isinstance(spec, (str, os.PathLike)):
         parts = [s.strip() for s in os.fspath(spec).split(",") if s.strip()]
     else:
@@ -346,6 +417,8 @@ def expand_paths(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[
                 raise DataError("the pattern matches no file", location=Location(part, 0, "file"),
                                 reason="missing_file")
             out.extend(matches)
+        elif os.path.isdir(part):
+            out.extend(directory_shards(part))
         else:
             out.append(part)
     if not out:

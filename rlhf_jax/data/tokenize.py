@@ -342,4 +342,10 @@ def load_tokenizer(path: str):
         raise DataError(f"tokenizer directory {path!r} does not exist", reason="tokenizer")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:  # no tokenizer files / an unrecognised tokenizer config
+        raise DataError(f"tokenizer directory {path!r}: cannot load a Hugging Face tokenizer from it "
+                        "(expected tokenizer.json or tokenizer_config.json + vocabulary files): "
+                        f"{' '.join(str(e).split())[:300] or type(e).__name__}",
+                        reason="tokenizer") from e

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.generation.errors import GenerationArgumentError
+
 Array = jax.Array
 
 MIN_BUCKET = 16
@@ -41,7 +43,7 @@ def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
         return power_of_two_buckets(length)[-1]
     fitting = sorted(int(b) for b in buckets if int(b) >= length)
     if not fitting:
-        raise ValueError(
+        raise GenerationArgumentError(
             f"prompt length {length} exceeds the largest prompt bucket {max(buckets)} "
             f"(prompt_buckets={tuple(buckets)})"
         )
@@ -81,7 +83,7 @@ def left_pad_sequences(
         raise ValueError("left_pad_sequences: got no sequences")
     for i, s in enumerate(sequences):
         if len(s) == 0:
-            raise ValueError(f"left_pad_sequences: sequence {i} is empty (a prompt needs >= 1 token)")
+            raise GenerationArgumentError(f"left_pad_sequences: sequence {i} is empty (a prompt needs >= 1 token)")
     longest = max(len(s) for s in sequences)
     width = bucket_length(longest, buckets) if bucket else longest
     ids = np.full((len(sequences), width), pad_token_id, np.int32)

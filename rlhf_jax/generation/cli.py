@@ -2,6 +2,7 @@
 
     rlhf-jax generate --model runs/demo/ppo/export --prompt "3 1 2 ->" --max-new-tokens 32 --temperature 0.7
     rlhf-jax generate --model DIR --tokenizer TOKDIR --prompts-file prompts.jsonl --out samples.jsonl --greedy
+    rlhf-jax generate --model DIR --chat --prompt "What is 2+2?"     # through the chat template
 
 A prompts file is JSONL with a "prompt" field per line, or plain text (one prompt per line).
 Each completion is printed (and written as JSONL with --out: prompt, completion, n_tokens, stopped).
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.generation.errors import GenerationArgumentError
 from rlhf_jax.generation.text import generate_text
 from rlhf_jax.models import check_tokenizer_compat, from_pretrained
 
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
     parser.add_argument("--no-stop", action="store_true", help="do not stop at the tokenizer's EOS")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user message in the tokenizer's chat template")
     parser.add_argument("--out", default=None, help="write completions as JSONL here")
 
 
@@ -43,7 +47,7 @@ def _read_prompts(args) -> list[str]:
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
             raise SystemExit(f"rlhf-jax generate: --prompts-file {args.prompts_file!r} does not exist")
-        with open(args.prompts_file, encoding="utf-8") as f:
+        with open(args.prompts_file, encoding="utf-8-sig") as f:  # a Windows byte-order mark is fine
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -56,10 +60,20 @@ def _read_prompts(args) -> list[str]:
                         raise SystemExit(f"{args.prompts_file}:{lineno}: expected a string field 'prompt'")
                     prompts.append(rec["prompt"])
                 else:
-                    prompts.append(line.rstrip("\n"))
+                    prompts.append(line.rstrip("\r\n"))
     if not prompts:
         raise SystemExit("rlhf-jax generate: give at least one --prompt or a --prompts-file")
     return prompts
+
+
+def _chat_prompt(tokenizer, prompt: str) -> str:
+    """``prompt`` as one user turn rendered by the tokenizer's chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationArgumentError("rlhf-jax generate: --chat needs a tokenizer with a chat template "
+                                      f"(tokenizer_config.json 'chat_template'); {type(tokenizer).__name__} "
+                                      "has none: drop --chat or pass --tokenizer DIR of a chat model")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def run(args) -> int:
@@ -80,6 +94,11 @@ def run(args) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model, params = from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
     check_tokenizer_compat(model.config, tokenizer)
+    shown = prompts
+    if args.chat:
+        prompts = [_chat_prompt(tokenizer, p) for p in prompts]
+    # greedy decoding ignores the temperature (it only scales log-probs, which are not shown here)
+    temperature = 1.0 if args.greedy and args.temperature <= 0 else args.temperature
     key = jax.random.key(args.seed)
     out_f = open(args.out, "w", encoding="utf-8") if args.out else None
     t0, n_tokens = time.perf_counter(), 0
@@ -88,13 +107,13 @@ def run(args) -> int:
             chunk = prompts[start:start + args.batch_size]
             texts, out, _, _ = generate_text(
                 model, params, tokenizer, chunk, max_new_tokens=args.max_new_tokens,
-                rng=jax.random.fold_in(key, start), temperature=args.temperature, top_k=args.top_k,
+                rng=jax.random.fold_in(key, start), temperature=temperature, top_k=args.top_k,
                 top_p=args.top_p, greedy=args.greedy, stop_token_ids=() if args.no_stop else None,
-                return_output=True,
+                add_special_tokens=not args.chat, return_output=True,
             )
             lengths, stopped = out.lengths.tolist(), out.stopped.tolist()
             n_tokens += sum(lengths)
-            for prompt, text, n, s in zip(chunk, texts, lengths, stopped):
+            for prompt, text, n, s in zip(shown[start:start + args.batch_size], texts, lengths, stopped):
                 print(f">>> {prompt}\n{text}\n")
                 if out_f:
                     out_f.write(json.dumps({"prompt": prompt, "completion": text, "n_tokens": n,

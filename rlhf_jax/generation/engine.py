@@ -28,11 +28,88 @@ import numpy as np
 
 from rlhf_jax.generation.bucketing import bucket_length, left_pad_to
 from rlhf_jax.generation.decode import GenerationOutput, decode_loop
+from rlhf_jax.generation.errors import GenerationArgumentError
 from rlhf_jax.generation.stopping import normalize_stop_ids
 from rlhf_jax.models import CausalLM, grow_cache, init_cache  # generation sits above models
 from rlhf_jax.models.transformer import linear
 
 Array = jax.Array
+
+
+def _concrete(x) -> np.ndarray | None:
+    """``x`` as a host numpy array when its value is known here, else None (a tracer inside an outer
+    ``jax.jit``, or an array other hosts hold parts of)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def _scalar(name: str, value) -> float | None:
+    """A concrete scalar argument as a float (None when traced); a non-scalar is refused."""
+    v = _concrete(value)
+    if v is None:
+        return None
+    if v.ndim != 0 or not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
+        raise GenerationArgumentError(f"generate: {name} must be a number, got {value!r}")
+    return float(v)
+
+
+def check_arguments(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, top_k, top_p, greedy,
+                    pad_token_id) -> None:
+    """Refuses arguments ``generate`` cannot honour before anything is compiled.
+
+    Shapes and static arguments are always checked; the values of ``temperature``/``top_k``/``top_p``
+    and of the prompts only when they are concrete (not tracers of an outer ``jax.jit``)."""
+    if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise GenerationArgumentError(
+            f"generate: prompt_ids and prompt_mask must both be [B, P]; got {list(prompt_ids.shape)} and "
+            f"{list(prompt_mask.shape)}"
+        )
+    if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+        raise GenerationArgumentError(f"generate: prompt_ids must be integer token ids, got dtype {prompt_ids.dtype}")
+    if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
+        raise GenerationArgumentError(f"generate: prompt_ids is empty (shape {list(prompt_ids.shape)}); need "
+                                      "B >= 1 prompts of P >= 1 tokens")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationArgumentError(f"generate: max_new_tokens must be a Python int >= 1, got {max_new_tokens!r}")
+    cfg = model.config
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < cfg.vocab_size:
+        raise GenerationArgumentError(f"generate: pad_token_id must be a Python int in [0, vocab_size="
+                                      f"{cfg.vocab_size}), got {pad_token_id!r}")
+    t = _scalar("temperature", temperature)
+    if t is not None and not (np.isfinite(t) and t > 0):
+        raise GenerationArgumentError(
+            f"generate: temperature must be a finite number > 0 (it divides the logits, also for the log-probs "
+            f"of greedy decoding), got {temperature!r}" + ("" if greedy else "; for argmax decoding pass greedy=True"))
+    k = _scalar("top_k", top_k)
+    if k is not None and not (k >= 0 and k == int(k)):
+        raise GenerationArgumentError(f"generate: top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    p = _scalar("top_p", top_p)
+    if p is not None and not 0 < p <= 1:
+        raise GenerationArgumentError(f"generate: top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+    mask = _concrete(prompt_mask)
+    if mask is None:
+        return
+    lengths = (mask != 0).sum(axis=1)
+    if (lengths == 0).any():
+        row = int(np.argmin(lengths))
+        raise GenerationArgumentError(f"generate: prompt_mask row {row} has no real token; every prompt needs "
+                                      "at least one (1 in prompt_mask)")
+    longest = int(lengths.max())
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise GenerationArgumentError(
+            f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
+            f"exceeds the model's max_position_embeddings {cfg.max_position_embeddings}; shorten the prompt or "
+            "lower max_new_tokens")
+    ids = _concrete(prompt_ids)
+    bad = (mask != 0) & ((ids < 0) | (ids >= cfg.vocab_size))
+    if bad.any():
+        b, t_ = (int(i) for i in np.argwhere(bad)[0])
+        raise GenerationArgumentError(
+            f"generate: prompt_ids[{b}, {t_}] = {int(ids[b, t_])} is not a token id of the model (vocab_size "
+            f"{cfg.vocab_size}): do the tokenizer and the model match?")
 
 
 def _check_model(model) -> None:
@@ -180,7 +257,11 @@ def generate(
       rng: PRNG key (may be None when ``greedy``); the output is a pure function of it (token ``t`` uses ``fold_in(rng, t)``).
       max_new_tokens: static ``N``.
       temperature: traced scalar ``T > 0``; sampling and log-probs use ``logits / T``.
-      top_k: traced int scalar; ``<= 0`` disables.
+
+    Bad arguments raise ``GenerationArgumentError`` (a ``ValueError``) before anything is compiled;
+    values that are tracers of an outer ``jax.jit`` are not checked, shapes always are. A prompt
+    longer than ``max_position_embeddings - max_new_tokens`` real tokens is refused.
+      top_k: traced int scalar ``>= 0``; ``0`` disables.
       top_p: traced float scalar in ``(0, 1]``; ``1`` disables.
       greedy: static; argmax decoding (``T`` still scales the returned log-probs).
       stop_token_ids: static int or ints; a row ends after its first stop token.
@@ -197,20 +278,11 @@ def generate(
     # numpy stays numpy until the jitted call (the bucket padding is then a host op)
     prompt_ids = prompt_ids if hasattr(prompt_ids, "shape") else np.asarray(prompt_ids)
     prompt_mask = prompt_mask if hasattr(prompt_mask, "shape") else np.asarray(prompt_mask)
-    if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
-        raise ValueError(
-            f"generate: prompt_ids and prompt_mask must both be [B, P]; got {list(prompt_ids.shape)} and "
-            f"{list(prompt_mask.shape)}"
-        )
-    if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
-        raise ValueError(f"generate: prompt_ids must be integer token ids, got dtype {prompt_ids.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be a Python int >= 1, got {max_new_tokens!r}")
-    if not isinstance(pad_token_id, int) or pad_token_id < 0:
-        raise ValueError(f"generate: pad_token_id must be a Python int >= 0, got {pad_token_id!r}")
+    check_arguments(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, greedy=greedy, pad_token_id=pad_token_id)
     if rng is None:
         if not greedy:
-            raise ValueError("generate: rng is required for sampling (greedy=False)")
+            raise GenerationArgumentError("generate: rng is required for sampling (greedy=False)")
         rng = jax.random.key(0)  # unused by greedy decoding
     # Bucket before entering the jitted program: its cache is keyed on the input shape.
     width = bucket_length(prompt_ids.shape[1], prompt_buckets)

@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.generation.errors import GenerationArgumentError
+
 Array = jax.Array
 
 
 def normalize_stop_ids(stop_token_ids: int | Iterable[int] | None) -> tuple[int, ...]:
     """Returns stop ids as a sorted tuple of Python ints (hashable, so usable as a static arg).
 
-    Raises ``ValueError`` on a negative or non-integer id.
+    Raises ``GenerationArgumentError`` (a ``ValueError``) on a negative or non-integer id.
     """
     if stop_token_ids is None:
         return ()
@@ -27,9 +29,9 @@ def normalize_stop_ids(stop_token_ids: int | Iterable[int] | None) -> tuple[int,
     out = []
     for i, t in enumerate(stop_token_ids):
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise ValueError(f"stop_token_ids[{i}] must be an int token id, got {t!r}")
+            raise GenerationArgumentError(f"stop_token_ids[{i}] must be an int token id, got {t!r}")
         if int(t) < 0:
-            raise ValueError(f"stop_token_ids[{i}] must be >= 0, got {int(t)}")
+            raise GenerationArgumentError(f"stop_token_ids[{i}] must be >= 0, got {int(t)}")
         out.append(int(t))
     return tuple(sorted(set(out)))
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from rlhf_jax.generation.bucketing import left_pad_sequences
 from rlhf_jax.generation.engine import generate
+from rlhf_jax.generation.errors import GenerationArgumentError
 from rlhf_jax.generation.stopping import normalize_stop_ids
 
 
@@ -59,7 +60,7 @@ def generate_text(
         raise TypeError("generate_text: prompts must be a list of strings, got a single str")
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("generate_text: got no prompts")
+        raise GenerationArgumentError("generate_text: prompts is empty; give at least one prompt string")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"generate_text: prompts[{i}] must be a str, got {type(p).__name__}")
@@ -72,10 +73,10 @@ def generate_text(
     seqs = [_encode(tokenizer, p, add_special_tokens) for p in prompts]
     for i, s in enumerate(seqs):
         if not s:
-            raise ValueError(f"generate_text: prompts[{i}] encodes to no tokens ({prompts[i]!r})")
+            raise GenerationArgumentError(f"generate_text: prompts[{i}] encodes to no tokens ({prompts[i]!r})")
         too_big = [t for t in s if t >= model.config.vocab_size]
         if too_big:
-            raise ValueError(
+            raise GenerationArgumentError(
                 f"generate_text: prompts[{i}] has token id {too_big[0]} >= the model's vocab_size "
                 f"{model.config.vocab_size}: tokenizer and model do not match"
             )

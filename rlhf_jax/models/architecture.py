@@ -48,6 +48,35 @@ class UnsupportedModelError(UserError, ValueError):
     """The checkpoint's architecture or one of its options is not implemented here."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file is missing, malformed, or does not match its config (names the key)."""
+
+
+_REQUIRED = object()
+
+
+def _hf_int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> int:
+    """``config.json`` field ``key`` as a positive int (``default`` when absent or null)."""
+    v = hf.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise CheckpointError(f"config.json: missing required field {key!r}")
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
+        raise CheckpointError(f"config.json: field {key!r}: expected a positive integer, got {v!r}")
+    return int(v)
+
+
+def _hf_float(hf: Mapping[str, Any], key: str, default: float) -> float:
+    """``config.json`` field ``key`` as a float (``default`` when absent or null)."""
+    v = hf.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CheckpointError(f"config.json: field {key!r}: expected a number, got {v!r}")
+    return float(v)
+
+
 def _dtype_name(value: Any, field: str) -> str:
     try:
         return jnp.dtype(value).name
@@ -189,26 +218,26 @@ class ModelConfig:
             bos_token_id=_first_id(hf.get("bos_token_id")),
             eos_token_id=_first_id(hf.get("eos_token_id")),
             pad_token_id=_first_id(hf.get("pad_token_id")),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
+            initializer_range=_hf_float(hf, "initializer_range", 0.02),
         )
         if mtype == "gpt2":
             if hf.get("scale_attn_by_inverse_layer_idx"):
                 raise UnsupportedModelError("config.json: gpt2 option scale_attn_by_inverse_layer_idx=True is not supported")
             if hf.get("scale_attn_weights") is False:
                 raise UnsupportedModelError("config.json: gpt2 option scale_attn_weights=False is not supported")
-            d = int(hf["n_embd"])
-            h = int(hf["n_head"])
+            d = _hf_int(hf, "n_embd")
+            h = _hf_int(hf, "n_head")
             kw = dict(
                 arch="gpt2",
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=_hf_int(hf, "vocab_size"),
                 hidden_size=d,
-                num_layers=int(hf["n_layer"]),
+                num_layers=_hf_int(hf, "n_layer"),
                 num_heads=h,
                 num_kv_heads=h,
                 head_dim=d // h,
-                intermediate_size=int(hf.get("n_inner") or 4 * d),
-                max_position_embeddings=int(hf["n_positions"]),
-                norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                intermediate_size=_hf_int(hf, "n_inner", 4 * d),
+                max_position_embeddings=_hf_int(hf, "n_positions"),
+                norm_eps=_hf_float(hf, "layer_norm_epsilon", 1e-5),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
                 attention_bias=True,
                 attention_out_bias=True,
@@ -217,8 +246,8 @@ class ModelConfig:
                 **common,
             )
         else:
-            d = int(hf["hidden_size"])
-            h = int(hf["num_attention_heads"])
+            d = _hf_int(hf, "hidden_size")
+            h = _hf_int(hf, "num_attention_heads")
             rope = dict(hf.get("rope_parameters") or {})
             legacy = hf.get("rope_scaling")
             if legacy:
@@ -234,15 +263,15 @@ class ModelConfig:
             attn_bias = bool(hf.get("attention_bias", False))
             kw = dict(
                 arch=mtype,
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=_hf_int(hf, "vocab_size"),
                 hidden_size=d,
-                num_layers=int(hf["num_hidden_layers"]),
+                num_layers=_hf_int(hf, "num_hidden_layers"),
                 num_heads=h,
-                num_kv_heads=int(hf.get("num_key_value_heads") or h),
-                head_dim=int(hf.get("head_dim") or d // h),
-                intermediate_size=int(hf["intermediate_size"]),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                num_kv_heads=_hf_int(hf, "num_key_value_heads", h),
+                head_dim=_hf_int(hf, "head_dim", d // h),
+                intermediate_size=_hf_int(hf, "intermediate_size"),
+                max_position_embeddings=_hf_int(hf, "max_position_embeddings", 2048),
+                norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
                 rope_theta=theta,
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

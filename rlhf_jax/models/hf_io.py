@@ -24,21 +24,16 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.errors import UserError
-from rlhf_jax.models.architecture import _HF_SEQ_CLS, ModelConfig, UnsupportedModelError
+from rlhf_jax.models.architecture import _HF_SEQ_CLS, CheckpointError, ModelConfig, UnsupportedModelError
 from rlhf_jax.models.heads import CausalLMWithValueHead, ScalarHeadModel, head_init
 from rlhf_jax.models.transformer import CausalLM
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 VALUE_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")  # TRL's AutoModelForCausalLMWithValueHead
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint file is missing, malformed, or does not match its config (names the key)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,11 +154,10 @@ class _SafetensorsReader:
         index = os.path.join(path, SAFE_INDEX)
         single = os.path.join(path, SAFE_SINGLE)
         if os.path.exists(index):
-            try:
-                with open(index) as fh:
-                    weight_map = json.load(fh)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index (need a 'weight_map' object): {e}") from e
+            weight_map = _read_json(index, "a safetensors index with a 'weight_map' object")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: not a valid safetensors index (need a 'weight_map' object)")
             for key, fname in weight_map.items():
                 if os.path.basename(fname) != fname or not fname.endswith(".safetensors"):
                     raise CheckpointError(f"{index}: weight {key!r} maps to {fname!r}, expected a .safetensors file name in {path}")
@@ -172,30 +166,41 @@ class _SafetensorsReader:
                 if not os.path.exists(f):
                     raise CheckpointError(f"{index}: shard {os.path.basename(f)} is listed but missing from {path}")
         elif os.path.exists(single):
-            with safe_open(single, framework="numpy") as fh:
-                self.files = {k: single for k in fh.keys()}
+            self._open: dict[str, Any] = {}
+            self.files = {k: single for k in self._file(single).keys()}
         else:
             present = sorted(os.listdir(path)) if os.path.isdir(path) else []
             pickles = [f for f in present if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
-            hint = (f" (found {pickles}: pickle checkpoints are never read; convert them to safetensors "
-                    "with transformers' save_pretrained(safe_serialization=True))") if pickles else ""
+            hint = (f"; found {pickles}: pickle checkpoints are never read, only safetensors; convert "
+                    "with transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+                    "safe_serialization=True)") if pickles else ""
             raise CheckpointError(f"{path}: no {SAFE_SINGLE} or {SAFE_INDEX}{hint}")
-        self._open: dict[str, Any] = {}
+        self._open = {}
+
+    def _file(self, fname: str):
+        """The open safetensors file ``fname``; a truncated or corrupt one is a CheckpointError."""
+        if fname not in self._open:
+            try:
+                self._open[fname] = safe_open(fname, framework="flax")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{fname}: not a readable safetensors file ({e}); the file is "
+                                      "truncated or corrupt: copy or save it again") from None
+        return self._open[fname]
 
     def keys(self):
         return self.files.keys()
 
     def get(self, key: str) -> np.ndarray:
         fname = self.files[key]
-        if fname not in self._open:
-            self._open[fname] = safe_open(fname, framework="flax")
-        return np.asarray(self._open[fname].get_tensor(key))
+        try:
+            return np.asarray(self._file(fname).get_tensor(key))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{fname}: cannot read tensor {key!r} ({e}); the file is truncated or "
+                                  "corrupt: copy or save it again") from None
 
     def shape(self, key: str) -> tuple:
         fname = self.files[key]
-        if fname not in self._open:
-            self._open[fname] = safe_open(fname, framework="flax")
-        return tuple(self._open[fname].get_slice(key).get_shape())
+        return tuple(self._file(fname).get_slice(key).get_shape())
 
 
 def _set_path(tree: dict, path: tuple, value) -> None:
@@ -251,22 +256,45 @@ def _check_unexpected(reader: _SafetensorsReader, entries: list[_Entry], prefix:
         )
 
 
+def _read_json(file: str, what: str) -> Any:
+    """The JSON value in ``file`` (UTF-8, a byte-order mark allowed), or a CheckpointError naming
+    the file and, for a syntax error, the line and column."""
+    try:
+        with open(file, "rb") as fh:
+            text = fh.read().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason}); expected {what}") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read {what}: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+                              f"expected {what}") from None
+
+
 def load_config(path: str, **overrides) -> ModelConfig:
     """`ModelConfig` from `path/config.json` (raises `CheckpointError`/`UnsupportedModelError` naming the file)."""
-    cfg_file = os.path.join(os.fspath(path), "config.json")
-    if not os.path.exists(cfg_file):
-        raise CheckpointError(f"{path}: no config.json")
-    try:
-        with open(cfg_file) as fh:
-            hf = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from e
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        what = "is a file" if os.path.exists(path) else "does not exist"
+        raise CheckpointError(f"model directory {path} {what}; expected a Hugging Face model directory "
+                              "(config.json + model.safetensors)")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        present = sorted(os.listdir(path))
+        shown = ", ".join(present[:8]) + (f" (+{len(present) - 8} more)" if len(present) > 8 else "")
+        raise CheckpointError(f"{path}: no config.json in this model directory (it holds: {shown or 'nothing'}); "
+                              "expected a Hugging Face model directory (config.json + model.safetensors)")
+    hf = _read_json(cfg_file, "a Hugging Face config.json object")
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
     try:
         return ModelConfig.from_hf(hf, **overrides)
-    except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{cfg_file}: {e}") from e
-    except KeyError as e:
-        raise CheckpointError(f"{cfg_file}: missing required field {e.args[0]!r}") from e
+    except (UnsupportedModelError, CheckpointError) as e:
+        raise type(e)(f"{cfg_file}: {str(e).removeprefix('config.json: ')}") from e
+    except ValueError as e:  # ModelConfig's own checks of the values read (names the field)
+        raise CheckpointError(f"{cfg_file}: {e}") from e
 
 
 def from_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, head: str | None = None,
