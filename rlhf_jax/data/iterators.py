@@ -65,6 +65,41 @@ def as_source(data, *, split: str = "train", data_dir: str | None = None) -> Rec
     return open_source(data, split=split, data_dir=data_dir)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSummary:
+    """What the first ``read`` rows of a dataset become under the run's settings (see
+    :meth:`DataIterator.summary`): examples, token lengths, and what was truncated, dropped or skipped."""
+    name: str
+    fmt: str
+    total_rows: int
+    read: int
+    examples: int
+    mean_tokens: float
+    max_tokens: int
+    limit: int
+    truncated_prompt: int
+    truncated_response: int
+    dropped: int
+    skipped: int
+
+    @property
+    def truncated(self) -> int:
+        return self.truncated_prompt + self.truncated_response
+
+    def line(self) -> str:
+        pct = lambda n: f"{n} ({100.0 * n / max(self.read, 1):.0f}%)"  # noqa: E731
+        return (f"data: {self.name} ({self.fmt}): {self.total_rows} rows; of the first {self.read}: "
+                f"{self.examples} examples, {self.mean_tokens:.1f} tokens on average (max {self.max_tokens}, "
+                f"limit {self.limit}), truncated prompts {pct(self.truncated_prompt)}, truncated responses "
+                f"{pct(self.truncated_response)}, dropped {pct(self.dropped)}, skipped {pct(self.skipped)}")
+
+
+def _example_tokens(ex: dict) -> int:
+    """The longest sequence of an example (SFT/prompt ids, chosen/rejected, the ranked responses)."""
+    seqs = [ex[k] for k in ("ids", "chosen", "rejected") if k in ex] + list(ex.get("responses", ()))
+    return max((len(x) for x in seqs), default=0)
+
+
 class DataIterator:
     """Static-shape batches of one format from a record source (see the module doc).
 
@@ -122,6 +157,35 @@ class DataIterator:
         self._good_in_epoch = 0
         self._batches = 0
         self._finished = False
+
+    def summary(self, max_rows: int = 2048) -> DataSummary:
+        """Reads the first ``max_rows`` rows of the source (file order) through the same parsing and
+        tokenisation as the batches, without moving this iterator: the start-of-run report."""
+        read = min(self.num_rows, max_rows)
+        counts: dict[str, int] = {}
+        lengths, skipped = [], 0
+        for row in range(read):
+            try:
+                raw, loc = self.source.get(row)
+                ex, c = tokenize_record(parse_record(raw, self.fmt, loc, self.field_map), self.fmt, self.encoder,
+                                        self.opts, loc)
+            except DataError:
+                if not self.skip_bad_rows:
+                    raise
+                skipped += 1
+                continue
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+            if ex is not None:
+                lengths.append(_example_tokens(ex))
+        limit = self.opts.prompt_limit(prompt_only=True) if self.fmt == "prompt" else self.opts.max_length
+        return DataSummary(name=self.source.name, fmt=self.fmt, total_rows=self.num_rows, read=read,
+                           examples=len(lengths), mean_tokens=float(np.mean(lengths)) if lengths else 0.0,
+                           max_tokens=max(lengths, default=0), limit=int(limit),
+                           truncated_prompt=counts.get("truncated_prompt", 0),
+                           truncated_response=counts.get("truncated_response", 0),
+                           dropped=counts.get("dropped_too_long", 0) + counts.get("dropped_no_loss_tokens", 0),
+                           skipped=skipped)
 
     # --- order ----------------------------------------------------------------------------
     def _rows(self) -> np.ndarray:

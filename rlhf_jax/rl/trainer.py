@@ -14,8 +14,12 @@ completions every ``sample_every`` iterations, taken from the iteration's own ou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import importlib.util
+import inspect
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
@@ -50,11 +54,15 @@ class RewardSection:
     kind="model": a reward model directory (``path``; ``ScalarHeadModel``, e.g. ``train_reward``'s
       export) scored at the last real token, inside the jitted iteration; its recorded normalisation
       shift is ADDED (``reward = model_score + reward_shift``).
-    kind="python": a Python function on decoded text, ``function = "module:name"`` with signature
-      ``f(prompt: str, response: str) -> float`` (empty: the task's ``gold_reward_text``), run on the
-      host between the jitted rollout and the jitted update.
+    kind="jax": your JAX function of token ids, ``function = "path/to/file.py:fn"`` or ``"module:fn"``,
+      ``fn(prompt_ids, prompt_mask, response_ids, response_mask[, tokenizer=]) -> [B]`` float scores,
+      traced inside the jitted iteration (so it works in vmapped sweeps); when ``fn`` takes a
+      ``tokenizer`` argument it gets the run's tokenizer (use it at trace time, e.g. to look up ids).
+    kind="python": your Python function on decoded text, ``function = "path/to/file.py:fn"`` or
+      ``"module:fn"``, ``fn(prompt: str, response: str) -> float`` (empty: the task's
+      ``gold_reward_text``), run on the host between the jitted rollout and the jitted update.
     """
-    kind: Literal["gold", "model", "python"] = "gold"
+    kind: Literal["gold", "model", "jax", "python"] = "gold"
     path: str = ""
     function: str = ""
 
@@ -156,8 +164,8 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
     check_path("data.path", cfg.data.path)
     if not cfg.data.path and get_task_or_none(cfg.task) is None:
         raise ConfigError("config key 'data.path': empty and no 'task' given; no prompts to train on")
-    if cfg.reward.kind not in ("gold", "model", "python"):
-        raise ConfigError(f"config key 'reward.kind': expected gold|model|python, got {cfg.reward.kind!r}")
+    if cfg.reward.kind not in ("gold", "model", "jax", "python"):
+        raise ConfigError(f"config key 'reward.kind': expected gold|model|jax|python, got {cfg.reward.kind!r}")
     if cfg.reward.kind == "model" and not cfg.reward.path:
         raise ConfigError("config key 'reward.path': reward.kind='model' needs a reward model directory")
     if cfg.reward.kind == "model":
@@ -166,26 +174,57 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
         raise ConfigError("config key 'reward.kind': 'gold' needs config key 'task' set")
     if cfg.reward.kind == "python" and not cfg.reward.function and not cfg.task:
         raise ConfigError("config key 'reward.function': empty and no task to take gold_reward_text from")
-    if cfg.reward.kind == "python" and cfg.reward.function:
-        mod, _, name = cfg.reward.function.partition(":")
-        if not mod or not name:
-            raise ConfigError(f"config key 'reward.function': expected 'module:function', got {cfg.reward.function!r}")
+    if cfg.reward.kind == "jax" and not cfg.reward.function:
+        raise ConfigError("config key 'reward.function': reward.kind='jax' needs 'path/to/file.py:fn' or 'module:fn'")
+    if cfg.reward.kind in ("jax", "python") and cfg.reward.function:
+        load_function(cfg.reward.function, "reward.function")
     if isinstance(cfg, PPOTrainConfig) and cfg.value_init == "reward" and cfg.reward.kind != "model":
         raise ConfigError("config key 'value_init': 'reward' needs reward.kind='model' (a reward model trunk)")
 
 
+def load_function(spec: str, key: str) -> Callable:
+    """The function named by ``"path/to/file.py:fn"`` or ``"module:fn"``; a ConfigError names ``key``."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ConfigError(f"config key {key!r}: expected 'path/to/file.py:function' or 'module:function', "
+                          f"got {spec!r}")
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config key {key!r}: {str(path)!r} is not a file")
+        module_spec = importlib.util.spec_from_file_location(f"_rlhf_fn_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # the user's file failed to import: name it, keep the cause chained
+            raise ConfigError(f"config key {key!r}: {path} does not import: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ConfigError(f"config key {key!r}: cannot import {target!r} ({e}); give a file path "
+                              "('path/to/file.py:fn') or put the module on PYTHONPATH") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"config key {key!r}: {target!r} has no function {name!r}")
+    return fn
+
+
 def resolve_python_reward(spec: str, task) -> Callable[[str, str, bool], float]:
-    """``f(prompt, response, finished) -> float`` from ``"module:name"`` or the task's text gold reward."""
+    """``f(prompt, response, finished) -> float`` from ``reward.function`` or the task's text gold reward."""
     if not spec:
         return lambda p, r, finished: task.gold_reward_text(p, r, finished=finished)
-    mod, _, name = spec.partition(":")
-    if not mod or not name:
-        raise ConfigError(f"config key 'reward.function': expected 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"config key 'reward.function': cannot load {spec!r}: {e}") from None
+    fn = load_function(spec, "reward.function")
     return lambda p, r, finished: float(fn(p, r))
+
+
+def resolve_jax_reward(spec: str, tokenizer) -> Callable:
+    """``reward_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`` from ``reward.function``
+    (given the run's tokenizer when it takes a ``tokenizer`` argument)."""
+    fn = load_function(spec, "reward.function")
+    if "tokenizer" in inspect.signature(fn).parameters:
+        return functools.partial(fn, tokenizer=tokenizer)
+    return fn
 
 
 def _fresh_head_on(trunk_params: dict, scalar_model, rng) -> dict:
@@ -226,10 +265,12 @@ def resolved_algorithm(cfg: RLRunConfig):
                                                                            task, "policy")))
 
 
-def _reward_source(cfg: RLRunConfig, task, rng):
+def _reward_source(cfg: RLRunConfig, task, tokenizer, rng):
     """``(reward_model, reward_params, reward_shift, reward_fn, python_reward)`` of the reward section."""
     if cfg.reward.kind == "gold":
         return None, None, 0.0, task.gold_reward_jax, None
+    if cfg.reward.kind == "jax":
+        return None, None, 0.0, resolve_jax_reward(cfg.reward.function, tokenizer), None
     if cfg.reward.kind == "model":
         rm, rp = models.from_pretrained(cfg.reward.path, dtype=jnp.dtype(cfg.policy.dtype),
                                         param_dtype=jnp.dtype(cfg.policy.param_dtype), head="scalar", rng=rng)
@@ -265,7 +306,7 @@ def _build(cfg: RLRunConfig) -> _Built:
                           f"{mconfig.max_position_embeddings}")
     ref_params = models.split_value_head(policy_params)[0] if shared else policy_params
     reward_model, reward_params, reward_shift, reward_fn, python_reward = _reward_source(
-        cfg, task, jax.random.fold_in(rng, 2))
+        cfg, task, tokenizer, jax.random.fold_in(rng, 2))
     value_model, value_params = _value_model(cfg, mconfig, policy_params, reward_model, reward_params,
                                              jax.random.fold_in(rng, 3))
     updates = cfg.iterations * algo.epochs * algo.minibatches
@@ -286,7 +327,11 @@ def _build(cfg: RLRunConfig) -> _Built:
 
 
 def _prompt_length(cfg: RLRunConfig, task) -> int:
-    return int(cfg.data.max_prompt_length or (task.prompt_length if task is not None else cfg.data.max_length))
+    """P: ``data.max_prompt_length``, else the task's prompt length for the task's own prompts, else
+    ``data.max_length`` (your own prompts are never cut to an embedded task's budget)."""
+    if cfg.data.max_prompt_length:
+        return int(cfg.data.max_prompt_length)
+    return int(task.prompt_length if task is not None and not cfg.data.path else cfg.data.max_length)
 
 
 def _prompt_iterator(cfg: RLRunConfig, built: _Built, *, num_epochs: int | None = None):

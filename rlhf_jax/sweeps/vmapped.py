@@ -37,6 +37,11 @@ def traced_keys(cfg: Any) -> list[str]:
     if name not in VMAP_SECTIONS:
         raise ConfigError(f"--vmap runs PPO/GRPO/RLOO trainer configs ({sorted(VMAP_SECTIONS)}); "
                           f"the config is a {name}: drop --vmap to run its points one after another")
+    if cfg.reward.kind == "python":
+        raise ConfigError("--vmap needs a reward computed inside the compiled program (reward.kind=gold|model|jax); "
+                          "reward.kind=python runs on the host between two programs and cannot be vmapped: write "
+                          "the reward as a JAX function of token ids and set reward.kind=jax "
+                          "reward.function=path/to/file.py:fn (or drop --vmap)")
     section = VMAP_SECTIONS[name]
     return [f"{section}.{f}" for f in hparam_fields(getattr(cfg, section))]
 

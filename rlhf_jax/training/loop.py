@@ -276,8 +276,26 @@ def run(job: Job, *, out_dir: str | Path, ckpt_cfg: CheckpointConfig, log_cfg: L
             ckpt.close()
 
 
+TRUNCATION_WARNING_SHARE = 0.05
+
+
+def report_data(batches) -> None:
+    """The one-line data summary at the start of a run (rows, lengths, what is truncated, dropped or
+    skipped), and a warning when more than 5% of the rows are truncated."""
+    summary = getattr(batches, "summary", None)
+    if summary is None or jax.process_index() != 0:
+        return
+    s = summary()
+    print(s.line(), file=sys.stderr, flush=True)
+    if s.truncated > TRUNCATION_WARNING_SHARE * max(s.read, 1):
+        warn(f"{s.truncated} of the first {s.read} rows of {s.name} are truncated to fit {s.limit} tokens "
+             f"({s.truncated_prompt} prompts, {s.truncated_response} responses); raise data.max_length "
+             "(and data.max_prompt_length) if that is not intended")
+
+
 def _run_steps(job: Job, out_dir: Path, ckpt: CheckpointManager, log_cfg: LogConfig, resume: bool) -> TrainResult:
     metrics_path = out_dir / "metrics.jsonl"
+    report_data(job.batches)
     writer = progress = None
     try:
         placed = _place(job, job.state)
