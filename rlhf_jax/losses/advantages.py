@@ -117,7 +117,8 @@ def reinforce_pp_advantages(rewards: Array, mask: Array, *, logp: Optional[Array
                             gamma: Any = 1.0, baseline: bool = False, group_size: Optional[int] = None,
                             axis_name: Optional[Any] = None, eps: float = 1e-8) -> Tuple[Array, Array]:
     """REINFORCE++ (Hu 2025, *REINFORCE++: A Simple and Efficient Approach for Aligning Large Language
-    Models*) and REINFORCE++-baseline: critic-free per-token advantages with GLOBAL whitening.
+    Models*) and REINFORCE++-baseline: critic-free per-token advantages with GLOBAL whitening
+    (docs/MATH.md §4.10).
 
     1. Scores ``s_b`` (``rewards [B]``). With ``baseline=True`` (REINFORCE++-baseline) the group mean is
        subtracted first: ``s_i ← s_i - mean_{j in i's group} s_j`` over ``group_size`` contiguous samples

@@ -23,7 +23,7 @@ def gspo_policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Arra
                      aggregation: str = "seq-mean-token-mean", max_len: Optional[int] = None,
                      normalizer: Optional[Any] = None) -> Tuple[Array, Dict[str, Array]]:
     """GSPO (Zheng et al. 2025, *Group Sequence Policy Optimization*): a clipped objective on the
-    length-normalised SEQUENCE importance ratio.
+    length-normalised SEQUENCE importance ratio (docs/MATH.md §4.8).
 
     ``s_i = exp( Σ_t m_it (logp_it - old_logp_it) / Σ_t m_it )`` (the geometric mean of the token ratios),
     ``J_i = min(s_i A_i, clip(s_i, 1-ε_low, 1+ε_high) A_i)``, loss ``= mean_i(-J_i)``; ``ε_low = clip_eps``,
@@ -82,7 +82,7 @@ def cispo_policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Arr
                       max_len: Optional[int] = None, normalizer: Optional[Any] = None
                       ) -> Tuple[Array, Dict[str, Array]]:
     """CISPO (MiniMax 2025, the MiniMax-M1 report, arXiv 2506.13585): REINFORCE with clipped,
-    stop-gradient importance weights.
+    stop-gradient importance weights (docs/MATH.md §4.9).
 
     ``ρ_t = exp(logp_t - old_logp_t)``, ``ŵ_t = sg(clip(ρ_t, 1 - ε_low, 1 + ε_high))``,
     ``l_t = -ŵ_t · A_t · logp_t``, aggregated by ``aggregation`` (default ``"token-mean"``: ``Σ m·l / Σ m``,

@@ -36,7 +36,7 @@ def kto_loss(policy_logp: Array, ref_logp: Array, desirable: Array, *, beta: Any
              undesirable_weight: Any = 1.0, kl_ref: Optional[Any] = None, mask: Optional[Array] = None
              ) -> Tuple[Array, Dict[str, Array]]:
     """KTO (Ethayarajh et al. 2024, *KTO: Model Alignment as Prospect Theoretic Optimization*, eq. 7) on
-    unpaired examples, as TRL 1.12's ``KTOTrainer`` (``loss_type="kto"``, ``_compute_loss``).
+    unpaired examples, as TRL 1.12's ``KTOTrainer`` (``loss_type="kto"``, ``_compute_loss``); docs/MATH.md §4.5.
 
     ``r_b = policy_logp_b - ref_logp_b`` (sequence log-probabilities, summed over completion tokens),
     ``z = max(0, sg(kl_ref))`` (0 when ``kl_ref`` is None), and per example
@@ -100,7 +100,8 @@ def kto_loss(policy_logp: Array, ref_logp: Array, desirable: Array, *, beta: Any
 def simpo_loss(chosen_logp_avg: Array, rejected_logp_avg: Array, *, beta: Any, gamma: Optional[Any] = None,
                gamma_beta_ratio: Optional[Any] = None, label_smoothing: Any = 0.0, mask: Optional[Array] = None
                ) -> Tuple[Array, Dict[str, Array]]:
-    """SimPO (Meng et al. 2024, *SimPO: Simple Preference Optimization with a Reference-Free Reward*).
+    """SimPO (Meng et al. 2024, *SimPO: Simple Preference Optimization with a Reference-Free Reward*;
+    docs/MATH.md §4.6).
 
     Reference-free, on LENGTH-NORMALISED log-probabilities ``ℓ̄ = (1/|y|) Σ_t logp_t`` (the caller averages
     over the completion's tokens). With ``u = β (ℓ̄_c - ℓ̄_r) - γ`` and ``ε = label_smoothing``:
@@ -146,7 +147,8 @@ def _log1mexp(x: Array) -> Array:
 
 def orpo_loss(chosen_logp_avg: Array, rejected_logp_avg: Array, *, beta: Any, nll: Optional[Any] = None,
               mask: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
-    """ORPO (Hong et al. 2024, *ORPO: Monolithic Preference Optimization without Reference Model*).
+    """ORPO (Hong et al. 2024, *ORPO: Monolithic Preference Optimization without Reference Model*;
+    docs/MATH.md §4.7).
 
     On length-normalised log-probabilities ``ℓ̄`` (TRL's ``average_log_prob=True``):
     ``log odds(y) = ℓ̄ - log(1 - exp(ℓ̄))`` (``log1mexp``, computed stably), and per pair
