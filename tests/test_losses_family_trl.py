@@ -17,7 +17,6 @@ log-probabilities, so TRL's loss VALUE and its GRADIENT with respect to the per-
 compared with ours (`jax.grad`). REINFORCE++ has no TRL implementation (see tests/test_losses_family.py).
 """
 
-from collections import defaultdict
 from types import SimpleNamespace
 
 import jax
@@ -34,29 +33,12 @@ from trl.experimental.cpo import CPOTrainer  # noqa: E402
 from trl.experimental.gspo_token import GRPOTrainer as GSPOTokenGRPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOTrainer  # noqa: E402
 
+from tests.trl_utils import close, t  # noqa: E402
+from tests.trl_utils import stub_trainer as _stub_trainer  # noqa: E402
+
 
 def test_trl_version():
   assert trl.__version__ == "1.12.0"
-
-
-def close(a, b, tol=1e-5):
-  a = a.detach().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-  b = b.detach().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-  np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
-
-
-def t(x):
-  return torch.tensor(np.asarray(x))
-
-
-def _stub_trainer(**attrs):
-  identity = lambda x, **kw: x  # single process: gather/reduce are the identity
-  base = dict(model=SimpleNamespace(training=True),
-              accelerator=SimpleNamespace(gather_for_metrics=identity, gather=identity, reduce=identity, device="cpu",
-                                          num_processes=1),
-              _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0)
-  base.update(attrs)
-  return SimpleNamespace(**base)
 
 
 # ----------------------------------------------------------------------------------------------- KTO

@@ -22,6 +22,15 @@ def _check_pair(fn: str, a_name: str, a: Any, b_name: str, b: Any, mask: Optiona
     return jnp.where(w > 0, a, 0.0), jnp.where(w > 0, b, 0.0), w
 
 
+def _optional_scalar(fn: str, name: str, x: Optional[Any]) -> Array:
+    """A scalar (traced) argument as float32; 0 when None."""
+    if x is None:
+        return jnp.zeros((), jnp.float32)
+    x = as_float(x)
+    check_ndim(fn, name, x, 0, "a scalar")
+    return x
+
+
 def _pair_reward_metrics(r_c: Array, r_r: Array, w: Array) -> Dict[str, Array]:
     return {
         "chosen_reward": masked_mean(r_c, w),
@@ -69,12 +78,7 @@ def kto_loss(policy_logp: Array, ref_logp: Array, desirable: Array, *, beta: Any
     check_shape(fn, "desirable", d, pl.shape, "`policy_logp`")
     d = d.astype(bool)
     beta = as_float(beta)
-    if kl_ref is None:
-        z = jnp.zeros((), jnp.float32)
-    else:
-        kl = as_float(kl_ref)
-        check_ndim(fn, "kl_ref", kl, 0, "a scalar")
-        z = jnp.maximum(jax.lax.stop_gradient(kl), 0.0)
+    z = jnp.maximum(jax.lax.stop_gradient(_optional_scalar(fn, "kl_ref", kl_ref)), 0.0)
     r = pl - rl
     per_example = jnp.where(d, as_float(desirable_weight) * (1.0 - jax.nn.sigmoid(beta * (r - z))),
                             as_float(undesirable_weight) * (1.0 - jax.nn.sigmoid(beta * (z - r))))
@@ -167,11 +171,7 @@ def orpo_loss(chosen_logp_avg: Array, rejected_logp_avg: Array, *, beta: Any, nl
     fn = "orpo_loss"
     c, r, w = _check_pair(fn, "chosen_logp_avg", chosen_logp_avg, "rejected_logp_avg", rejected_logp_avg, mask)
     beta = as_float(beta)
-    if nll is None:
-        nll_v = jnp.zeros((), jnp.float32)
-    else:
-        nll_v = as_float(nll)
-        check_ndim(fn, "nll", nll_v, 0, "a scalar")
+    nll_v = _optional_scalar(fn, "nll", nll)
     cc = jnp.minimum(c, _MAX_LOGP)
     rc = jnp.minimum(r, _MAX_LOGP)
     log_odds = (cc - rc) - (_log1mexp(cc) - _log1mexp(rc))
