@@ -9,7 +9,6 @@ TRL's source, using TRL's own helper functions (`nanstd`, `masked_mean`, `masked
 function are cited above each transcription.
 """
 
-from collections import defaultdict
 from types import SimpleNamespace
 
 import jax
@@ -28,28 +27,12 @@ from trl.experimental.ppo.ppo_trainer import truncate_response  # noqa: E402
 from trl.trainer.utils import entropy_from_logits as trl_entropy  # noqa: E402
 from trl.trainer.utils import nanstd, selective_log_softmax  # noqa: E402
 
+from tests.trl_utils import close, t  # noqa: E402
+from tests.trl_utils import stub_trainer as _stub_trainer  # noqa: E402
+
 
 def test_trl_version():
   assert trl.__version__ == "1.12.0"
-
-
-def close(a, b, tol=1e-5):
-  a = a.detach().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-  b = b.detach().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-  np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
-
-
-def t(x):
-  return torch.tensor(np.asarray(x))
-
-
-def _stub_trainer(**attrs):
-  identity = lambda x: x  # single process: gather is the identity
-  base = dict(model=SimpleNamespace(training=True), accelerator=SimpleNamespace(gather_for_metrics=identity,
-                                                                                gather=identity, device="cpu"),
-              _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0)
-  base.update(attrs)
-  return SimpleNamespace(**base)
 
 
 # ------------------------------------------------------------------------------------- reward model

@@ -1,13 +1,15 @@
-"""Advantage estimators: GAE (PPO), group-normalised (GRPO) and leave-one-out (RLOO)."""
+"""Advantage estimators: GAE (PPO), group-normalised (GRPO), leave-one-out (RLOO) and REINFORCE++."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import Array, as_float, check_choice, check_mask, check_ndim, check_real, check_shape
+from rlhf_jax.losses.common import (Array, as_float, check_choice, check_mask, check_ndim, check_real, check_shape,
+                                    masked_whiten)
+from rlhf_jax.losses.kl import kl_penalized_rewards
 
 
 def gae_advantages(rewards: Array, values: Array, mask: Array, *, gamma: Any = 1.0, lam: Any = 0.95
@@ -108,3 +110,55 @@ def rloo_advantages(rewards: Array, group_size: int) -> Array:
     g = r.reshape(-1, group_size)
     baseline = (jnp.sum(g, axis=1, keepdims=True) - g) / (group_size - 1)
     return (g - baseline).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: Array, mask: Array, *, logp: Optional[Array] = None,
+                            ref_logp: Optional[Array] = None, kl_coef: Any = 0.0, estimator: str = "k1",
+                            gamma: Any = 1.0, baseline: bool = False, group_size: Optional[int] = None,
+                            axis_name: Optional[Any] = None, eps: float = 1e-8) -> Tuple[Array, Array]:
+    """REINFORCE++ (Hu 2025, *REINFORCE++: A Simple and Efficient Approach for Aligning Large Language
+    Models*) and REINFORCE++-baseline: critic-free per-token advantages with GLOBAL whitening
+    (docs/MATH.md §4.10).
+
+    1. Scores ``s_b`` (``rewards [B]``). With ``baseline=True`` (REINFORCE++-baseline) the group mean is
+       subtracted first: ``s_i ← s_i - mean_{j in i's group} s_j`` over ``group_size`` contiguous samples
+       (:func:`grpo_advantages` with ``scale="none"``; no division by the std).
+    2. Per-token rewards with the KL in the reward, exactly :func:`kl_penalized_rewards`:
+       ``r_t = -β · kl_t + 1[t = last] · s_b`` with ``kl`` the ``estimator`` (default k1,
+       ``logp - ref_logp`` of the ROLLOUT policy) and ``β = kl_coef``; no KL term when ``logp`` is None.
+       Per-token ``rewards [B, T]`` are used as given instead (plus ``-β kl`` when ``logp`` is given);
+       ``baseline`` then is an error (there is no per-sequence score to centre).
+    3. Returns ``G_t = Σ_{t' ≥ t} γ^{t'-t} r_t'`` over the masked tokens (holes skipped; ``γ = gamma``,
+       default 1): :func:`gae_advantages` with ``V = 0`` and ``λ = 1``.
+    4. ``A = masked_whiten(G, mask, axis_name=axis_name)``: mean and UNBIASED std over all masked tokens of
+       the batch (every device's, with ``axis_name``), ``A = (G - μ) / sqrt(var + eps)``.
+
+    (OpenRLHF whitens with the population variance, ``rsqrt(max(var, 1e-8))``; the two differ by
+    ``sqrt(n/(n-1))``, n the number of masked tokens.) ``kl_coef``, ``gamma`` traced; ``group_size``,
+    ``estimator``, ``baseline`` static. Shapes: ``rewards [B]`` or ``[B, T]``, ``mask``, ``logp``,
+    ``ref_logp``: ``[B, T]``. Returns ``(advantages, returns)``, ``[B, T]`` float32, 0 off the mask.
+    """
+    fn = "reinforce_pp_advantages"
+    m = jnp.asarray(mask)
+    check_ndim(fn, "mask", m, 2, "[B, T]")
+    m = check_mask(fn, "mask", m, m.shape, "`mask`")
+    if (logp is None) != (ref_logp is None):
+        raise ValueError(f"{fn}: pass both `logp` and `ref_logp` (for the KL in the reward) or neither")
+    rewards = check_real(fn, "rewards", rewards)
+    if rewards.ndim == 1:
+        check_shape(fn, "rewards", rewards, m.shape[:1], "`mask`'s batch axis")
+        if baseline:
+            if group_size is None:
+                raise ValueError(f"{fn}: `baseline=True` (REINFORCE++-baseline) needs `group_size`")
+            rewards = grpo_advantages(rewards, group_size, scale="none")
+        scores, token_rewards = rewards, jnp.zeros_like(m)
+    else:
+        check_shape(fn, "rewards", rewards, m.shape, "`mask` (per-token rewards) or its batch axis (scores)")
+        if baseline:
+            raise ValueError(f"{fn}: `baseline=True` needs per-sequence scores `rewards [B]`, not per-token rewards")
+        scores, token_rewards = jnp.zeros(m.shape[:1], jnp.float32), jnp.where(m > 0, rewards, 0.0)
+    if logp is None:
+        logp = ref_logp = jnp.zeros_like(m)
+    r = kl_penalized_rewards(scores, logp, ref_logp, m, kl_coef=kl_coef, estimator=estimator) + token_rewards
+    returns, _ = gae_advantages(r, jnp.zeros_like(m), m, gamma=gamma, lam=1.0)
+    return masked_whiten(returns, m, axis_name=axis_name, eps=eps), returns

@@ -83,6 +83,13 @@ def check_choice(fn: str, name: str, value: Any, choices: Sequence[str]) -> None
         raise ValueError(f"{fn}: `{name}` must be one of {list(choices)} but got {value!r}")
 
 
+def check_label_smoothing(fn: str, value: Any) -> None:
+    """A label-smoothing ε must lie in [0, 0.5). Only concrete Python numbers can be checked; a traced
+    value is the caller's responsibility."""
+    if isinstance(value, (int, float)) and not 0.0 <= value < 0.5:
+        raise ValueError(f"{fn}: `label_smoothing` must be in [0, 0.5) but got {value}")
+
+
 def as_float(x: Any) -> Array:
     """A hyper-parameter as a float32 array (a Python float or a traced value: never baked in)."""
     return jnp.asarray(x, jnp.float32)

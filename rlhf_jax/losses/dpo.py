@@ -7,7 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.common import Array, as_float, check_choice, check_float, check_mask, check_ndim, check_shape
+from rlhf_jax.losses.common import (Array, as_float, check_choice, check_float, check_label_smoothing, check_mask,
+                                    check_ndim, check_shape)
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "rdpo")
 
@@ -47,9 +48,7 @@ def dpo_loss(policy_chosen_logp: Array, policy_rejected_logp: Array, ref_chosen_
     for name, x in (("policy_rejected_logp", pr), ("ref_chosen_logp", rc), ("ref_rejected_logp", rr)):
         check_shape(fn, name, x, pc.shape, "`policy_chosen_logp`")
     w = jnp.ones_like(pc) if mask is None else check_mask(fn, "mask", mask, pc.shape, "`policy_chosen_logp`")
-    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 0.5:
-        # Only concrete Python numbers can be checked; a traced value is the caller's responsibility.
-        raise ValueError(f"{fn}: `label_smoothing` must be in [0, 0.5) but got {label_smoothing}")
+    check_label_smoothing(fn, label_smoothing)
     beta = as_float(beta)
     eps = as_float(label_smoothing)
     d_c = pc - rc

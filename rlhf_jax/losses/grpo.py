@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.losses.common import Array, as_float, check_choice, check_float, check_shape, reduce_loss
 from rlhf_jax.losses.kl import kl_estimate
-from rlhf_jax.losses.ppo import clipped_policy_objective
+from rlhf_jax.losses.ppo import check_policy_inputs, clipped_surrogate
 
 GRPO_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "dr-grpo", "seq-mean-token-sum-norm")
 _TO_REDUCTION = {"seq-mean-token-mean": "sequence", "token-mean": "token", "dr-grpo": "dr-grpo",
@@ -36,14 +36,27 @@ def grpo_policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Arra
     """
     fn = "grpo_policy_loss"
     check_choice(fn, "aggregation", aggregation, GRPO_AGGREGATIONS)
-    per_token, metrics, m = clipped_policy_objective(logp, old_logp, advantages, mask, clip_eps=clip_eps,
-                                                     clip_eps_high=clip_eps_high, dual_clip=None, fn=fn)
+    logp, old_logp, adv, m = check_policy_inputs(fn, logp, old_logp, advantages, mask)
+    per_token, metrics = clipped_surrogate(logp - old_logp, adv, m, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                                           dual_clip=None)
+    return add_kl_and_aggregate(fn, per_token, metrics, m, logp, ref_logp=ref_logp, kl_coef=kl_coef,
+                                aggregation=aggregation, max_len=max_len, normalizer=normalizer)
+
+
+def add_kl_and_aggregate(fn: str, per_token: Array, metrics: Dict[str, Array], m: Array, logp: Array, *,
+                         ref_logp: Optional[Array], kl_coef: Any, aggregation: str, max_len: Optional[int],
+                         normalizer: Optional[Any]) -> Tuple[Array, Dict[str, Array]]:
+    """The tail shared by the GRPO-family losses: ``+ β·k3`` when ``ref_logp`` is given (metric ``kl``), then
+    the named aggregation (metrics ``loss``, ``loss_numerator``, ``loss_denominator``).
+
+    ``per_token``, ``m``, ``logp``: ``[B, T]``, already checked (``logp`` 0 off the mask).
+    """
+    check_choice(fn, "aggregation", aggregation, GRPO_AGGREGATIONS)
     if ref_logp is not None:
-        logp_f = check_float(fn, "logp", logp)
         ref = check_float(fn, "ref_logp", ref_logp)
-        check_shape(fn, "ref_logp", ref, logp_f.shape, "`logp`")
+        check_shape(fn, "ref_logp", ref, logp.shape, "`logp`")
         live = m > 0
-        kl = kl_estimate(jnp.where(live, logp_f, 0.0), jnp.where(live, ref, 0.0), estimator="k3", mask=m)
+        kl = kl_estimate(logp, jnp.where(live, ref, 0.0), estimator="k3", mask=m)
         per_token = per_token + as_float(kl_coef) * kl
         metrics["kl"] = jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
     loss, num, den = reduce_loss(per_token, m, _TO_REDUCTION[aggregation], normalizer=normalizer, max_len=max_len)

@@ -17,10 +17,15 @@ def _masked_token_mean(x: Array, m: Array) -> Array:
     return jnp.sum(jnp.where(m > 0, x * m, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def clipped_policy_objective(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, clip_eps: Any,
-                             clip_eps_high: Optional[Any], dual_clip: Optional[Any], fn: str
-                             ) -> Tuple[Array, Dict[str, Array], Array]:
-    """Per-token clipped surrogate shared by PPO and GRPO; returns ``(per_token_loss, metrics, mask)``."""
+def check_policy_inputs(fn: str, logp: Array, old_logp: Array, advantages: Array, mask: Array
+                        ) -> Tuple[Array, Array, Array, Array]:
+    """The argument checks shared by the per-token policy losses (PPO, GRPO, GSPO, CISPO).
+
+    ``logp``, ``old_logp``, ``mask``: ``[B, T]``; ``advantages``: ``[B]`` (broadcast over tokens) or
+    ``[B, T]``. Returns ``(logp, old_logp, advantages, m)``, ``[B, T]`` float32, with every off-mask value
+    replaced by 0 (padding may hold garbage, e.g. TRL's INVALID_LOGPROB: it never reaches ``exp``), and
+    ``m`` the mask as 0/1 weights.
+    """
     logp = check_float(fn, "logp", logp)
     check_ndim(fn, "logp", logp, 2, "[B, T]")
     old_logp = check_float(fn, "old_logp", old_logp)
@@ -34,11 +39,29 @@ def clipped_policy_objective(logp: Array, old_logp: Array, advantages: Array, ma
     adv = jnp.broadcast_to(adv, logp.shape)
     m = check_mask(fn, "mask", mask, logp.shape, "`logp`")
     live = m > 0
+    return jnp.where(live, logp, 0.0), jnp.where(live, old_logp, 0.0), jnp.where(live, adv, 0.0), m
+
+
+def ratio_metrics(log_ratio: Array, ratio: Array, clipped: Array, m: Array) -> Dict[str, Array]:
+    """Token-mean diagnostics of an importance ratio: ``clipfrac``, ``approx_kl = 0.5·mean(log ρ²)``,
+    ``ratio_mean``, ``ratio_max`` (0 for an empty mask) and ``num_tokens``."""
+    live = m > 0
+    return {
+        "clipfrac": _masked_token_mean(clipped.astype(jnp.float32), m),
+        "approx_kl": 0.5 * _masked_token_mean(jnp.square(log_ratio), m),
+        "ratio_mean": _masked_token_mean(ratio, m),
+        "ratio_max": jnp.where(jnp.any(live), jnp.max(jnp.where(live, ratio, -jnp.inf)), 0.0),
+        "num_tokens": jnp.sum(m),
+    }
+
+
+def clipped_surrogate(log_ratio: Array, adv: Array, m: Array, *, clip_eps: Any, clip_eps_high: Optional[Any],
+                      dual_clip: Optional[Any]) -> Tuple[Array, Dict[str, Array]]:
+    """Per-token clipped surrogate ``max(-A ρ, -A clip(ρ, 1-ε_low, 1+ε_high))`` of ``ρ = exp(log_ratio)``
+    (optionally dual-clipped), on inputs already checked by :func:`check_policy_inputs` (0 off the mask).
+    Returns ``(per_token_loss, metrics)``."""
     eps_low = as_float(clip_eps)
     eps_high = eps_low if clip_eps_high is None else as_float(clip_eps_high)
-    # Padding may hold garbage (TRL stores INVALID_LOGPROB there): keep it out of exp.
-    log_ratio = jnp.where(live, logp - old_logp, 0.0)
-    adv = jnp.where(live, adv, 0.0)
     ratio = jnp.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
@@ -53,13 +76,17 @@ def clipped_policy_objective(logp: Array, old_logp: Array, advantages: Array, ma
         dual = (adv < 0) & (per_token > pg3)
         per_token = jnp.where(dual, pg3, per_token)
         metrics["dual_clipfrac"] = _masked_token_mean(dual.astype(jnp.float32), m)
-    metrics.update({
-        "clipfrac": _masked_token_mean(clipped.astype(jnp.float32), m),
-        "approx_kl": 0.5 * _masked_token_mean(jnp.square(log_ratio), m),
-        "ratio_mean": _masked_token_mean(ratio, m),
-        "ratio_max": jnp.where(jnp.any(live), jnp.max(jnp.where(live, ratio, -jnp.inf)), 0.0),
-        "num_tokens": jnp.sum(m),
-    })
+    metrics.update(ratio_metrics(log_ratio, ratio, clipped, m))
+    return per_token, metrics
+
+
+def clipped_policy_objective(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, clip_eps: Any,
+                             clip_eps_high: Optional[Any], dual_clip: Optional[Any], fn: str
+                             ) -> Tuple[Array, Dict[str, Array], Array]:
+    """Per-token clipped surrogate shared by PPO and GRPO; returns ``(per_token_loss, metrics, mask)``."""
+    logp, old_logp, adv, m = check_policy_inputs(fn, logp, old_logp, advantages, mask)
+    per_token, metrics = clipped_surrogate(logp - old_logp, adv, m, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                                           dual_clip=dual_clip)
     return per_token, metrics, m
 
 
