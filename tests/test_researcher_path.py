@@ -22,10 +22,9 @@ from tests.test_rl_trainer import ppo_cfg
 REWARDS = textwrap.dedent('''
     import jax.numpy as jnp
 
-    def count_nines(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer):
+    def has_nine(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer):
         nine = tokenizer.convert_tokens_to_ids("9")   # used at trace time
-        m = response_mask.astype(jnp.float32)
-        return jnp.sum((response_ids == nine) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        return jnp.any((response_ids == nine) & (response_mask > 0), axis=1).astype(jnp.float32)
 
     def text_nines(prompt, response):
         words = response.split()
@@ -51,12 +50,12 @@ def test_function_specs_name_the_key():
 
 
 def test_jax_reward_from_a_file_runs_inside_the_iteration_and_in_a_vmapped_sweep(tmp_path, rewards_file):
-    reward = RewardSection(kind="jax", function=f"{rewards_file}:count_nines")
+    reward = RewardSection(kind="jax", function=f"{rewards_file}:has_nine")
     result = train_ppo(ppo_cfg(tmp_path / "jax", reward=reward, iterations=1, sample_every=1, num_samples=8))
     samples = [json.loads(x) for x in (tmp_path / "jax" / "samples.jsonl").read_text().splitlines()]
+    assert samples
     for s in samples:  # the score of every logged row is the function of its response
-        words = s["response"].split()
-        assert s["score"] == pytest.approx(sum(w == "9" for w in words) / max(len(words), 1), abs=1e-6)
+        assert s["score"] == float("9" in s["response"].split())
     assert 0.0 <= result.train_metrics["score"] <= 1.0
     # the same reward inside a vmapped sweep (two values of beta, one program)
     cfg = ppo_cfg(tmp_path / "vm", reward=reward, iterations=1)
@@ -93,5 +92,5 @@ def test_data_summary_and_truncation_warning_at_start(tmp_path, capsys):
     assert main([*args, "data.max_length=12", "data.pack=false", "--out", str(tmp_path / "cut")]) == 0
     err = capsys.readouterr().err
     assert "warning: " in err and "are truncated to fit 12 tokens" in err, err
-    rows = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
-    assert rows[-1]["data/truncated_response"] > 0  # and the counters are in the metrics
+    rows = [r for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "train/loss" in r]
+    assert rows[-1]["train/data/truncated_response"] > 0  # and the counters are in the metrics
