@@ -340,6 +340,11 @@ def _class_comments(cls: type) -> dict[str, str]:
     return out
 
 
+def _plain(doc: str) -> str:
+    """A docstring without reST markup: ``:class:`X``` and ````x```` become ``X`` and ``x``."""
+    return re.sub(r":[a-z]+:`", "`", doc).replace("`", "")
+
+
 _ABBREV = ("e.g.", "i.e.", "etc.", "vs.")
 _ITEM_START = re.compile(r"(?:^|[.;:,(]\s*|\band\s+|\bor\s+|/\s*)$")
 
@@ -356,7 +361,7 @@ def _docstring_docs(cls: type, names: Iterable[str]) -> tuple[dict[str, str], di
     doc = cls.__dict__.get("__doc__") or ""
     if not doc or doc.startswith(cls.__name__ + "("):  # dataclass's generated signature
         return {}, {}
-    paragraphs = [" ".join(p.split()) for p in inspect.cleandoc(doc).replace("`", "").split("\n\n")]
+    paragraphs = [" ".join(p.split()) for p in _plain(inspect.cleandoc(doc)).split("\n\n")]
     alt = "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
     mention = re.compile(rf"(?<![\w.=/-])({alt})(?![\w.='/-])")
     labelled_re = re.compile(rf"(?<![\w.=/-])({alt})((?:\s*[,/]\s*(?:{alt}))*)\s*:(?!\S)")
@@ -426,11 +431,12 @@ def _docstring_of(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     return _docstring_docs(cls, names) if names else ({}, {})
 
 
-def field_doc(cls: type, name: str) -> str:
+def field_doc(cls: type, name: str, *, loose: bool = True) -> str:
     """The one-line doc of field ``name`` of dataclass ``cls``, from (in order) the field's
     ``metadata={"doc": ...}``, a ``# comment`` on its line in the source of the class that defines it
-    (or comment lines right above it), the class docstrings (``name: text`` sentences, else the clause
-    after the field's first mention; the class's own docstring first, then its bases'); else ``""``."""
+    (or comment lines right above it), the class docstrings (``name: text`` sentences, else -- when
+    ``loose`` -- the clause after the field's first mention; the class's own docstring first, then its
+    bases'); else ``""``."""
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     f = fields.get(name)
     if f is not None and f.metadata.get("doc"):
@@ -441,7 +447,7 @@ def field_doc(cls: type, name: str) -> str:
             text = _comments_of(klass).get(name)
             if text:
                 return _first_sentence(text)
-    for kind in (0, 1):  # ``name: text`` in any of the docstrings before a looser mention
+    for kind in ((0, 1) if loose else (0,)):  # ``name: text`` in any docstring before a looser mention
         for klass in mro:
             text = _docstring_of(klass)[kind].get(name)
             if text:
@@ -453,18 +459,18 @@ def _class_summary(cls: type) -> str:
     doc = cls.__dict__.get("__doc__") or ""
     if not doc or doc.startswith(cls.__name__ + "("):
         return ""
-    return _first_sentence(inspect.cleandoc(doc).split("\n\n")[0].replace("`", ""))
+    return _first_sentence(_plain(inspect.cleandoc(doc).split("\n\n")[0]))
 
 
 def section_doc(cls: type, name: str, value: Any = None) -> str:
-    """The one-line purpose of section ``name`` of ``cls``: its field doc, else the first sentence of the
-    section class's docstring."""
-    doc = field_doc(cls, name)
+    """The one-line purpose of section ``name`` of ``cls``: its field doc (not a loose mention), else the
+    first sentence of the section class's docstring, else a loose mention."""
+    doc = field_doc(cls, name, loose=False)
     if not doc:
         section_cls = type(value) if _is_dc(value) else _field_types(cls).get(name)
         if isinstance(section_cls, type):
             doc = _class_summary(section_cls)
-    return doc
+    return doc or field_doc(cls, name)
 
 
 def _defaults_of(cfg: Any) -> Any:
