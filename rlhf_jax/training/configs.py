@@ -101,7 +101,8 @@ class RunConfig:
 
     task: an embedded task (``rlhf_jax.tasks``) whose data, tokenizer and tiny model fill in what is
     not given ("" = none). data: the data section (its ``batch_size`` is the GLOBAL batch). mesh:
-    device layout. checkpoint: when to save and how many to keep. log: metrics files and progress.
+    device layout. checkpoint: when to save and how many to keep. log: metrics files, progress and
+    experiment tracking (Weights & Biases).
     seed: the run's base seed. out_dir: the run directory. export: write the trained model as a Hugging
     Face directory (``out_dir/export``) at the end. resume: continue the run in ``out_dir`` from its
     latest checkpoint (exact resume).
