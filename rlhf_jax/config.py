@@ -288,21 +288,23 @@ _NO_DEFAULT = object()
 _DOC_MAX = 160
 
 
+def _scan(text: str, start: int, stop) -> int:
+    """The first index from ``start`` outside brackets where ``stop(i)`` holds (else ``len(text)``)."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "([{":
+            depth += 1
+        elif text[i] in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and stop(i):
+            return i
+    return len(text)
+
+
 def _first_sentence(text: str) -> str:
     """The first sentence of ``text`` (at most ``_DOC_MAX`` characters), stripped of a final period."""
     text = " ".join(text.split())
-    depth, i = 0, 0
-    while i < len(text):
-        c = text[i]
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth = max(depth - 1, 0)
-        elif depth == 0 and _sentence_end(text, i):
-            text = text[:i]
-            break
-        i += 1
-    text = text.strip(" ;,:")
+    text = text[:_scan(text, 0, lambda i: _sentence_end(text, i))].strip(" ;,:")
     if len(text) > _DOC_MAX:
         text = text[:_DOC_MAX].rsplit(" ", 1)[0] + " ..."
     return text
@@ -369,21 +371,11 @@ def _docstring_docs(cls: type, names: Iterable[str]) -> tuple[dict[str, str], di
     def clause(text: str, start: int) -> str:
         """From ``start`` to a ``;``, a sentence end, or a new item (another field's mention after a
         comma, another field's label), outside brackets."""
-        depth, i = 0, start
-        while i < len(text):
-            c = text[i]
-            if c in "([{":
-                depth += 1
-            elif c in ")]}":
-                depth = max(depth - 1, 0)
-            elif depth == 0 and (c == ";" or _sentence_end(text, i)):
-                break
-            elif depth == 0 and c == "," and mention.match(text, len(text) - len(text[i + 1:].lstrip())):
-                break
-            elif depth == 0 and i > start and text[i - 1] == " " and labelled_re.match(text, i):
-                break
-            i += 1
-        return text[start:i].strip(" ,")
+        def stop(i: int) -> bool:
+            return (text[i] == ";" or _sentence_end(text, i)
+                    or (text[i] == "," and mention.match(text, len(text) - len(text[i + 1:].lstrip())) is not None)
+                    or (i > start and text[i - 1] == " " and labelled_re.match(text, i) is not None))
+        return text[start:_scan(text, start, stop)].strip(" ,")
 
     def sentence(text: str, pos: int) -> str:
         begin = max((j + 2 for j in range(pos) if _sentence_end(text, j)), default=0)
