@@ -125,3 +125,20 @@ def test_log_config_wandb_keys_and_validation(monkeypatch):
     with pytest.raises(ConfigError, match=r"'log.wandb'.*pip install 'rlhf_jax\[wandb\]'"):
         LogConfig(wandb=True).validate()
     LogConfig(wandb=False).validate()  # no wandb needed when it is off
+
+
+def test_a_trainer_run_with_log_wandb_writes_an_offline_run(wandb_env):
+    from rlhf_jax.cli import main
+    out = wandb_env / "sft"
+    rc = main(["sft", "task=sort", "model.name=task", "model.hidden_size=32", "model.intermediate_size=64",
+               "data.batch_size=4", "data.max_length=32", "steps=2", "eval_every=0", "eval_batches=1", "export=false",
+               "log.progress=false", "log.tensorboard=false", "log.every=1", "log.wandb=true",
+               "log.wandb_project=rlhf_jax_test", "--out", str(out)])
+    assert rc == 0
+    runs = glob.glob(str(out / "wandb" / "offline-run-*" / "*.wandb"))
+    assert len(runs) == 1, runs
+    records = _complete_records(runs[0])
+    history = [_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["_step"] for h in history] == [1, 2] and "train/loss" in history[0]
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert _items(run.config.update)["steps"] == 2  # the run's resolved config
