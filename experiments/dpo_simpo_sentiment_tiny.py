@@ -6,25 +6,15 @@
     rlhf-jax dpo --config experiments/dpo_simpo_sentiment_tiny.py
     rlhf-jax dpo --config experiments/dpo_simpo_sentiment_tiny.py dpo.simpo_gamma=0.5 dpo.beta=2.5
 """
-from rlhf_jax.data import DataConfig
-from rlhf_jax.rl import RL_OPTIM, DPOConfig, DPOHParams, DPOTrainConfig
-from rlhf_jax.training.checkpoint import CheckpointConfig
-from rlhf_jax.training.configs import ModelSection
-from rlhf_jax.training.metrics import LogConfig
+import dataclasses
+from pathlib import Path
+
+from rlhf_jax.config import load_config_file
+from rlhf_jax.rl import DPOTrainConfig
 
 
 def get_config() -> DPOTrainConfig:
-    return DPOTrainConfig(
-        task="sentiment",
-        policy=ModelSection(path="runs/sft_sentiment_tiny/export", name="task"),
-        data=DataConfig(batch_size=16, max_length=24, pack=False),
-        noise=-1.0,
-        dpo=DPOConfig(loss_type="simpo", hparams=DPOHParams(beta=2.0, simpo_gamma=1.0, lr=1e-4)),
-        optim=RL_OPTIM,
-        checkpoint=CheckpointConfig(every=0, keep=1),
-        log=LogConfig(every=10, progress=False),
-        steps=100,
-        eval_every=50,
-        eval_batches=2,
-        out_dir="runs/dpo_simpo_sentiment_tiny",
-    )
+    base = load_config_file(Path(__file__).with_name("dpo_sentiment_tiny.py"))  # everything else as there
+    algo = base.dpo.replace(loss_type="simpo")
+    algo = algo.replace(hparams=algo.hparams.replace(beta=2.0, simpo_gamma=1.0))
+    return dataclasses.replace(base, dpo=algo, out_dir="runs/dpo_simpo_sentiment_tiny")

@@ -5,28 +5,15 @@ B·G · max_new_tokens) and without a KL term, on the sort task's gold reward (C
     rlhf-jax grpo --config experiments/grpo_dr_sort_tiny.py
     rlhf-jax grpo --config experiments/grpo_dr_sort_tiny.py grpo.lr=3e-4 grpo.clip_eps=0.1
 """
-from rlhf_jax.data import DataConfig
-from rlhf_jax.rl import RL_OPTIM, GRPOConfig, GRPOHParams, GRPOTrainConfig, RewardSection
-from rlhf_jax.training.checkpoint import CheckpointConfig
-from rlhf_jax.training.configs import ModelSection
-from rlhf_jax.training.metrics import LogConfig
+import dataclasses
+from pathlib import Path
+
+from rlhf_jax.config import load_config_file
+from rlhf_jax.rl import GRPOTrainConfig
 
 
 def get_config() -> GRPOTrainConfig:
-    return GRPOTrainConfig(
-        task="sort",
-        policy=ModelSection(name="task", hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=2,
-                            head_dim=16),
-        reward=RewardSection(kind="gold"),
-        data=DataConfig(batch_size=8, max_length=32),
-        grpo=GRPOConfig(
-            batch_size=8, group_size=4, max_new_tokens=10, advantage_scale="none", loss_aggregation="dr-grpo",
-            use_kl_loss=False,
-            hparams=GRPOHParams(kl_coef=0.0, lr=1e-3)),
-        optim=RL_OPTIM,
-        checkpoint=CheckpointConfig(every=0, keep=1),
-        log=LogConfig(every=5, progress=False),
-        iterations=40,
-        sample_every=0,
-        out_dir="runs/grpo_dr_sort_tiny",
-    )
+    base = load_config_file(Path(__file__).with_name("grpo_sort_tiny.py"))  # everything else as there
+    algo = base.grpo.replace(advantage_scale="none", loss_aggregation="dr-grpo", use_kl_loss=False)
+    algo = algo.replace(hparams=algo.hparams.replace(kl_coef=0.0))
+    return dataclasses.replace(base, grpo=algo, out_dir="runs/grpo_dr_sort_tiny")

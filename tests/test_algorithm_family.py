@@ -11,47 +11,19 @@ import pytest
 
 from rlhf_jax import losses
 from rlhf_jax.config import ConfigError
-from rlhf_jax.models import CausalLM, init_params, tiny_config
-from rlhf_jax.rl import (TRACE_COUNTS, DPOConfig, DPOFrozen, DPOHParams, GRPOConfig, GRPOHParams, RLFrozen,
-                         dpo_step, init_dpo_state, init_state, iteration, precompute_reference_logps,
-                         with_hparams)
+from rlhf_jax.models import CausalLM, init_params
+from rlhf_jax.rl import (TRACE_COUNTS, DPOConfig, DPOFrozen, DPOHParams, GRPOConfig, GRPOHParams, dpo_step,
+                         init_dpo_state, iteration, precompute_reference_logps, with_hparams)
 from rlhf_jax.rl import dpo as dpo_module
 from rlhf_jax.rl.grpo import group_advantages, overlong_punishment
-from rlhf_jax.training.optim import OptimConfig, make_optimizer
-
-TARGET = 3
-MODEL_CFG = tiny_config(vocab_size=16, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,
-                        intermediate_size=64, max_position_embeddings=64)
-OPTIM = OptimConfig(learning_rate=1e-3, schedule="constant", b2=0.999, max_grad_norm=1.0)
-
-
-def target_fraction(prompt_ids, prompt_mask, response_ids, response_mask):
-    m = response_mask.astype(jnp.float32)
-    return jnp.sum((response_ids == TARGET) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-
-
-@pytest.fixture(scope="module")
-def parts():
-    model = CausalLM(MODEL_CFG)
-    params = init_params(model, jax.random.PRNGKey(0))
-    rng = np.random.default_rng(1)
-    ids = rng.integers(4, 16, (4, 4)).astype(np.int32)
-    mask = np.ones((4, 4), np.int32)
-    ids[0, 0], mask[0, 0] = 0, 0
-    prompts = {"prompt_ids": jnp.asarray(ids), "prompt_mask": jnp.asarray(mask)}
-    frozen = RLFrozen(ref_params=params, policy_model=model, reward_fn=target_fraction)
-    return model, params, prompts, frozen
+from rlhf_jax.training.optim import make_optimizer
+from tests.test_dpo import make_pairs
+from tests.test_grpo import MODEL_CFG, OPTIM, _train as train_grpo_family
+from tests.test_grpo import parts  # noqa: F401  (the tiny target-fraction fixture)
 
 
 def _train(parts, cfg, n):
-    model, params, prompts, frozen = parts
-    state = init_state(policy_model=model, policy_params=params,
-                       policy_tx=make_optimizer(OPTIM, params, total_steps=1000), cfg=cfg)
-    hist = []
-    for _ in range(n):
-        state, m = iteration(state, frozen, prompts, cfg=cfg)
-        hist.append({k: float(v) for k, v in m.items()})
-    return hist
+    return train_grpo_family(parts, cfg, n, iteration)[1]
 
 
 def _rise(hist, key="score"):
@@ -147,28 +119,10 @@ def test_new_grpo_options_are_validated_naming_the_key():
 
 # ---- offline preference: SimPO, ORPO, KTO on the DPO step ----
 
-def make_pairs(n=8, seed=0):
-    """Right-padded prompt + completion rows; chosen completions repeat token 3, rejected use 5..9."""
-    rng = np.random.default_rng(seed)
-    L = 8
-    batch = {k: np.zeros((n, L), np.int32) for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask",
-                                                      "chosen_loss_mask", "rejected_loss_mask")}
-    for i in range(n):
-        prompt = list(rng.integers(10, 16, 3))
-        for side, comp in (("chosen", [3] * int(rng.integers(2, 4)) + [1]),
-                           ("rejected", list(rng.integers(5, 10, int(rng.integers(2, 4)))) + [1])):
-            row = prompt + comp
-            batch[f"{side}_ids"][i, :len(row)] = row
-            batch[f"{side}_mask"][i, :len(row)] = 1
-            batch[f"{side}_loss_mask"][i, len(prompt):len(row)] = 1
-    return {k: jnp.asarray(v) for k, v in batch.items()}
-
-
 @pytest.fixture(scope="module")
 def pref_parts():
     model = CausalLM(MODEL_CFG)
-    params = init_params(model, jax.random.PRNGKey(0))
-    return model, params, make_pairs()
+    return model, init_params(model, jax.random.PRNGKey(0)), make_pairs()
 
 
 @pytest.mark.parametrize("cfg", [
