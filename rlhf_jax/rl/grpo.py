@@ -172,7 +172,7 @@ class GRPOConfig(ReadsHParams):
         metrics = {}
         if self.overlong_buffer:
             penalty = overlong_punishment(jnp.sum(mask, axis=1), max_new_tokens=self.max_new_tokens,
-                                       buffer=self.overlong_buffer, penalty=self.hparams.overlong_penalty)
+                                          buffer=self.overlong_buffer, penalty=self.hparams.overlong_penalty)
             scores = scores + penalty
             metrics["overlong_penalty_mean"] = -jnp.mean(penalty)
         advantages, rewards = group_advantages(scores, kl_tok, cfg=self, kl_coef=kl_coef, mask=mask)
