@@ -142,7 +142,7 @@ def test_fsdp_spec_rule():
 def test_make_mesh_errors_and_axis_types():
     import jax
     m = mesh_lib.make_mesh()
-    assert m.axis_names == ("data", "fsdp")
+    assert m.axis_names == ("runs", "data", "fsdp") and m.shape["runs"] == 1
     assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
     assert mesh_lib.batch_size_multiple(m) == jax.device_count()
     with pytest.raises(ValueError, match="fsdp=3"):

@@ -4,6 +4,7 @@ after another, emitted as launch commands (``--emit-commands``) or run as one vm
 
     rlhf-jax sweep experiments/sft_sort_tiny.py --grid optim.learning_rate=1e-3,3e-3 --seeds 2 --out runs/sw
     rlhf-jax sweep experiments/ppo_sort_tiny.py --vmap --grid ppo.kl_coef=0.01,0.05,0.2 --seeds 4 --out runs/kl
+    rlhf-jax sweep experiments/ppo_sort_tiny.py --vmap --grid ppo.kl_coef=0.01,0.2 --seeds 4 --mesh runs=4,fsdp=2
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rlhf_jax.config import ConfigError, apply_overrides, load_config_file
 from rlhf_jax.sweeps.points import SweepPoint, expand_points, launch_command, parse_grid, parse_random
 from rlhf_jax.sweeps.sequential import TRAINERS, run_sequential
 from rlhf_jax.sweeps.vmapped import run_vmapped_sweep, vmap_values
+from rlhf_jax.training.configs import MeshConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PPO/GRPO/RLOO: run seeds x values of traced hyper-parameters as ONE vmapped program")
     parser.add_argument("--save-policies", action="store_true",
                         help="--vmap: write each run's final policy as a Hugging Face directory <out>/<point>/export")
+    parser.add_argument("--mesh", metavar="runs=R,data=D,fsdp=F", default=None,
+                        help="--vmap: device mesh of the one program: the runs (seeds x grid points) are split over "
+                             "'runs', each run's params over 'fsdp' and its batch over 'data' x 'fsdp'; "
+                             "runs x data x fsdp = devices (data or fsdp -1 = the rest) and the number of runs "
+                             "a multiple of runs, e.g. --mesh runs=8 or --mesh runs=4,fsdp=2 on 8 devices "
+                             "(default: the config's mesh.* keys when set, else one device)")
     parser.add_argument("--stop-on-error", action="store_true",
                         help="sequential sweeps: stop at the first failing point instead of going on")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to every point")
@@ -51,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if args.vmap:
         return _run_vmapped(args, base, grid, bool(random_specs), out_dir)
+    if args.mesh is not None:
+        raise ConfigError("--mesh lays out the one program of a --vmap sweep; the points of a sequential sweep "
+                          "take mesh.data=/mesh.fsdp= overrides")
     points = expand_points(grid, random_specs=random_specs, num_samples=args.num_samples,
                            seeds=args.seeds, seed_key=args.seed_key, sweep_seed=args.sweep_seed)
     for p in points:  # validate all points before anything runs or is emitted
@@ -65,6 +76,28 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def parse_mesh(spec: str) -> MeshConfig:
+    """``--mesh runs=4,fsdp=2`` -> ``MeshConfig(runs=4, fsdp=2)`` (unset axes keep their defaults:
+    runs=1, data=-1, fsdp=1); a ConfigError names the flag."""
+    kw: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in ("runs", "data", "fsdp"):
+            raise ConfigError(f"--mesh {spec!r}: expected comma-separated runs=R,data=D,fsdp=F, got {part!r}")
+        if name in kw:
+            raise ConfigError(f"--mesh {spec!r}: {name} given twice")
+        try:
+            kw[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh {spec!r}: {name}={value!r} is not an integer") from None
+    if not kw:
+        raise ConfigError(f"--mesh {spec!r}: expected runs=R,data=D,fsdp=F")
+    return MeshConfig(**kw)
+
+
 def _run_vmapped(args: argparse.Namespace, base, grid: dict[str, list[str]], has_random: bool,
                  out_dir: Path) -> int:
     if has_random:
@@ -72,8 +105,9 @@ def _run_vmapped(args: argparse.Namespace, base, grid: dict[str, list[str]], has
     if args.emit_commands:
         raise ConfigError("--vmap runs one program here; it cannot be combined with --emit-commands")
     vmap_values(base, grid)  # refuse non-traced keys before anything is built
+    mesh = parse_mesh(args.mesh) if args.mesh else None
     res = run_vmapped_sweep(base, grid, seeds=args.seeds, out_dir=out_dir, config_path=args.config,
-                            save_policies=args.save_policies)
+                            save_policies=args.save_policies, mesh=mesh)
     print(f"{res.num_runs} vmapped runs in one program (compile {res.compile_seconds:.1f} s, "
           f"run {res.run_seconds:.1f} s) -> {out_dir / 'results.csv'}")
     return 0

@@ -28,7 +28,9 @@ from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm,
 from rlhf_jax.sweeps.points import SweepPoint, expand_points
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.tasks import get_task
+from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.training.common import get_task_or_none, require_tokenizer_dir
+from rlhf_jax.training.configs import MeshConfig
 
 VMAP_SECTIONS: dict[str, str] = {"PPOTrainConfig": "ppo", "GRPOTrainConfig": "grpo", "RLOOTrainConfig": "rloo"}
 
@@ -158,7 +160,8 @@ def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], 
 
 def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int = 1,
                       out_dir: str | Path | None = None, setup: Any = None,
-                      config_path: str = "", save_policies: bool = False) -> VmapSweepResult:
+                      config_path: str = "", save_policies: bool = False,
+                      mesh: MeshConfig | None = None) -> VmapSweepResult:
     """N seeds x M hyper-parameter values of a PPO/GRPO/RLOO config as ONE compiled program.
 
     ``grid`` maps traced keys (``ppo.kl_coef``, ``ppo.lr``, ``ppo.clip_eps``, ``ppo.kl_target``,
@@ -176,26 +179,36 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     plus ``curve_mean.<k>`` over the last quarter of iterations), ``curves.jsonl`` (one line per run
     and iteration), ``run.json`` (provenance + the sweep's grid and timings) and, with
     ``save_policies``, each run's final policy as a Hugging Face directory ``<point>/export``.
+
+    ``mesh`` (default: the config's ``mesh`` section when it sets any key, else one device) lays the
+    program out on a ``(runs, data, fsdp)`` device mesh (:func:`sweep_mesh`): ``hp``, ``keys`` and
+    ``inputs`` are split over ``runs`` along their leading runs axis, each run's params over ``fsdp``
+    (``P("runs", *fsdp_spec)``) and its prompt batches over ``(data, fsdp)``; the frozen params every
+    run shares (reward model, ...) are sharded over ``fsdp`` and replicated over ``runs``. ``R`` must
+    be a multiple of ``mesh.runs``. Results are gathered to the host; process 0 writes them.
     """
     values = vmap_values(base_cfg, grid)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    validate_rl_config(base_cfg)
+    # the trainers' checks, on a one-run layout (mesh.runs > 1 is the sweep's business, checked below)
+    validate_rl_config(dataclasses.replace(base_cfg, mesh=MeshConfig()))
     points = expand_points(grid, seeds=seeds)
+    device_mesh = sweep_mesh(base_cfg, mesh, num_runs=len(points), seeds=seeds)
     algo = resolved_algorithm(base_cfg)
     setup = build_setup(base_cfg) if setup is None else setup
-    train = make_train(algo, setup, num_iterations=base_cfg.iterations)
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
     run_seeds = seed_values(base_cfg, np.asarray(seed_index), seeds)
     keys, inputs = stacked_run_inputs(base_cfg, run_seeds)
-    final, history, compile_seconds, run_seconds = _compile_and_run(train, hp, keys, inputs)
+    final, history, compile_seconds, run_seconds = _compile_and_run(
+        _train_with_frozen(algo, setup, base_cfg.iterations), hp, keys, inputs, _shared_frozen(setup, inputs),
+        device_mesh)
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
     seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
     result = VmapSweepResult(rows=rows, history=history, final_state=final, values=per_run,
                              seed_index=seed_index, setup=setup, algo=algo,
                              compile_seconds=compile_seconds, run_seconds=run_seconds)
-    if out_dir is not None:
+    if out_dir is not None and jax.process_index() == 0:
         _write_outputs(Path(out_dir), base_cfg, grid, seeds, config_path, points, result)
         if save_policies:
             save_run_policies(result, base_cfg, points, Path(out_dir))
@@ -210,14 +223,68 @@ def save_run_policies(result: VmapSweepResult, base_cfg: Any, points: list[Sweep
                           out / point.name / "export") for i, point in enumerate(points)]
 
 
-def _compile_and_run(train, hp: Any, keys: Any, inputs: Any) -> tuple[Any, dict, float, float]:
-    """``jax.jit(jax.vmap(train))`` lowered and compiled, then run once: ``(final_state, history on
-    the host, compile seconds, run seconds)``."""
+def sweep_mesh(base_cfg: Any, mesh: MeshConfig | None, *, num_runs: int, seeds: int = 1):
+    """The device mesh of a vmapped sweep of ``num_runs`` runs, or None (one device, no shardings).
+
+    ``mesh`` (``--mesh runs=4,fsdp=2``) or else the config's ``mesh`` section when it differs from the
+    default; ``runs × data × fsdp`` must equal the devices and ``num_runs`` be a multiple of ``runs``.
+    """
+    if mesh is None:
+        mesh = base_cfg.mesh if getattr(base_cfg, "mesh", MeshConfig()) != MeshConfig() else None
+    if mesh is None:
+        return None
+    if mesh.mode != "jit":
+        raise ConfigError(f"config key 'mesh.mode': a vmapped sweep runs on a jit mesh, got {mesh.mode!r}")
+    runs, data, fsdp = mesh.resolve(jax.device_count())
+    if num_runs % runs:
+        raise ConfigError(f"config key 'mesh.runs' (--mesh runs=): the sweep's {num_runs} runs (--seeds {seeds} x "
+                          f"{num_runs // seeds} --grid points) do not split over mesh.runs={runs}; make the "
+                          f"number of runs a multiple of {runs} or choose another mesh.runs")
+    return mesh_lib.make_mesh(runs, data, fsdp)
+
+
+def _shared_frozen(setup: Any, inputs: dict) -> Any:
+    """The frozen pytree every run shares (an argument of the program, not a constant baked into it);
+    the reference params come per run in ``inputs`` when present."""
+    return setup.frozen.replace(ref_params=None) if "ref_params" in inputs else setup.frozen
+
+
+def _train_with_frozen(algo: Any, setup: Any, iterations: int):
+    """``make_train``'s ``train(hp, key, run)`` with the setup's frozen params as a fourth argument."""
+    def train(hp, key, run, frozen):
+        return make_train(algo, dataclasses.replace(setup, frozen=frozen), num_iterations=iterations)(hp, key, run)
+    return train
+
+
+def _in_shardings(mesh: Any, hp: Any, keys: Any, inputs: dict, frozen: Any) -> tuple:
+    """Runs over ``runs`` (leading axis of hp, keys, inputs), each run's params over ``fsdp``, its
+    prompt batches ``[R, I, B, P]`` over ``(data, fsdp)``; the shared frozen params over ``fsdp``."""
+    by_run = mesh_lib.by_runs(mesh)
+    run = {k: (mesh_lib.runs_batch_sharding(mesh, v, batch_axis=2) if k == "prompts"
+               else mesh_lib.runs_sharding(mesh, v)) for k, v in inputs.items()}
+    return (jax.tree_util.tree_map(lambda _: by_run, hp), jax.tree_util.tree_map(lambda _: by_run, keys), run,
+            mesh_lib.param_sharding(mesh, frozen))
+
+
+def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, mesh: Any = None
+                     ) -> tuple[Any, dict, float, float]:
+    """``jax.jit(jax.vmap(train))`` lowered and compiled (on ``mesh`` with :func:`_in_shardings`, else
+    on one device), then run once: ``(final_state, history on the host, compile seconds, run seconds)``."""
+    args = (hp, keys, inputs, frozen)
+    vmapped = jax.vmap(train, in_axes=(0, 0, 0, None))
+    if mesh is None:
+        jitted = jax.jit(vmapped)
+    else:
+        shardings = _in_shardings(mesh, *args)
+        args = mesh_lib.place(args, shardings)
+        jitted = jax.jit(vmapped, in_shardings=shardings)
     t0 = time.time()
-    compiled = jax.jit(jax.vmap(train)).lower(hp, keys, inputs).compile()
+    compiled = jitted.lower(*args).compile()
     t1 = time.time()
-    final, history = compiled(hp, keys, inputs)
-    history = _history_to_host(jax.device_get(history))
+    final, history = compiled(*args)
+    history = _history_to_host(mesh_lib.gather_to_host(history))
+    if jax.process_count() > 1:  # every process gets the whole stacked state (saved policies, evaluation)
+        final = mesh_lib.gather_to_host(final)
     t2 = time.time()
     return final, history, t1 - t0, t2 - t1
 

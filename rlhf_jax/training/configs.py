@@ -60,15 +60,35 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device layout: ``data × fsdp`` devices (``-1`` = the rest), compiled with ``jit``
-    and NamedShardings, or ``pmap`` data parallelism (params replicated, fsdp must be 1)."""
-    data: int = -1                # data-parallel devices (-1 = the devices fsdp leaves)
-    fsdp: int = 1                 # devices each parameter is sharded over, FSDP (-1 = the devices data leaves)
+    """Device layout: ``runs × data × fsdp`` devices (``-1`` for data or fsdp = the rest), compiled
+    with ``jit`` and NamedShardings, or ``pmap`` data parallelism (params replicated, fsdp must be 1).
+
+    ``runs`` shards the R runs of a vmapped sweep (``rlhf-jax sweep --vmap --mesh runs=4,fsdp=2``);
+    every trainer runs one run and refuses ``runs > 1``."""
+    runs: int = 1                 # devices the runs of a vmapped sweep are split over (sweeps only)
+    data: int = -1                # data-parallel devices (-1 = the devices runs and fsdp leave)
+    fsdp: int = 1                 # devices each parameter is sharded over, FSDP (-1 = the devices runs and data leave)
     mode: Literal["jit", "pmap"] = "jit"  # jit with NamedShardings, or pmap data parallelism (fsdp must be 1)
 
     def validate(self, n_devices: int, prefix: str = "mesh.") -> tuple[int, int]:
-        """The resolved ``(data, fsdp)`` or a ConfigError naming the key."""
-        data, fsdp = self.data, self.fsdp
+        """The resolved ``(data, fsdp)`` of a trainer's mesh (``runs`` must be 1), or a ConfigError
+        naming the key."""
+        if self.runs != 1:
+            raise ConfigError(f"config key {prefix + 'runs'!r}: runs={self.runs} splits the runs of a vmapped "
+                              f"sweep over devices (rlhf-jax sweep --vmap --mesh runs=...); a trainer runs one run: "
+                              f"set {prefix + 'runs'}=1")
+        return self.resolve(n_devices, prefix)[1:]
+
+    def resolve(self, n_devices: int, prefix: str = "mesh.") -> tuple[int, int, int]:
+        """The resolved ``(runs, data, fsdp)`` with ``runs × data × fsdp == n_devices``, or a
+        ConfigError naming the key."""
+        runs, data, fsdp = self.runs, self.data, self.fsdp
+        if runs < 1:
+            raise ConfigError(f"config key {prefix + 'runs'!r}: must be >= 1, got {runs}")
+        if n_devices % runs:
+            raise ConfigError(f"config key {prefix + 'runs'!r}: {runs} does not divide the {n_devices} devices")
+        n = n_devices // runs
+        left = f"the {n} devices mesh.runs={runs} leaves" if runs > 1 else f"the {n} devices"
         if data == 0 or data < -1:
             raise ConfigError(f"config key {prefix + 'data'!r}: must be >= 1 or -1, got {data}")
         if fsdp == 0 or fsdp < -1:
@@ -76,22 +96,20 @@ class MeshConfig:
         if data == -1 and fsdp == -1:
             raise ConfigError(f"config key {prefix + 'data'!r}: data and fsdp cannot both be -1")
         if data == -1:
-            if n_devices % fsdp:
-                raise ConfigError(f"config key {prefix + 'fsdp'!r}: {fsdp} does not divide the "
-                                  f"{n_devices} devices")
-            data = n_devices // fsdp
+            if n % fsdp:
+                raise ConfigError(f"config key {prefix + 'fsdp'!r}: {fsdp} does not divide {left}")
+            data = n // fsdp
         if fsdp == -1:
-            if n_devices % data:
-                raise ConfigError(f"config key {prefix + 'data'!r}: {data} does not divide the "
-                                  f"{n_devices} devices")
-            fsdp = n_devices // data
-        if data * fsdp != n_devices:
-            raise ConfigError(f"config key {prefix + 'data'!r}: data={data} x fsdp={fsdp} != "
+            if n % data:
+                raise ConfigError(f"config key {prefix + 'data'!r}: {data} does not divide {left}")
+            fsdp = n // data
+        if runs * data * fsdp != n_devices:
+            raise ConfigError(f"config key {prefix + 'data'!r}: runs={runs} x data={data} x fsdp={fsdp} != "
                               f"{n_devices} devices")
         if self.mode == "pmap" and fsdp != 1:
             raise ConfigError(f"config key {prefix + 'fsdp'!r}: pmap mode is pure data parallel; "
                               f"fsdp must be 1, got {fsdp}")
-        return data, fsdp
+        return runs, data, fsdp
 
 
 @dataclasses.dataclass(frozen=True)

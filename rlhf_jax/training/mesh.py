@@ -1,6 +1,7 @@
 """The one place that knows about device meshes and shardings.
 
-Mesh axes: ``data`` (pure data parallelism: params replicated along it) and
+Mesh axes: ``runs`` (the runs of a vmapped sweep: every array with a leading runs axis is split
+along it, ``P("runs", ...)``; size 1 for a trainer), ``data`` (pure data parallelism: params replicated along it) and
 ``fsdp`` (params and optimizer state sharded along it, batch too). A batch's
 leading dimension is split over both axes, ``P(("data", "fsdp"))``.
 
@@ -23,37 +24,44 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+RUNS = "runs"
 DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)
+MESH_AXES = (RUNS, DATA, FSDP)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
-    """A ``(data, fsdp)`` mesh with Auto axis types over ``devices`` (default: all).
+def make_mesh(runs: int = 1, data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
+    """A ``(runs, data, fsdp)`` mesh with Auto axis types over ``devices`` (default: all).
 
-    ``-1`` for one axis means "all remaining devices". ``data * fsdp`` must equal
-    the number of devices.
+    ``runs`` splits the runs of a vmapped sweep (1 for a trainer: the axis then has size 1 and every
+    spec over ``data``/``fsdp`` means what it means on a ``(data, fsdp)`` mesh). ``-1`` for data or
+    fsdp means "all remaining devices". ``runs * data * fsdp`` must equal the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    if runs < 1 or n % runs:
+        raise ValueError(f"mesh.runs={runs} does not divide the {n} devices")
+    m = n // runs
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: at most one of data/fsdp may be -1")
     if data == -1:
-        if fsdp <= 0 or n % fsdp:
-            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {n} devices")
-        data = n // fsdp
+        if fsdp <= 0 or m % fsdp:
+            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {m} devices")
+        data = m // fsdp
     if fsdp == -1:
-        if data <= 0 or n % data:
-            raise ValueError(f"mesh.data={data} does not divide the {n} devices")
-        fsdp = n // data
-    if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} != {n} devices")
+        if data <= 0 or m % data:
+            raise ValueError(f"mesh.data={data} does not divide the {m} devices")
+        fsdp = m // data
+    if runs * data * fsdp != n:
+        raise ValueError(f"mesh runs={runs} x data={data} x fsdp={fsdp} = {runs * data * fsdp} != {n} devices")
+    auto = (AxisType.Auto,) * 3
     if n == len(jax.devices()) and devices == list(jax.devices()):
-        return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
-    return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP),
-                axis_types=(AxisType.Auto, AxisType.Auto))
+        return jax.make_mesh((runs, data, fsdp), MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(runs, data, fsdp), MESH_AXES, axis_types=auto)
 
 
 def batch_size_multiple(mesh: Mesh) -> int:
@@ -82,6 +90,44 @@ def param_sharding(mesh: Mesh, params, *, min_size: int = 0):
         params)
 
 
+def runs_spec(shape: tuple[int, ...], fsdp_size: int, *, min_size: int = 0) -> P:
+    """A leaf with a leading runs axis ``[R, ...]``: runs over ``runs``, the rest of one run's leaf by
+    the fsdp rule, ``P("runs", *fsdp_spec(shape[1:]))``."""
+    return P(RUNS, *fsdp_spec(tuple(shape[1:]), fsdp_size, min_size=min_size))
+
+
+def runs_sharding(mesh: Mesh, tree, *, min_size: int = 0):
+    """NamedSharding per leaf of a pytree whose leaves carry a leading runs axis (stacked params,
+    hyper-parameters, keys): :func:`runs_spec`."""
+    fsdp_size = mesh.shape[FSDP]
+    return jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, runs_spec(tuple(np.shape(x)), fsdp_size, min_size=min_size)), tree)
+
+
+def by_runs(mesh: Mesh) -> NamedSharding:
+    """Split along the leading runs axis only (hyper-parameters ``[R]``, keys ``[R, 2]``)."""
+    return NamedSharding(mesh, P(RUNS))
+
+
+def runs_batch_sharding(mesh: Mesh, tree, *, batch_axis: int = 1):
+    """Stacked per-run batches ``[R, ..., B, ...]``: runs over ``runs`` and dimension ``batch_axis``
+    over ``("data", "fsdp")`` (replicated there when ``B`` does not split)."""
+    def spec(x):
+        shape = np.shape(x)
+        if len(shape) > batch_axis and shape[batch_axis] % batch_size_multiple(mesh) == 0:
+            return NamedSharding(mesh, P(RUNS, *([None] * (batch_axis - 1)), BATCH_AXES))
+        return by_runs(mesh)
+    return jax.tree_util.tree_map(spec, tree)
+
+
+def gather_to_host(tree):
+    """A pytree of (possibly multi-host sharded) arrays as numpy on every process: ``device_get``
+    single-process, ``process_allgather`` across processes."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -104,14 +150,20 @@ def shard_state(mesh: Mesh, state, *, min_size: int = 0):
     the same host values (same seed), and each builds its addressable shards from
     them (``make_array_from_callback``), so no cross-host transfer happens.
     """
-    shardings = state_sharding(mesh, state, min_size=min_size)
+    return place(state, state_sharding(mesh, state, min_size=min_size))
+
+
+def place(tree, shardings):
+    """``tree`` (the same host values on every process) placed with ``shardings``: a sharded
+    ``device_put`` single-process; multi-process, each process builds its addressable shards from its
+    copy (``make_array_from_callback``), so no cross-host transfer happens."""
     if jax.process_count() == 1:
-        return jax.device_put(state, shardings)
+        return jax.device_put(tree, shardings)
 
     def put(x, s):
         host = np.asarray(jax.device_get(x))
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-    return jax.tree_util.tree_map(put, state, shardings)
+    return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -187,7 +239,7 @@ def host_value(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-__all__ = ["DATA", "FSDP", "BATCH_AXES", "make_mesh", "batch_size_multiple", "fsdp_spec",
-           "param_sharding", "state_sharding", "shard_state", "batch_sharding", "put_batch",
+__all__ = ["RUNS", "DATA", "FSDP", "BATCH_AXES", "MESH_AXES", "runs_spec", "runs_sharding", "runs_batch_sharding", "by_runs", "gather_to_host", "make_mesh", "batch_size_multiple", "fsdp_spec",
+           "param_sharding", "state_sharding", "shard_state", "place", "batch_sharding", "put_batch",
            "replicated", "jit_step", "pmap_step", "replicate", "unreplicate", "split_for_pmap",
            "host_value"]
