@@ -14,6 +14,7 @@ import importlib
 import os
 import shlex
 import sys
+import textwrap
 
 from rlhf_jax.errors import Interrupted, UserError
 from rlhf_jax.trainers import TRAINERS
@@ -66,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(
         prog=f"rlhf-jax {name}", description=help_text,
-        epilog="Errors in what you give (config keys, data, model directories, checkpoints, run directories) "
-               "print one message and exit with status 2; --debug (or RLHF_JAX_DEBUG=1) shows the traceback.")
-    module.add_arguments(sub_parser)
+        epilog=textwrap.fill(
+            "Errors in what you give (config keys, data, model directories, checkpoints, run directories) "
+            "print one message and exit with status 2; --debug (or RLHF_JAX_DEBUG=1) shows the traceback.", 100))
+    if name in TRAINERS:  # the trainers' help lists their config sections
+        module.add_arguments(sub_parser, name)
+    else:
+        module.add_arguments(sub_parser)
     # `--config.a.b=1` style overrides (absl/ml_collections habit) are pulled out before argparse
     # sees them, and land in the subcommand's `overrides` list as `a.b=1`.
     rest = argv[1:]

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import jax
 
-from rlhf_jax.config import ConfigError, apply_overrides, dump_json, load_config_file
+from rlhf_jax.config import ConfigError, apply_overrides, dump_json, format_config, load_config_file
 from rlhf_jax.data import DataConfig
 from rlhf_jax.evaluation import (evaluate_policy, evaluate_reward_model, plot_reward_vs_kl, plot_training_curves,
                                  read_metrics)
@@ -417,6 +417,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", default=None, help="Hugging Face model directory to start SFT from")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it holds an earlier pipeline run")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides, validated), one 'key = value  "
+                             "# doc (default: X)' line per key, and exit without building or writing anything")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. sft.steps=300 ppo.ppo.kl_target=4 ppo.iterations=60")
 
@@ -438,6 +441,9 @@ def config_from_args(args) -> PipelineConfig:
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    if getattr(args, "print_config", False):
+        print(format_config(cfg), end="")
+        return 0
     command = ""
     if len(sys.argv) > 1 and sys.argv[1] == "pipeline":  # launched as `rlhf-jax pipeline ...`
         command = " ".join(["rlhf-jax"] + sys.argv[1:])

@@ -23,6 +23,17 @@ TRAINERS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
 }
 
+# trainer subcommand -> "module:function" that checks its config without building anything (what
+# ``--print-config`` runs before printing)
+VALIDATORS: dict[str, str] = {
+    "sft": "rlhf_jax.training.sft:validate_sft_config",
+    "reward": "rlhf_jax.training.reward:validate_reward_config",
+    "ppo": "rlhf_jax.rl.trainer:validate_rl_config",
+    "grpo": "rlhf_jax.rl.trainer:validate_rl_config",
+    "rloo": "rlhf_jax.rl.trainer:validate_rl_config",
+    "dpo": "rlhf_jax.rl.dpo:validate_dpo_config",
+}
+
 
 def load(target: str) -> Any:
     """The object named by ``"package.module:name"``."""

@@ -16,16 +16,16 @@ from rlhf_jax.rl import RewardSection
 from rlhf_jax.rl.trainer import _prompt_length, load_function, train_ppo
 from rlhf_jax.sweeps import run_vmapped_sweep, vmap_values
 from rlhf_jax.tasks import get_task
+from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.metrics import read_jsonl
 from tests.test_rl_trainer import ppo_cfg
 
 REWARDS = textwrap.dedent('''
     import jax.numpy as jnp
 
-    def count_nines(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer):
+    def has_nine(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer):
         nine = tokenizer.convert_tokens_to_ids("9")   # used at trace time
-        m = response_mask.astype(jnp.float32)
-        return jnp.sum((response_ids == nine) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        return jnp.any((response_ids == nine) & (response_mask > 0), axis=1).astype(jnp.float32)
 
     def text_nines(prompt, response):
         words = response.split()
@@ -51,12 +51,12 @@ def test_function_specs_name_the_key():
 
 
 def test_jax_reward_from_a_file_runs_inside_the_iteration_and_in_a_vmapped_sweep(tmp_path, rewards_file):
-    reward = RewardSection(kind="jax", function=f"{rewards_file}:count_nines")
+    reward = RewardSection(kind="jax", function=f"{rewards_file}:has_nine")
     result = train_ppo(ppo_cfg(tmp_path / "jax", reward=reward, iterations=1, sample_every=1, num_samples=8))
     samples = [json.loads(x) for x in (tmp_path / "jax" / "samples.jsonl").read_text().splitlines()]
+    assert samples
     for s in samples:  # the score of every logged row is the function of its response
-        words = s["response"].split()
-        assert s["score"] == pytest.approx(sum(w == "9" for w in words) / max(len(words), 1), abs=1e-6)
+        assert s["score"] == float("9" in s["response"].split())
     assert 0.0 <= result.train_metrics["score"] <= 1.0
     # the same reward inside a vmapped sweep (two values of beta, one program)
     cfg = ppo_cfg(tmp_path / "vm", reward=reward, iterations=1)
@@ -93,5 +93,23 @@ def test_data_summary_and_truncation_warning_at_start(tmp_path, capsys):
     assert main([*args, "data.max_length=12", "data.pack=false", "--out", str(tmp_path / "cut")]) == 0
     err = capsys.readouterr().err
     assert "warning: " in err and "are truncated to fit 12 tokens" in err, err
-    rows = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
-    assert rows[-1]["data/truncated_response"] > 0  # and the counters are in the metrics
+    rows = [r for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "train/loss" in r]
+    assert rows[-1]["train/data/truncated_response"] > 0  # and the counters are in the metrics
+
+
+def test_a_vmapped_sweep_is_the_sequential_sweep_of_the_same_grid(tmp_path):
+    """Same prompts in the same order, same initial params and keys: the vmapped program's runs equal
+    the trainer's runs point by point (float tolerance), and --save-policies keeps each policy."""
+    from rlhf_jax.sweeps import expand_points, run_sequential
+    cfg = ppo_cfg(tmp_path / "base", iterations=2, checkpoint=CheckpointConfig(every=0, async_save=False))
+    grid = {"ppo.kl_coef": ["0.0", "0.5"]}
+    vm = run_vmapped_sweep(cfg, grid, seeds=2, out_dir=tmp_path / "vmap", save_policies=True)
+    seq = run_sequential("", cfg, expand_points(grid, seeds=2), tmp_path / "seq")
+    assert [r["overrides"] for r in seq] == [r["overrides"] for r in vm.rows]
+    for a, b in zip(vm.rows, seq):
+        assert "error" not in b, b
+        for k in ("score", "kl", "policy_loss", "value_loss", "entropy"):
+            assert a[f"train_metrics.{k}"] == pytest.approx(b[f"train_metrics.{k}"], rel=1e-4, abs=1e-5), (k, a, b)
+    for row in vm.rows:
+        name = f"{row['point']:03d}_" + "_".join(o.replace("=", "-") for o in row["overrides"])
+        assert (tmp_path / "vmap" / name / "export" / "model.safetensors").exists(), name

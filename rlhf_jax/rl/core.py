@@ -442,28 +442,40 @@ def sample_prompt_batch(prompts: dict, batch_size: int, key: Array) -> dict:
     return {k: jnp.asarray(v)[idx] for k, v in prompts.items()}
 
 
-def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[[Any, Array], tuple[Any, dict]]:
-    """A pure ``train(hparams, rng) -> (final_state, metrics_history)`` of ``num_iterations`` iterations.
+def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tuple[Any, dict]]:
+    """A pure ``train(hparams, rng, run=None) -> (final_state, metrics_history)`` of ``num_iterations``
+    iterations.
 
-    Every run starts from the setup's params (same SFT start, same reference); each iteration draws
-    ``algo.batch_size`` prompts from the setup's pool with ``fold_in(rng, iteration)``. Un-jitted: wrap
-    it in ``jax.jit`` (one run) or ``jax.jit(jax.vmap(train))`` (a sweep, with ``hparams`` leaves and
-    ``rng`` carrying a leading runs axis: see :func:`stack_hparams`). ``metrics_history`` is a dict of
-    ``[num_iterations]`` arrays.
+    Without ``run`` every run starts from the setup's params (same SFT start, same reference) and each
+    iteration draws ``algo.batch_size`` prompts from the setup's pool with ``fold_in(rng, iteration)``.
+    ``run`` makes a run the trainer's run exactly (``rl.trainer.run_inputs``): ``{"prompts": {k: [I, B,
+    P]}}`` (the data iterator's batches in order), and optionally ``"policy_params"``,
+    ``"value_params"``, ``"ref_params"`` (this run's initial params); ``rng`` is then the state key and
+    each iteration's key is ``fold_in(state.rng, step)``, as in ``rl.iteration``. Un-jitted: wrap it in
+    ``jax.jit`` (one run) or ``jax.jit(jax.vmap(train))`` (a sweep: ``hparams``, ``rng`` and ``run``
+    carry a leading runs axis; see :func:`stack_hparams`). ``metrics_history`` holds ``[num_iterations]``
+    arrays.
     """
     algo.validate()
-    prompts = {k: jnp.asarray(v) for k, v in setup.prompts.items()}
+    pool = {k: jnp.asarray(v) for k, v in setup.prompts.items()}
 
-    def train(hparams, rng):
+    def train(hparams, rng, run=None):
+        run = {} if run is None else run
         cfg = algo.replace(hparams=hparams)
-        state = init_state(policy_model=setup.policy_model, policy_params=setup.policy_params,
-                           policy_tx=setup.policy_tx, value_model=setup.value_model, value_params=setup.value_params,
-                           value_tx=setup.value_tx, cfg=cfg, rng=rng)
+        frozen = setup.frozen.replace(ref_params=run["ref_params"]) if "ref_params" in run else setup.frozen
+        state = init_state(policy_model=setup.policy_model, policy_params=run.get("policy_params", setup.policy_params),
+                           policy_tx=setup.policy_tx, value_model=setup.value_model,
+                           value_params=run.get("value_params", setup.value_params), value_tx=setup.value_tx,
+                           cfg=cfg, rng=rng)
 
         def one_iteration(state, it):
-            key = jax.random.fold_in(rng, it)
-            batch = sample_prompt_batch(prompts, cfg.batch_size, jax.random.fold_in(key, 0))
-            new_state, metrics, _ = iteration_pure(state, setup.frozen, batch, jax.random.fold_in(key, 1), cfg)
+            if "prompts" in run:
+                batch, key = jax.tree_util.tree_map(lambda x: x[it], run["prompts"]), None
+            else:
+                key = jax.random.fold_in(rng, it)
+                batch = sample_prompt_batch(pool, cfg.batch_size, jax.random.fold_in(key, 0))
+                key = jax.random.fold_in(key, 1)
+            new_state, metrics, _ = iteration_pure(state, frozen, batch, key, cfg)
             return new_state, metrics
 
         return jax.lax.scan(one_iteration, state, jnp.arange(num_iterations))

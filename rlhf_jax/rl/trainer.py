@@ -35,7 +35,7 @@ from rlhf_jax.rl import core
 from rlhf_jax.rl.core import RL_OPTIM
 from rlhf_jax.rl.grpo import GRPOConfig, GRPOHParams
 from rlhf_jax.rl.ppo import PPOConfig
-from rlhf_jax.rl.experience import has_stop_token
+from rlhf_jax.rl.experience import has_stop_token, lm_view
 from rlhf_jax.training import loop
 from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.training.common import (build_model, check_path, export_model, get_task_or_none,
@@ -366,6 +366,35 @@ def build_setup(cfg: RLRunConfig, *, num_prompts: int = 0) -> core.RLSetup:
     return dataclasses.replace(built.setup, prompts=prompts)
 
 
+def export_policy(policy_model, policy_params, tokenizer_dir: str, export_dir: Path) -> str:
+    """A trained policy as a Hugging Face directory (+ the run's tokenizer files); a value head that
+    shares the policy's trunk is left out."""
+    model, params = lm_view(policy_model, policy_params)
+    return export_model(Path(export_dir), model, params, tokenizer_dir)
+
+
+def state_key(seed: int) -> jax.Array:
+    """The RL state's key of a run with ``seed`` (iteration keys are ``fold_in(key, iteration)``)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 10)
+
+
+def run_inputs(cfg: RLRunConfig, seed: int, *, built: _Built | None = None) -> dict[str, Any]:
+    """What the trainer's run of ``cfg`` with ``seed`` starts from, as arrays: its initial policy and
+    value params, its reference params and its prompt batches of every iteration in order (from the
+    same data iterator), for ``core.make_train``'s ``run`` argument: a vmapped sweep then runs exactly
+    the experiment that ``train_rl`` runs point by point (pair it with ``state_key(seed)``)."""
+    cfg = dataclasses.replace(cfg, seed=seed)
+    built = _build(cfg) if built is None else built
+    it = _prompt_iterator(cfg, built)
+    batches = [next(it) for _ in range(cfg.iterations)]
+    prompts = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("prompt_ids", "prompt_mask")}
+    s = built.setup
+    out = {"prompts": prompts, "policy_params": s.policy_params, "ref_params": s.frozen.ref_params}
+    if s.value_params is not None:
+        out["value_params"] = s.value_params
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The job the training loop runs
 # ---------------------------------------------------------------------------------------------
@@ -458,17 +487,11 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
     s = built.setup
     state = core.init_state(policy_model=s.policy_model, policy_params=s.policy_params, policy_tx=s.policy_tx,
                             value_model=s.value_model, value_params=s.value_params, value_tx=s.value_tx, cfg=algo,
-                            rng=jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 10))
+                            rng=state_key(cfg.seed))
     seq_len = _prompt_length(cfg, built.task) + algo.max_new_tokens
     updates = algo.epochs * algo.minibatches
     factor = schedule_factor(cfg.optim, cfg.iterations * updates)
     out_dir = Path(cfg.out_dir).absolute()
-
-    def export(st, out: Path):
-        params = st.policy.params
-        if algo.value_mode == "shared":
-            params = models.split_value_head(params)[0]
-        return export_model(out / "export", built.export_model, params, built.tokenizer_dir)
 
     job = loop.Job(
         name=cfg.section, state=state, batches=_prompt_iterator(cfg, built), total_steps=cfg.iterations,
@@ -482,7 +505,8 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
         average_window=False, progress_keys=("score", "kl"), step_name="iteration",
         finite_keys=("loss", "policy_grad_norm", "value_grad_norm", "score", "kl"),
         on_log=_sample_logger(cfg, built, out_dir / "samples.jsonl"),
-        export=export if cfg.export else None)
+        export=(lambda st, out: export_policy(s.policy_model, st.policy.params, built.tokenizer_dir, out / "export"))
+        if cfg.export else None)
     result = loop.run(job, out_dir=out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)
     return dataclasses.replace(result, model=built.export_model)
 

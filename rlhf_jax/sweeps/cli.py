@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="appended to each emitted command (e.g. multi-host flags)")
     parser.add_argument("--vmap", action="store_true",
                         help="PPO/GRPO/RLOO: run seeds x values of traced hyper-parameters as ONE vmapped program")
+    parser.add_argument("--save-policies", action="store_true",
+                        help="--vmap: write each run's final policy as a Hugging Face directory <out>/<point>/export")
     parser.add_argument("--stop-on-error", action="store_true",
                         help="sequential sweeps: stop at the first failing point instead of going on")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to every point")
@@ -70,7 +72,8 @@ def _run_vmapped(args: argparse.Namespace, base, grid: dict[str, list[str]], has
     if args.emit_commands:
         raise ConfigError("--vmap runs one program here; it cannot be combined with --emit-commands")
     vmap_values(base, grid)  # refuse non-traced keys before anything is built
-    res = run_vmapped_sweep(base, grid, seeds=args.seeds, out_dir=out_dir, config_path=args.config)
+    res = run_vmapped_sweep(base, grid, seeds=args.seeds, out_dir=out_dir, config_path=args.config,
+                            save_policies=args.save_policies)
     print(f"{res.num_runs} vmapped runs in one program (compile {res.compile_seconds:.1f} s, "
           f"run {res.run_seconds:.1f} s) -> {out_dir / 'results.csv'}")
     return 0

@@ -22,11 +22,13 @@ import numpy as np
 from rlhf_jax.config import ConfigError, apply_overrides
 from rlhf_jax.evaluation import evaluate_policy
 from rlhf_jax.provenance import write_run_record
-from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, sweep_keys, with_hparams
-from rlhf_jax.rl.trainer import build_setup, resolved_algorithm, validate_rl_config
+from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, with_hparams
+from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_inputs, state_key,
+                                 validate_rl_config)
 from rlhf_jax.sweeps.points import SweepPoint, expand_points
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.tasks import get_task
+from rlhf_jax.training.common import get_task_or_none, require_tokenizer_dir
 
 VMAP_SECTIONS: dict[str, str] = {"PPOTrainConfig": "ppo", "GRPOTrainConfig": "grpo", "RLOOTrainConfig": "rloo"}
 
@@ -115,16 +117,31 @@ def _history_to_host(history: dict) -> dict:
     return {k: np.asarray(v) for k, v in history.items()}
 
 
+def seed_values(base_cfg: Any, seed_index: Sequence[int], seeds: int) -> list[int]:
+    """The ``seed`` of each run: the sequential sweep's ``seed=s`` override (``s`` = the seed index) when
+    there are several seeds, else the config's own seed (as ``expand_points`` does)."""
+    return [int(s) for s in seed_index] if seeds > 1 else [int(base_cfg.seed)] * len(seed_index)
+
+
+def stacked_run_inputs(base_cfg: Any, seeds: Sequence[int]) -> tuple[Any, Any]:
+    """``(keys [R], run inputs with a leading R axis)`` of runs with these seeds (each distinct seed's
+    set-up is built once): exactly what ``train_rl`` starts each run from (``rl.trainer.run_inputs``)."""
+    by_seed = {s: run_inputs(base_cfg, s) for s in sorted(set(seeds))}
+    inputs = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
+                                    *[by_seed[s] for s in seeds])
+    return jnp.stack([state_key(s) for s in seeds]), inputs
+
+
 def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], *, setup: Any = None
                    ) -> list[tuple[Any, dict]]:
-    """Points of a ``--vmap`` sweep run one at a time: ``jax.jit(make_train(...))(hparams, key)``.
+    """Points of a ``--vmap`` sweep run one at a time: ``jax.jit(make_train(...))(hparams, key, run)``.
 
-    ``runs``: ``[(values, seed_index), ...]`` such as ``({"kl_coef": 0.1}, 1)``. Each run gets the
-    same hyper-parameters (``with_hparams(algo, **values).hparams``) and key
-    (``fold_in(PRNGKey(cfg.seed), seed_index)``) as its slot in :func:`run_vmapped_sweep`, so the
-    results agree up to float reassociation; this is the reference the vmapped program is tested
-    against and the "N sequential runs" of the throughput benchmark. One jitted program serves all
-    runs (the hyper-parameters are traced). Returns ``[(final_state, history on the host), ...]``.
+    ``runs``: ``[(values, seed), ...]`` such as ``({"kl_coef": 0.1}, 1)``. Each run gets the same
+    hyper-parameters (``with_hparams(algo, **values).hparams``), state key and run inputs (the
+    trainer's initial params and prompt batches for that seed) as its slot in
+    :func:`run_vmapped_sweep`, so the results agree up to float reassociation; this is the reference the
+    vmapped program is tested against. One jitted program serves all runs (the hyper-parameters are
+    traced). Returns ``[(final_state, history on the host), ...]``.
     """
     traced_keys(base_cfg)
     validate_rl_config(base_cfg)
@@ -132,33 +149,33 @@ def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], 
     setup = build_setup(base_cfg) if setup is None else setup
     train = jax.jit(make_train(algo, setup, num_iterations=base_cfg.iterations))
     out = []
-    for values, seed_index in runs:
+    for values, seed in runs:
         hp = with_hparams(algo, **values).hparams.traced()
-        key = sweep_keys(base_cfg.seed, jnp.asarray([seed_index], jnp.int32))[0]
-        final, history = train(hp, key)
+        final, history = train(hp, state_key(seed), run_inputs(base_cfg, seed))
         out.append((final, _history_to_host(jax.device_get(history))))
     return out
 
 
 def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int = 1,
                       out_dir: str | Path | None = None, setup: Any = None,
-                      config_path: str = "") -> VmapSweepResult:
+                      config_path: str = "", save_policies: bool = False) -> VmapSweepResult:
     """N seeds x M hyper-parameter values of a PPO/GRPO/RLOO config as ONE compiled program.
 
     ``grid`` maps traced keys (``ppo.kl_coef``, ``ppo.lr``, ``ppo.clip_eps``, ``ppo.kl_target``,
     ...; see :func:`traced_keys`) to value strings; their Cartesian product x ``seeds`` gives
-    ``R = M·N`` runs, points slowest and seeds fastest (the order of :func:`expand_points`). All runs
-    start from the same set-up (policy, reference, reward, prompt pool: ``build_setup(base_cfg)``)
-    and differ only in the traced hyper-parameters ``hp [R]`` and keys
-    ``fold_in(PRNGKey(cfg.seed), seed_index [R])``::
+    ``R = M·N`` runs, points slowest and seeds fastest (the order of :func:`expand_points`). Run ``i``
+    is the sequential sweep's point ``i`` exactly: the same initial params, the same prompts in the same
+    order (the data iterator of its seed), the same keys (``rl.trainer.run_inputs``, ``state_key``);
+    only the traced hyper-parameters ``hp [R]`` differ inside one program::
 
         train = rl.make_train(algo, setup, num_iterations=cfg.iterations)
-        final, history = jax.jit(jax.vmap(train))(hp, keys)        # history: {k: [R, iterations]}
+        final, history = jax.jit(jax.vmap(train))(hp, keys, inputs)   # history: {k: [R, iterations]}
 
     Writes into ``out_dir`` (when given): ``results.jsonl``/``results.csv`` (one row per run:
     overrides, seed, the varied values and the LAST iteration's metrics as ``train_metrics.<k>``,
     plus ``curve_mean.<k>`` over the last quarter of iterations), ``curves.jsonl`` (one line per run
-    and iteration) and ``run.json`` (provenance + the sweep's grid and timings).
+    and iteration), ``run.json`` (provenance + the sweep's grid and timings) and, with
+    ``save_policies``, each run's final policy as a Hugging Face directory ``<point>/export``.
     """
     values = vmap_values(base_cfg, grid)
     if seeds < 1:
@@ -169,26 +186,37 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     setup = build_setup(base_cfg) if setup is None else setup
     train = make_train(algo, setup, num_iterations=base_cfg.iterations)
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
-    keys = sweep_keys(base_cfg.seed, seed_index)
-    final, history, compile_seconds, run_seconds = _compile_and_run(train, hp, keys)
+    run_seeds = seed_values(base_cfg, np.asarray(seed_index), seeds)
+    keys, inputs = stacked_run_inputs(base_cfg, run_seeds)
+    final, history, compile_seconds, run_seconds = _compile_and_run(train, hp, keys, inputs)
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
-    seed_index = np.asarray(seed_index)
+    seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
     result = VmapSweepResult(rows=rows, history=history, final_state=final, values=per_run,
                              seed_index=seed_index, setup=setup, algo=algo,
                              compile_seconds=compile_seconds, run_seconds=run_seconds)
     if out_dir is not None:
         _write_outputs(Path(out_dir), base_cfg, grid, seeds, config_path, points, result)
+        if save_policies:
+            save_run_policies(result, base_cfg, points, Path(out_dir))
     return result
 
 
-def _compile_and_run(train, hp: Any, keys: Any) -> tuple[Any, dict, float, float]:
+def save_run_policies(result: VmapSweepResult, base_cfg: Any, points: list[SweepPoint], out: Path) -> list[str]:
+    """Each run's final policy as a Hugging Face directory ``out/<point name>/export``."""
+    tok_dir = require_tokenizer_dir(base_cfg.data.tokenizer, base_cfg.policy.path, get_task_or_none(base_cfg.task),
+                                    "policy")
+    return [export_policy(result.setup.policy_model, unstack(result.final_state.policy.params, i), tok_dir,
+                          out / point.name / "export") for i, point in enumerate(points)]
+
+
+def _compile_and_run(train, hp: Any, keys: Any, inputs: Any) -> tuple[Any, dict, float, float]:
     """``jax.jit(jax.vmap(train))`` lowered and compiled, then run once: ``(final_state, history on
     the host, compile seconds, run seconds)``."""
     t0 = time.time()
-    compiled = jax.jit(jax.vmap(train)).lower(hp, keys).compile()
+    compiled = jax.jit(jax.vmap(train)).lower(hp, keys, inputs).compile()
     t1 = time.time()
-    final, history = compiled(hp, keys)
+    final, history = compiled(hp, keys, inputs)
     history = _history_to_host(jax.device_get(history))
     t2 = time.time()
     return final, history, t1 - t0, t2 - t1

@@ -31,7 +31,7 @@ from rlhf_jax.errors import UserError
 class CheckpointConfig:
     every: int = 100          # save every N steps (and always at the end); 0 = only at the end
     keep: int = 3             # keep the last K
-    async_save: bool = True
+    async_save: bool = True   # write checkpoints in the background while training continues
 
     def validate(self, prefix: str = "checkpoint.") -> None:
         if self.every < 0:

@@ -149,6 +149,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--out", default=None, help=f"run directory (default: config out_dir, {default_out})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out (exact resume)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides, validated), one 'key = value  "
+                             "# doc (default: X)' line per key, and exit without building or writing anything")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. optim.learning_rate=1e-3 data.batch_size=16")
     add_distributed_arguments(parser)

@@ -21,20 +21,20 @@ class ModelSection:
     ``rlhf_jax.models.tiny_config(arch=...)`` with the size fields below (0 = that
     config's default; ``vocab_size`` 0 = the tokenizer's size).
     """
-    path: str = ""
-    name: Literal["tiny", "task"] = "tiny"
-    arch: str = "llama"
-    vocab_size: int = 0
-    hidden_size: int = 0
-    num_layers: int = 0
-    num_heads: int = 0
-    num_kv_heads: int = 0
-    head_dim: int = 0
-    intermediate_size: int = 0
-    max_position_embeddings: int = 0
+    path: str = ""                # a Hugging Face model directory to start from ("" = build from scratch)
+    name: Literal["tiny", "task"] = "tiny"  # from scratch: "task" = the task's tiny config, "tiny" = tiny_config(arch)
+    arch: str = "llama"           # architecture family of name="tiny" (gpt2|llama|mistral|qwen2|qwen3)
+    vocab_size: int = 0           # from scratch: vocabulary size (0 = the tokenizer's size)
+    hidden_size: int = 0          # from scratch: model width D (0 = the config's default)
+    num_layers: int = 0           # from scratch: transformer layers (0 = the config's default)
+    num_heads: int = 0            # from scratch: attention heads (0 = the config's default)
+    num_kv_heads: int = 0         # from scratch: key/value heads, GQA (0 = the config's default)
+    head_dim: int = 0             # from scratch: per-head width (0 = the config's default)
+    intermediate_size: int = 0    # from scratch: MLP width (0 = the config's default)
+    max_position_embeddings: int = 0  # from scratch: longest sequence (0 = the config's default)
     dtype: str = "float32"        # compute dtype (bfloat16 on accelerators)
-    param_dtype: str = "float32"
-    remat: bool = False
+    param_dtype: str = "float32"  # parameter storage dtype (float32|bfloat16|float16)
+    remat: bool = False           # rematerialise each layer's activations in the backward pass (saves memory)
 
     def validate(self, prefix: str = "model.") -> None:
         if self.path and not os.path.isdir(self.path):
@@ -62,9 +62,9 @@ class ModelSection:
 class MeshConfig:
     """Device layout: ``data × fsdp`` devices (``-1`` = the rest), compiled with ``jit``
     and NamedShardings, or ``pmap`` data parallelism (params replicated, fsdp must be 1)."""
-    data: int = -1
-    fsdp: int = 1
-    mode: Literal["jit", "pmap"] = "jit"
+    data: int = -1                # data-parallel devices (-1 = the devices fsdp leaves)
+    fsdp: int = 1                 # devices each parameter is sharded over, FSDP (-1 = the devices data leaves)
+    mode: Literal["jit", "pmap"] = "jit"  # jit with NamedShardings, or pmap data parallelism (fsdp must be 1)
 
     def validate(self, n_devices: int, prefix: str = "mesh.") -> tuple[int, int]:
         """The resolved ``(data, fsdp)`` or a ConfigError naming the key."""
@@ -101,7 +101,8 @@ class RunConfig:
 
     task: an embedded task (``rlhf_jax.tasks``) whose data, tokenizer and tiny model fill in what is
     not given ("" = none). data: the data section (its ``batch_size`` is the GLOBAL batch). mesh:
-    device layout. checkpoint: when to save and how many to keep. log: metrics files and progress.
+    device layout. checkpoint: when to save and how many to keep. log: metrics files, progress and
+    experiment tracking (Weights & Biases).
     seed: the run's base seed. out_dir: the run directory. export: write the trained model as a Hugging
     Face directory (``out_dir/export``) at the end. resume: continue the run in ``out_dir`` from its
     latest checkpoint (exact resume).

@@ -305,7 +305,7 @@ def _run_steps(job: Job, out_dir: Path, ckpt: CheckpointManager, log_cfg: LogCon
         start = resumed_from or 0
         step = job.make_step(placed)
         prepare = job.prepare or (lambda b: put(job.placement, b))
-        writer = MetricsWriter(out_dir, tensorboard=log_cfg.tensorboard)
+        writer = MetricsWriter(out_dir, tensorboard=log_cfg.tensorboard, config=job.config_dict, log_cfg=log_cfg)
         progress = ProgressBar(job.total_steps, start, enabled=log_cfg.progress, desc=job.name)
         logger = _Logger(job, writer, log_cfg)
         last_eval: dict = {}

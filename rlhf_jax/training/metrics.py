@@ -7,6 +7,8 @@ already reduced over all devices and hosts).
 from __future__ import annotations
 
 import dataclasses
+import html
+import importlib.util
 import json
 import math
 import sys
@@ -27,16 +29,30 @@ class NonFiniteError(UserError, FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
+    """Metrics files, progress and experiment tracking."""
     every: int = 10              # write train metrics every N steps
-    tensorboard: bool = True
+    tensorboard: bool = True     # also write TensorBoard event files to out_dir/tb
     progress: bool = True        # tqdm progress bar (rate, ETA)
     peak_tflops: float = 0.0     # per-device peak for MFU; 0 = look up the device kind
+    wandb: bool = False          # also log to Weights & Biases (pip install 'rlhf_jax[wandb]')
+    wandb_project: str = "rlhf_jax"  # the W&B project of the run
+    wandb_mode: str = "offline"  # online|offline|disabled (offline needs no network: wandb sync later)
+    wandb_run_name: str = ""     # the W&B run's name ("" = W&B picks one)
 
     def validate(self, prefix: str = "log.") -> None:
         if self.every < 1:
             raise ConfigError(f"config key {prefix + 'every'!r}: must be >= 1, got {self.every}")
         if self.peak_tflops < 0:
             raise ConfigError(f"config key {prefix + 'peak_tflops'!r}: must be >= 0")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"config key {prefix + 'wandb_mode'!r}: expected one of {list(WANDB_MODES)}, "
+                              f"got {self.wandb_mode!r}")
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"config key {prefix + 'wandb'!r}: true, but wandb is not installed; "
+                              "install it with: pip install 'rlhf_jax[wandb]' (or pip install wandb)")
+
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def to_host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -104,20 +120,30 @@ class Throughput:
 
 class MetricsWriter:
     """Appends ``{"step", "time", **metrics}`` lines to ``DIR/metrics.jsonl`` and scalars
-    to TensorBoard event files in ``DIR/tb`` (tensorboardX). Process 0 only by default."""
+    to TensorBoard event files in ``DIR/tb`` (tensorboardX). Process 0 only by default.
+
+    With ``log.wandb`` true (``log_cfg``, else the ``log`` section of ``config``, the run's config
+    dict) the same scalars also go to a Weights & Biases run (files under ``DIR/wandb``, its config =
+    ``config``, ``step`` = the training step; text as HTML), finished by :meth:`close`. wandb is
+    imported here, only then (an optional extra: ``pip install 'rlhf_jax[wandb]'``)."""
 
     def __init__(self, directory: str | Path, *, tensorboard: bool = True,
-                 enabled: bool | None = None):
+                 enabled: bool | None = None, config: Mapping[str, Any] | None = None,
+                 log_cfg: LogConfig | None = None):
         self.directory = Path(directory)
         self.enabled = (jax.process_index() == 0) if enabled is None else enabled
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if self.enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.directory / "metrics.jsonl", "a", buffering=1)
             if tensorboard:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(str(self.directory / "tb"), flush_secs=10)
+            wandb_cfg = log_cfg if log_cfg is not None else _log_section(config)
+            if wandb_cfg.wandb:
+                self._wandb = _start_wandb(wandb_cfg, self.directory, config)
 
     @property
     def jsonl_path(self) -> Path:
@@ -132,10 +158,15 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.log(clean, step=int(step))
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self._tb is not None:
             self._tb.add_text(tag, text, global_step=int(step))
+        if self.enabled and self._wandb is not None:
+            import wandb
+            self._wandb.log({tag: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=int(step))
 
     def flush(self) -> None:
         if self._jsonl is not None:
@@ -150,6 +181,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self):
         return self
@@ -157,6 +191,22 @@ class MetricsWriter:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _log_section(config: Mapping[str, Any] | None) -> LogConfig:
+    """The wandb settings in the ``log`` section of a run's config dict (LogConfig defaults elsewhere)."""
+    section = (config or {}).get("log") or {}
+    names = {f.name for f in dataclasses.fields(LogConfig)}
+    return LogConfig(**{k: v for k, v in section.items() if k in names and k.startswith("wandb")})
+
+
+def _start_wandb(cfg: LogConfig, directory: Path, config: Mapping[str, Any] | None):
+    """A W&B run logging into ``directory/wandb`` (``wandb.init(dir=directory)``)."""
+    cfg.validate()  # a missing wandb is a ConfigError naming log.wandb
+    import wandb  # heavy optional dependency: imported only when asked for
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, mode=cfg.wandb_mode,
+                      dir=str(directory), config=dict(config) if config is not None else None,
+                      settings=wandb.Settings(console="off", silent=True))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

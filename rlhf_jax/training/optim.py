@@ -36,15 +36,15 @@ Schedule = Literal["cosine", "linear", "constant"]
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW + schedule + clipping. ``total_steps`` = 0 means "the trainer's step count"."""
-    learning_rate: float = 3e-4
-    schedule: Schedule = "cosine"
-    warmup_steps: int = 0
-    total_steps: int = 0
-    min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    learning_rate: float = 3e-4  # peak learning rate (traced: a sweep changes it without recompiling)
+    schedule: Schedule = "cosine"  # decay after warmup: cosine|linear|constant
+    warmup_steps: int = 0  # linear warmup from 0 to the peak rate over this many steps
+    total_steps: int = 0  # schedule horizon (0 = the trainer's step count)
+    min_lr_ratio: float = 0.1  # the rate decays to min_lr_ratio · peak
+    b1: float = 0.9  # Adam β1
+    b2: float = 0.95  # Adam β2
+    eps: float = 1e-8  # Adam ε
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (not on biases, norms or embeddings)
     max_grad_norm: float = 1.0  # 0 disables clipping
     # regexes on the '/'-joined param path; matching leaves are frozen (LoRA-style partitioning)
     freeze: tuple[str, ...] = ()
