@@ -100,6 +100,78 @@ def _freeze_value(v: Any):
     return v
 
 
+def _gpt2_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of a GPT-2 ``config.json``."""
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        raise UnsupportedModelError("config.json: gpt2 option scale_attn_by_inverse_layer_idx=True is not supported")
+    if hf.get("scale_attn_weights") is False:
+        raise UnsupportedModelError("config.json: gpt2 option scale_attn_weights=False is not supported")
+    d = _hf_int(hf, "n_embd")
+    h = _hf_int(hf, "n_head")
+    return dict(
+        arch="gpt2",
+        vocab_size=_hf_int(hf, "vocab_size"),
+        hidden_size=d,
+        num_layers=_hf_int(hf, "n_layer"),
+        num_heads=h,
+        num_kv_heads=h,
+        head_dim=d // h,
+        intermediate_size=_hf_int(hf, "n_inner", 4 * d),
+        max_position_embeddings=_hf_int(hf, "n_positions"),
+        norm_eps=_hf_float(hf, "layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        attention_bias=True,
+        attention_out_bias=True,
+        mlp_bias=True,
+        hidden_act=hf.get("activation_function", "gelu_new"),
+    )
+
+
+def _decoder_fields(hf: Mapping[str, Any], mtype: str) -> dict[str, Any]:
+    """The ModelConfig fields of a Llama/Mistral/Qwen2/Qwen3 ``config.json``."""
+    d = _hf_int(hf, "hidden_size")
+    h = _hf_int(hf, "num_attention_heads")
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling")
+    if legacy:
+        rope.update(legacy)
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if rope_type == "default" else rope
+    if mtype in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise UnsupportedModelError(
+            f"config.json: {mtype} with use_sliding_window=True (per-layer windows) is not supported"
+        )
+    sliding = hf.get("sliding_window") if mtype == "mistral" else None
+    attn_bias = bool(hf.get("attention_bias", False))
+    kw = dict(
+        arch=mtype,
+        vocab_size=_hf_int(hf, "vocab_size"),
+        hidden_size=d,
+        num_layers=_hf_int(hf, "num_hidden_layers"),
+        num_heads=h,
+        num_kv_heads=_hf_int(hf, "num_key_value_heads", h),
+        head_dim=_hf_int(hf, "head_dim", d // h),
+        intermediate_size=_hf_int(hf, "intermediate_size"),
+        max_position_embeddings=_hf_int(hf, "max_position_embeddings", 2048),
+        norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=True if mtype == "qwen2" else attn_bias,
+        attention_out_bias=False if mtype in ("qwen2", "mistral") else attn_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)) if mtype == "llama" else False,
+        qk_norm=mtype == "qwen3",
+        sliding_window=int(sliding) if sliding else None,
+        hidden_act=hf.get("hidden_act", "silu"),
+    )
+    if kw["hidden_act"] not in ("silu", "swish"):
+        raise UnsupportedModelError(
+            f"config.json: hidden_act {kw['hidden_act']!r} is not supported for {mtype} (expected silu)"
+        )
+    return kw
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of the decoder-only transformer (hashable: usable as a static jit arg).
@@ -220,73 +292,8 @@ class ModelConfig:
             pad_token_id=_first_id(hf.get("pad_token_id")),
             initializer_range=_hf_float(hf, "initializer_range", 0.02),
         )
-        if mtype == "gpt2":
-            if hf.get("scale_attn_by_inverse_layer_idx"):
-                raise UnsupportedModelError("config.json: gpt2 option scale_attn_by_inverse_layer_idx=True is not supported")
-            if hf.get("scale_attn_weights") is False:
-                raise UnsupportedModelError("config.json: gpt2 option scale_attn_weights=False is not supported")
-            d = _hf_int(hf, "n_embd")
-            h = _hf_int(hf, "n_head")
-            kw = dict(
-                arch="gpt2",
-                vocab_size=_hf_int(hf, "vocab_size"),
-                hidden_size=d,
-                num_layers=_hf_int(hf, "n_layer"),
-                num_heads=h,
-                num_kv_heads=h,
-                head_dim=d // h,
-                intermediate_size=_hf_int(hf, "n_inner", 4 * d),
-                max_position_embeddings=_hf_int(hf, "n_positions"),
-                norm_eps=_hf_float(hf, "layer_norm_epsilon", 1e-5),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-                attention_bias=True,
-                attention_out_bias=True,
-                mlp_bias=True,
-                hidden_act=hf.get("activation_function", "gelu_new"),
-                **common,
-            )
-        else:
-            d = _hf_int(hf, "hidden_size")
-            h = _hf_int(hf, "num_attention_heads")
-            rope = dict(hf.get("rope_parameters") or {})
-            legacy = hf.get("rope_scaling")
-            if legacy:
-                rope.update(legacy)
-            theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            scaling = None if rope_type == "default" else rope
-            if mtype in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-                raise UnsupportedModelError(
-                    f"config.json: {mtype} with use_sliding_window=True (per-layer windows) is not supported"
-                )
-            sliding = hf.get("sliding_window") if mtype == "mistral" else None
-            attn_bias = bool(hf.get("attention_bias", False))
-            kw = dict(
-                arch=mtype,
-                vocab_size=_hf_int(hf, "vocab_size"),
-                hidden_size=d,
-                num_layers=_hf_int(hf, "num_hidden_layers"),
-                num_heads=h,
-                num_kv_heads=_hf_int(hf, "num_key_value_heads", h),
-                head_dim=_hf_int(hf, "head_dim", d // h),
-                intermediate_size=_hf_int(hf, "intermediate_size"),
-                max_position_embeddings=_hf_int(hf, "max_position_embeddings", 2048),
-                norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=True if mtype == "qwen2" else attn_bias,
-                attention_out_bias=False if mtype in ("qwen2", "mistral") else attn_bias,
-                mlp_bias=bool(hf.get("mlp_bias", False)) if mtype == "llama" else False,
-                qk_norm=mtype == "qwen3",
-                sliding_window=int(sliding) if sliding else None,
-                hidden_act=hf.get("hidden_act", "silu"),
-                **common,
-            )
-            if kw["hidden_act"] not in ("silu", "swish"):
-                raise UnsupportedModelError(
-                    f"config.json: hidden_act {kw['hidden_act']!r} is not supported for {mtype} (expected silu)"
-                )
+        kw = _gpt2_fields(hf) if mtype == "gpt2" else _decoder_fields(hf, mtype)
+        kw.update(common)
         kw.update(overrides)
         return cls(**kw)
 

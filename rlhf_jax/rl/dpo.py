@@ -11,6 +11,12 @@ not count). The sequence log-prob of a completion is
 (``losses.sequence_logprobs`` on the shifted arrays, summed). Reference log-probs either come
 precomputed in the batch (``ref_chosen_logp``/``ref_rejected_logp [B]``, see
 :func:`precompute_reference_logps`) or are computed on the fly from ``DPOFrozen.ref_params``.
+
+``loss_type`` picks the objective: the DPO family (``losses.dpo_loss``), SimPO and ORPO
+(reference-free, on the length-normalised log-probs ``logπ(y|x) / |y|``; ORPO adds the chosen
+completions' token-mean NLL) and KTO on paired data (chosen = desirable, rejected = undesirable; its
+reference point is the policy-reference KL of the batch's mismatched pairs: prompt i with the completion
+of row i+1, by a policy and a reference forward pass each step, or 0).
 """
 from __future__ import annotations
 
@@ -42,15 +48,22 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 _REQUIRED = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_loss_mask",
              "rejected_loss_mask")
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "rdpo")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "rdpo", "simpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @struct.dataclass
 class DPOHParams:
-    """DPO's traced hyper-parameters: beta β (0.1), label_smoothing ε (robust/cDPO; 0.0), lr (1e-6)."""
+    """DPO's traced hyper-parameters: beta β (0.1; SimPO's β, ORPO's λ, KTO's β), label_smoothing ε
+    (robust/cDPO and SimPO; 0.0), lr (1e-6), simpo_gamma (SimPO's target margin γ, 0.5 as TRL's
+    CPOConfig; the SimPO paper uses β = 2–2.5 with γ = β/2 or so), kto_desirable_weight /
+    kto_undesirable_weight (KTO's λ_D, λ_U: 1.0, 1.0 as the paper for balanced data)."""
     beta: float = 0.1
     label_smoothing: float = 0.0
     lr: float = 1e-6
+    simpo_gamma: float = 0.5
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
 
     def traced(self) -> "DPOHParams":
         return traced_hparams(self)
@@ -60,25 +73,43 @@ class DPOHParams:
         check_positive(prefix, "lr", self.lr, strict=False)
         if concrete(self.label_smoothing) and not 0.0 <= self.label_smoothing < 0.5:
             fail(prefix, "label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        for name in ("simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight"):
+            check_positive(prefix, name, getattr(self, name), strict=False)
 
 
 @struct.dataclass
 class DPOConfig(ReadsHParams):
     """The DPO section of a trainer config: ``losses.dpo_loss`` on sequence log-probs of chosen/rejected.
 
-    Static: loss_type (sigmoid|hinge|ipo|robust|rdpo), precompute_ref (reference log-probs computed once
-    over the dataset before training, else by a reference forward pass every step).
+    Static: loss_type (sigmoid|hinge|ipo|robust|rdpo|simpo|orpo|kto), precompute_ref (reference
+    log-probs computed once over the dataset before training, else by a reference forward pass every
+    step; SimPO/ORPO use no reference), kto_reference_point ("mismatched": KTO's z is the mean
+    policy-reference log-ratio of the batch's mismatched pairs, a policy and a reference forward pass
+    every step; "zero": z = 0).
     Traced: ``hparams`` (:class:`DPOHParams`).
     """
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "rdpo"] = struct.field(pytree_node=False,
-                                                                                  default="sigmoid")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "rdpo", "simpo", "orpo", "kto"] = struct.field(
+        pytree_node=False, default="sigmoid")
     precompute_ref: bool = struct.field(pytree_node=False, default=True)
+    kto_reference_point: Literal["mismatched", "zero"] = struct.field(pytree_node=False, default="mismatched")
     hparams: DPOHParams = DPOHParams()
 
     name = "dpo"
 
+    @property
+    def uses_ref(self) -> bool:
+        """Whether the loss needs reference log-probs (SimPO and ORPO are reference-free)."""
+        return self.loss_type not in REFERENCE_FREE
+
+    @property
+    def ref_forward_each_step(self) -> bool:
+        """Whether every step needs a reference forward pass even with precomputed log-probs (KTO's
+        mismatched reference point)."""
+        return self.loss_type == "kto" and self.kto_reference_point == "mismatched"
+
     def validate(self, prefix: str = "dpo.") -> "DPOConfig":
         check_choice(prefix, "loss_type", self.loss_type, DPO_LOSS_TYPES)
+        check_choice(prefix, "kto_reference_point", self.kto_reference_point, ("mismatched", "zero"))
         self.hparams.validate(prefix)
         return self
 
@@ -131,6 +162,96 @@ def _pair_logps(model, params, batch: dict) -> dict[str, Array]:
             "rejected_len": length[b:]}
 
 
+def mismatched_rows(ids: Array, mask: Array, loss_mask: Array) -> tuple[Array, Array, Array]:
+    """Row i's prompt followed by row (i+1 mod N)'s completion, right-padded to the same width L (a
+    completion that no longer fits is cut): KTO's mismatched pairs. ``[N, L]`` each -> ``(ids, mask,
+    loss_mask)``. The prompt is the real tokens before the completion (loss_mask 0), at the row's start."""
+    lm = loss_mask.astype(jnp.int32)
+    real = mask.astype(jnp.int32)
+    prompt_len = jnp.sum(real * (1 - lm), axis=1)
+    comp_len = jnp.sum(lm, axis=1)
+    src_ids, src_start, src_len = (jnp.roll(ids, -1, axis=0), jnp.roll(prompt_len, -1),
+                                   jnp.roll(comp_len, -1))
+    k = jnp.arange(ids.shape[1])[None, :]
+    p = prompt_len[:, None]
+    in_prompt = k < p
+    in_comp = (k >= p) & (k - p < src_len[:, None])
+    idx = jnp.clip(src_start[:, None] + k - p, 0, ids.shape[1] - 1)
+    comp = jnp.take_along_axis(src_ids, idx, axis=1)
+    new_ids = jnp.where(in_prompt, ids, jnp.where(in_comp, comp, 0)).astype(ids.dtype)
+    return new_ids, (in_prompt | in_comp).astype(mask.dtype), in_comp.astype(loss_mask.dtype)
+
+
+def _mismatched_logp(model, params, batch: dict) -> Array:
+    """Completion log-probs ``[2B]`` of the batch's mismatched pairs (chosen and rejected rows together)."""
+    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+    lmask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
+    logp, _ = completion_logps(model, params, *mismatched_rows(ids, mask, lmask))
+    return logp
+
+
+def _kto_reference_point(frozen: "DPOFrozen", params, batch: dict, cfg: "DPOConfig") -> Array | None:
+    """KTO's z estimate (before the clamp at 0): mean over the mismatched pairs of logπ − logπ_ref
+    (padding pairs excluded), or None for ``kto_reference_point="zero"``."""
+    if cfg.loss_type != "kto" or cfg.kto_reference_point == "zero":
+        return None
+    if frozen.ref_params is None:
+        raise ValueError("dpo_step: KTO's mismatched reference point needs DPOFrozen.ref_params (a reference "
+                         "forward pass every step); or set dpo.kto_reference_point='zero'")
+    ratio = (_mismatched_logp(frozen.model, jax.lax.stop_gradient(params), batch)
+             - _mismatched_logp(frozen.model, jax.lax.stop_gradient(frozen.ref_params), batch))
+    w = batch.get("example_mask")
+    w = jnp.ones_like(ratio) if w is None else jnp.concatenate([w, w]).astype(jnp.float32)
+    return jax.lax.stop_gradient(losses.masked_mean(ratio, w))
+
+
+def preference_loss(pol: dict, ref: dict | None, batch: dict, cfg: "DPOConfig", kl_ref=None) -> tuple[Array, dict]:
+    """The configured objective on the policy's (and reference's) completion log-probs and lengths.
+
+    Metrics always include loss, chosen_reward, rejected_reward, reward_margin, reward_accuracy, num_pairs
+    (SimPO/ORPO: rewards are β·logπ(y|x)/|y|; KTO: β·(logπ − logπ_ref), accuracy per pair)."""
+    hp = cfg.hparams
+    mask = batch.get("example_mask")
+    if cfg.loss_type == "simpo" or cfg.loss_type == "orpo":
+        c_avg = pol["chosen_logp"] / jnp.maximum(pol["chosen_len"], 1.0)
+        r_avg = pol["rejected_logp"] / jnp.maximum(pol["rejected_len"], 1.0)
+        if cfg.loss_type == "simpo":
+            return losses.simpo_loss(c_avg, r_avg, beta=hp.beta, gamma=hp.simpo_gamma,
+                                     label_smoothing=hp.label_smoothing, mask=mask)
+        w = jnp.ones_like(pol["chosen_len"]) if mask is None else mask.astype(jnp.float32)
+        nll = -jnp.sum(pol["chosen_logp"] * w) / jnp.maximum(jnp.sum(pol["chosen_len"] * w), 1.0)
+        return losses.orpo_loss(c_avg, r_avg, beta=hp.beta, nll=nll, mask=mask)
+    if cfg.loss_type == "kto":
+        b = pol["chosen_logp"].shape[0]
+        desirable = jnp.concatenate([jnp.ones((b,), bool), jnp.zeros((b,), bool)])
+        both = None if mask is None else jnp.concatenate([mask, mask])
+        loss, m = losses.kto_loss(jnp.concatenate([pol["chosen_logp"], pol["rejected_logp"]]),
+                                  jnp.concatenate([ref["ref_chosen_logp"], ref["ref_rejected_logp"]]), desirable,
+                                  beta=hp.beta, desirable_weight=hp.kto_desirable_weight,
+                                  undesirable_weight=hp.kto_undesirable_weight, kl_ref=kl_ref, mask=both)
+        r_c = pol["chosen_logp"] - ref["ref_chosen_logp"]
+        r_r = pol["rejected_logp"] - ref["ref_rejected_logp"]
+        w = jnp.ones_like(r_c) if mask is None else mask.astype(jnp.float32)
+        m = dict(m, reward_accuracy=losses.masked_mean((r_c > r_r).astype(jnp.float32), w), num_pairs=jnp.sum(w))
+        return loss, m
+    return losses.dpo_loss(pol["chosen_logp"], pol["rejected_logp"], ref["ref_chosen_logp"],
+                           ref["ref_rejected_logp"], beta=hp.beta, loss_type=cfg.loss_type,
+                           label_smoothing=hp.label_smoothing, chosen_len=pol["chosen_len"],
+                           rejected_len=pol["rejected_len"], mask=mask)
+
+
+def _reference(frozen: "DPOFrozen", batch: dict, cfg: "DPOConfig", where: str) -> dict | None:
+    if not cfg.uses_ref:
+        return None
+    if "ref_chosen_logp" in batch:
+        return {"ref_chosen_logp": batch["ref_chosen_logp"], "ref_rejected_logp": batch["ref_rejected_logp"]}
+    if frozen.ref_params is None:
+        raise ValueError(f"{where}: the batch has no ref_chosen_logp/ref_rejected_logp and DPOFrozen.ref_params "
+                         "is None")
+    return _reference_logps_impl(frozen.model, frozen.ref_params, batch)
+
+
 def _reference_logps_impl(model, ref_params, batch: dict) -> dict[str, Array]:
     out = _pair_logps(model, jax.lax.stop_gradient(ref_params), batch)
     return {"ref_chosen_logp": out["chosen_logp"], "ref_rejected_logp": out["rejected_logp"]}
@@ -153,20 +274,12 @@ def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, cfg: DPOCon
     """One DPO update: ``losses.dpo_loss`` on the batch, gradient step with the traced lr."""
     TRACE_COUNTS["dpo_step"] += 1
     hparams = cfg.hparams
-    if "ref_chosen_logp" in batch:
-        ref = {"ref_chosen_logp": batch["ref_chosen_logp"], "ref_rejected_logp": batch["ref_rejected_logp"]}
-    else:
-        if frozen.ref_params is None:
-            raise ValueError("dpo_step: the batch has no ref_chosen_logp/ref_rejected_logp and DPOFrozen.ref_params "
-                             "is None")
-        ref = _reference_logps_impl(frozen.model, frozen.ref_params, batch)
+    ref = _reference(frozen, batch, cfg, "dpo_step")
+    kl_ref = _kto_reference_point(frozen, state.params, batch, cfg)
 
     def loss_fn(params):
         pol = _pair_logps(frozen.model, params, batch)
-        loss, m = losses.dpo_loss(pol["chosen_logp"], pol["rejected_logp"], ref["ref_chosen_logp"],
-                                  ref["ref_rejected_logp"], beta=hparams.beta, loss_type=cfg.loss_type,
-                                  label_smoothing=hparams.label_smoothing, chosen_len=pol["chosen_len"],
-                                  rejected_len=pol["rejected_len"], mask=batch.get("example_mask"))
+        loss, m = preference_loss(pol, ref, batch, cfg, kl_ref)
         m = dict(m)
         m["policy_chosen_logp"] = jnp.mean(pol["chosen_logp"])
         m["policy_rejected_logp"] = jnp.mean(pol["rejected_logp"])
@@ -178,17 +291,10 @@ def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, cfg: DPOCon
 
 
 def dpo_eval_pure(params, frozen: DPOFrozen, batch: dict, cfg: DPOConfig) -> dict:
-    """DPO loss metrics of ``params`` on a batch (no update)."""
-    hparams = cfg.hparams
-    if "ref_chosen_logp" in batch:
-        ref = {"ref_chosen_logp": batch["ref_chosen_logp"], "ref_rejected_logp": batch["ref_rejected_logp"]}
-    else:
-        ref = _reference_logps_impl(frozen.model, frozen.ref_params, batch)
-    pol = _pair_logps(frozen.model, params, batch)
-    _, m = losses.dpo_loss(pol["chosen_logp"], pol["rejected_logp"], ref["ref_chosen_logp"],
-                           ref["ref_rejected_logp"], beta=hparams.beta, loss_type=cfg.loss_type,
-                           label_smoothing=hparams.label_smoothing, chosen_len=pol["chosen_len"],
-                           rejected_len=pol["rejected_len"], mask=batch.get("example_mask"))
+    """The configured loss's metrics of ``params`` on a batch (no update)."""
+    ref = _reference(frozen, batch, cfg, "dpo_eval")
+    _, m = preference_loss(_pair_logps(frozen.model, params, batch), ref, batch, cfg,
+                           _kto_reference_point(frozen, params, batch, cfg))
     return m
 
 
@@ -307,7 +413,7 @@ def _dpo_evaluator(cfg: DPOTrainConfig, task, tokenizer, model, ref_params) -> C
 
 
 def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
-    """DPO (sigmoid/hinge/IPO/robust/rDPO) from a config (CLI: ``rlhf-jax dpo``), through the one loop."""
+    """DPO (sigmoid/hinge/IPO/robust/rDPO), SimPO, ORPO or KTO from a config (CLI: ``rlhf-jax dpo``), through the one loop."""
     validate_dpo_config(cfg)
     task = get_task_or_none(cfg.task)
     tok_dir = require_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task, "policy")
@@ -318,8 +424,10 @@ def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
     algo = cfg.dpo
     tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=1.0), params, total_steps=cfg.steps)
     state = init_dpo_state(model=model, params=params, tx=tx, cfg=algo, rng=jax.random.fold_in(rng, 2))
-    table = _reference_table(cfg, task, tokenizer, model, params) if algo.precompute_ref else None
-    frozen = DPOFrozen(ref_params=None if table is not None else params, model=model)
+    table = (_reference_table(cfg, task, tokenizer, model, params) if algo.precompute_ref and algo.uses_ref
+             else None)
+    needs_ref = algo.ref_forward_each_step or (algo.uses_ref and table is None)
+    frozen = DPOFrozen(ref_params=params if needs_ref else None, model=model)
 
     def with_refs(b: dict) -> dict:
         out = {k: b[k] for k in _PREF_KEYS if k in b}

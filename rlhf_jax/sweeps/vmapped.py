@@ -88,7 +88,7 @@ class VmapSweepResult:
 
     rows: one results-table row per run (point), as written to ``results.jsonl``.
     history: ``{metric: [runs, iterations]}`` numpy arrays (the per-iteration curves).
-    final_state: the stacked final ``PPOState`` (leading axis = runs); :func:`unstack` one run.
+    final_state: the stacked final ``RLState`` (leading axis = runs); :func:`unstack` one run.
     values: ``{hparam: [runs]}`` value of each varied hyper-parameter per run; seed_index ``[runs]``.
     setup, algo: the shared :class:`rlhf_jax.rl.RLSetup` and the resolved algorithm config.
     compile_seconds / run_seconds: lowering+compilation, and the execution of all runs.
