@@ -7,19 +7,22 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# setuptools prints an informational box on every editable install ("Editable installation ... folders in
+# your working directory with the same name as your package ..."); only that notice is filtered.
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -q -c constraints.txt -e
 
 .PHONY: venv venv-test demo test bench clean
 
 $(VENV)/.runtime: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e .
+	$(EDITABLE) .
 	touch $@
 
 # torch goes in first and pinned: 2.13.0 is the CPU wheel on disk; anything looser pulls a CUDA build.
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(EDITABLE) ".[test]"
 	touch $@
 
 venv: $(VENV)/.runtime

@@ -1,31 +1,44 @@
 """Generates the three notebooks from the cell sources below (run after editing them):
 
-    python notebooks/build_notebooks.py          # writes notebooks/0?_*.ipynb (outputs empty)
+    python notebooks/build_notebooks.py            # writes notebooks/0?_*.ipynb without outputs
+    python notebooks/build_notebooks.py --execute  # ... then runs them (tiny budget) and stores the outputs
 
-Each notebook imports the library only (no training or evaluation logic in its cells), reads its
-budget from ``RLHF_NOTEBOOK_BUDGET`` (``tiny``: seconds-scale settings the test suite runs;
-``full``: the recipes' own settings, minutes on a laptop CPU) in its first cell, and saves its plots
-as PNG under ``notebooks/outputs/<name>/``. ``tests/test_notebooks.py`` executes them with nbclient.
+The committed notebooks are the ``--execute`` ones, so a reader on GitHub sees the tables and plots
+of a tiny run. Each notebook imports the library only (no training or evaluation logic in its
+cells), reads its budget from ``RLHF_NOTEBOOK_BUDGET`` in its first cell (``tiny``, the default:
+seconds-to-minutes settings, what the test suite runs; ``full``: the recipes' own settings, minutes
+to an hour on a laptop CPU) and writes its runs and PNG plots OUTSIDE the repository, under
+``$RLHF_NOTEBOOK_OUT/<name>/`` (default ``~/.cache/rlhf_jax/notebooks/<name>/``).
+``tests/test_notebooks.py`` executes them with nbclient.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+import time
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
+NAMES = ("01_quickstart", "02_kl_ablation", "03_reward_model")
 
-SETUP = '''import os, shutil
+SETUP = '''import os, shutil, warnings
 from pathlib import Path
 
-BUDGET = os.environ.get("RLHF_NOTEBOOK_BUDGET", "full")   # "tiny" (CI) or "full"
+# progress bars are off in these runs; tqdm.auto only warns that ipywidgets is not installed
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+BUDGET = os.environ.get("RLHF_NOTEBOOK_BUDGET", "tiny")   # "tiny" (default, minutes) or "full" (the recipes)
 assert BUDGET in ("tiny", "full"), f"RLHF_NOTEBOOK_BUDGET must be tiny or full, got {BUDGET!r}"
 ROOT = Path(os.environ.get("RLHF_REPO_ROOT", Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()))
-OUT = ROOT / "notebooks" / "outputs" / NAME
+# runs and plots go outside the repository
+OUT = Path(os.environ.get("RLHF_NOTEBOOK_OUT", Path.home() / ".cache" / "rlhf_jax" / "notebooks")) / NAME
 shutil.rmtree(OUT, ignore_errors=True)     # every run starts from a clean output directory
 OUT.mkdir(parents=True)
-print(f"budget={BUDGET}  outputs -> {OUT}")'''
+print(f"budget={BUDGET}  outputs -> {str(OUT).replace(str(Path.home()), '~')}")'''
 
 
 def notebook(name: str, cells: list) -> None:
@@ -87,17 +100,19 @@ def kl_ablation() -> None:
     notebook(name, [
         new_markdown_cell(
             "# 02 · KL ablation: the gold-reward-vs-KL frontier and reward over-optimisation\n\n"
-            "PPO against a **learned** reward model (a proxy), for several KL coefficients β. All "
-            "β × seed runs are ONE compiled program: `jax.vmap` over the traced hyper-parameters "
-            "(`rlhf-jax sweep --vmap`). Small β lets the policy drift far from the SFT policy (large "
-            "KL) and exploit the proxy: proxy reward keeps rising while the gold reward stalls or "
-            "falls — Gao et al. (2022)'s over-optimisation."),
+            "PPO against a **learned** reward model (a proxy), sweeping ONE key, the KL coefficient "
+            "β = `ppo.kl_coef`, with several seeds per value. All β × seed runs are ONE compiled program: "
+            "`jax.vmap` over the traced hyper-parameters (`rlhf-jax sweep --vmap`). Small β lets the policy "
+            "drift far from the SFT policy (large KL) and exploit the proxy: proxy reward keeps rising while "
+            "the gold reward stalls or falls — Gao et al. (2022)'s over-optimisation. Every point below is "
+            "the mean over seeds ± its standard error."),
         new_code_cell(f'NAME = "{name}"\n' + SETUP + '''
+SWEEP_KEY = "ppo.kl_coef"                  # the one key this notebook sweeps
 P = {
-    "tiny": dict(sft=["steps=40", "eval_every=0"], reward=["steps=30", "eval_every=0"], betas="0.003,0.1,1.0",
-                 seeds=1, ppo=["iterations=6", "ppo.batch_size=16", "ppo.ppo_epochs=2", "ppo.minibatches=1",
+    "tiny": dict(sft=["steps=40", "eval_every=0"], reward=["steps=30", "eval_every=0"], values="0.003,0.1,1.0",
+                 seeds=2, ppo=["iterations=6", "ppo.batch_size=16", "ppo.ppo_epochs=2", "ppo.minibatches=1",
                                "ppo.lr=3e-3"], eval_prompts=32),
-    "full": dict(sft=[], reward=[], betas="0.001,0.01,0.03,0.1,0.3,1.0", seeds=3,
+    "full": dict(sft=[], reward=[], values="0.001,0.01,0.03,0.1,0.3,1.0", seeds=4,
                  ppo=["iterations=60"], eval_prompts=256),
 }[BUDGET]
 QUIET = ["log.tensorboard=false", "export=true"]'''),
@@ -111,36 +126,64 @@ sft = train_sft(apply_overrides(load_config_file(EXP / "sft_sentiment_tiny.py"),
                                 P["sft"] + QUIET + [f"out_dir={OUT / 'sft'}"]))
 rm = train_reward(apply_overrides(load_config_file(EXP / "reward_sentiment_tiny.py"),
                                   P["reward"] + QUIET + [f"model.path={sft.export_dir}", f"out_dir={OUT / 'reward'}"]))
-print("SFT", sft.train_metrics.get("loss"), "| reward model eval", rm.eval_metrics)'''),
-        new_markdown_cell("## 2 · One program: β × seeds PPO runs through `jax.vmap`"),
+print("SFT loss", round(sft.train_metrics["loss"], 4), "| reward model eval",
+      {k: round(v, 3) for k, v in rm.eval_metrics.items()})'''),
+        new_markdown_cell(f"## 2 · One program: every value of `ppo.kl_coef` × seeds through `jax.vmap`"),
         new_code_cell('''from rlhf_jax.sweeps import parse_grid, run_vmapped_sweep
 
 ppo_cfg = apply_overrides(load_config_file(EXP / "ppo_sentiment_tiny.py"),
                           P["ppo"] + [f"policy.path={sft.export_dir}", f"reward.path={rm.export_dir}"])
-result = run_vmapped_sweep(ppo_cfg, parse_grid([f"ppo.kl_coef={P['betas']}"]), seeds=P["seeds"],
+result = run_vmapped_sweep(ppo_cfg, parse_grid([f"{SWEEP_KEY}={P['values']}"]), seeds=P["seeds"],
                            out_dir=OUT / "sweep")
 print(f"{result.num_runs} runs: compile {result.compile_seconds:.1f} s, run {result.run_seconds:.1f} s")'''),
-        new_markdown_cell("## 3 · Gold vs proxy on held-out prompts"),
-        new_code_cell('''from rlhf_jax.sweeps import evaluate_runs, evaluate_start
+        new_markdown_cell("## 3 · Gold vs proxy on held-out prompts: mean ± standard error over seeds"),
+        new_code_cell('''import numpy as np
+from rlhf_jax.sweeps import evaluate_runs, evaluate_start
 
 evals = evaluate_runs(result, ppo_cfg, num_prompts=P["eval_prompts"])
 start = evaluate_start(result, ppo_cfg, num_prompts=P["eval_prompts"])
-print(f"{'beta':>7} {'seed':>4} {'KL':>7} {'gold':>7} {'proxy':>7}")
-print(f"{'SFT':>7} {'':>4} {start['kl']:7.2f} {start['gold_reward']:7.3f} {start['proxy_reward']:7.3f}")
-for e in evals:
-    print(f"{e['ppo.kl_coef']:7.3f} {e['seed']:4d} {e['kl']:7.2f} {e['gold_reward']:7.3f} {e['proxy_reward']:7.3f}")'''),
-        new_code_cell('''from IPython.display import Image, display
-from rlhf_jax.evaluation import plot_curves, plot_series
+METRICS = ("kl", "gold_reward", "proxy_reward")
+values = sorted({e[SWEEP_KEY] for e in evals})
+per_seed = {v: {m: np.array([e[m] for e in evals if e[SWEEP_KEY] == v]) for m in METRICS} for v in values}
+points = [{SWEEP_KEY: v, "seeds": len(per_seed[v]["kl"]),
+           **{m: per_seed[v][m].mean() for m in METRICS},
+           **{m + "_se": per_seed[v][m].std(ddof=1) / np.sqrt(len(per_seed[v][m])) for m in METRICS}}
+          for v in values]
+print(f"{SWEEP_KEY:>12} {'seeds':>5} {'KL':>14} {'gold':>14} {'proxy':>14}")
+print(f"{'SFT':>12} {'':>5} {start['kl']:14.2f} {start['gold_reward']:14.3f} {start['proxy_reward']:14.3f}")
+for p in points:
+    print(f"{p[SWEEP_KEY]:12g} {p['seeds']:5d} {p['kl']:7.2f} ± {p['kl_se']:4.2f} "
+          f"{p['gold_reward']:7.3f} ± {p['gold_reward_se']:4.3f} {p['proxy_reward']:7.3f} ± {p['proxy_reward_se']:4.3f}")'''),
+        new_code_cell('''import matplotlib.pyplot as plt
+from IPython.display import Image, display
+from rlhf_jax.evaluation import plot_curves
 
-frontier = plot_series(evals, x="kl", y="gold_reward", start=start, annotate="ppo.kl_coef",
-                       path=OUT / "gold_vs_kl_frontier.png", xlabel="KL(π ‖ π_SFT), nats / sequence",
-                       ylabel="gold reward (held-out)", title="gold reward vs KL (labels: β)")
-overopt = plot_series(evals, x="kl", y=["proxy_reward", "gold_reward"], start=start,
-                      path=OUT / "proxy_vs_gold_overoptimisation.png", xlabel="KL(π ‖ π_SFT), nats / sequence",
-                      title="proxy (reward model) vs gold reward")
+x = [p[SWEEP_KEY] for p in points]
+fig, ax = plt.subplots(figsize=(6.5, 4.5))
+for m, style in (("gold_reward", "o-"), ("proxy_reward", "s--")):
+    ax.errorbar(x, [p[m] for p in points], yerr=[p[m + "_se"] for p in points], fmt=style, capsize=4, label=m)
+    ax.axhline(start[m], color="C0" if m == "gold_reward" else "C1", lw=0.8, ls=":", label=f"SFT {m}")
+ax.set(xscale="log", xlabel=f"{SWEEP_KEY} (β)", ylabel="reward on held-out prompts",
+       title=f"reward vs β: mean ± s.e. over {P['seeds']} seeds")
+ax.grid(alpha=0.3); ax.legend(fontsize=8)
+fig.savefig(OUT / "reward_vs_kl_coef.png", dpi=100, bbox_inches="tight"); plt.close(fig)
+
+fig, ax = plt.subplots(figsize=(6.5, 4.5))
+for m, style in (("gold_reward", "o-"), ("proxy_reward", "s--")):
+    ax.errorbar([p["kl"] for p in points], [p[m] for p in points], xerr=[p["kl_se"] for p in points],
+                yerr=[p[m + "_se"] for p in points], fmt=style, capsize=4, label=m)
+    ax.plot([start["kl"]], [start[m]], "*", color="k", markersize=12)
+for p in points:
+    ax.annotate(f"β={p[SWEEP_KEY]:g}", (p["kl"], p["gold_reward"]), fontsize=7, textcoords="offset points",
+                xytext=(4, -10))
+ax.set(xlabel="KL(π ‖ π_SFT), nats / sequence", ylabel="reward on held-out prompts",
+       title="gold vs proxy reward against KL (★ = SFT policy)")
+ax.grid(alpha=0.3); ax.legend(fontsize=8)
+fig.savefig(OUT / "gold_vs_kl_frontier.png", dpi=100, bbox_inches="tight"); plt.close(fig)
+
 curves = plot_curves(result, "score", OUT / "proxy_score_per_iteration.png")
-for png in (frontier, overopt, curves):
-    display(Image(filename=png))'''),
+for png in (OUT / "reward_vs_kl_coef.png", OUT / "gold_vs_kl_frontier.png", curves):
+    display(Image(filename=str(png)))'''),
     ])
 
 
@@ -198,8 +241,35 @@ for png in (by_size, by_noise):
     ])
 
 
-if __name__ == "__main__":
+def execute(name: str, budget: str) -> float:
+    """Run ``name``.ipynb in place with nbclient (the ``python3`` kernel, cwd notebooks/) and save it
+    with its outputs; returns the seconds it took."""
+    from nbclient import NotebookClient
+    path = HERE / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    os.environ["RLHF_NOTEBOOK_BUDGET"] = budget        # the kernel inherits this process's environment
+    os.environ.setdefault("RLHF_REPO_ROOT", str(HERE.parent))
+    t0 = time.time()
+    NotebookClient(nb, timeout=3600, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": str(HERE)}}).execute()
+    nbformat.write(nb, path)
+    return time.time() - t0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--execute", action="store_true", help="run the notebooks and store their outputs")
+    ap.add_argument("--budget", default="tiny", choices=("tiny", "full"), help="budget of --execute (tiny)")
+    ap.add_argument("--only", nargs="*", choices=NAMES, help="execute only these notebooks")
+    args = ap.parse_args(argv)
     quickstart()
     kl_ablation()
     reward_model()
-    print("wrote", ", ".join(sorted(p.name for p in HERE.glob("0*.ipynb"))))
+    print("wrote", ", ".join(f"{n}.ipynb" for n in NAMES))
+    if args.execute:
+        for name in args.only or NAMES:
+            print(f"executed {name}.ipynb ({args.budget}) in {execute(name, args.budget):.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
