@@ -104,7 +104,7 @@ CASES = [
                          "grpo.group_size=1"], ["grpo.group_size", ">= 2"]),
     ("rloo-kl-loss", ["rloo", *[a.replace("ppo.", "rloo.") for a in PPO if "ppo_epochs" not in a],
                       "rloo.use_kl_loss=true"], ["rloo.use_kl_loss"]),
-    ("dpo-loss-type", ["dpo", "task=sort", "dpo.loss_type=kto"], ["dpo.loss_type", "sigmoid"]),
+    ("dpo-loss-type", ["dpo", "task=sort", "dpo.loss_type=ppo"], ["dpo.loss_type", "sigmoid"]),
     ("dpo-beta", ["dpo", "task=sort", "dpo.beta=0"], ["dpo.beta", "> 0"]),
     ("dpo-label-smoothing", ["dpo", "task=sort", "dpo.label_smoothing=0.7"], ["dpo.label_smoothing", "0.5"]),
     ("reward-packing", ["reward", "task=sort", "model.name=task", "data.pack=true"], ["data.pack"]),
