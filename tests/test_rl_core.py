@@ -14,21 +14,13 @@ from flax import struct
 
 from rlhf_jax import losses
 from rlhf_jax.config import ConfigError, apply_overrides
-from rlhf_jax.models import CausalLM, CausalLMWithValueHead, init_params, tiny_config
+from rlhf_jax.models import CausalLM, CausalLMWithValueHead, init_params
 from rlhf_jax.rl import (TRACE_COUNTS, PPOConfig, PPOHParams, PPOTrainConfig, RLFrozen, init_state, iteration,
                          with_hparams)
 from rlhf_jax.rl.core import ReadsHParams, traced_hparams
 from rlhf_jax.training.optim import OptimConfig, get_hyperparam, make_optimizer
 
-TARGET = 3
-MODEL_CFG = tiny_config(vocab_size=16, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,
-                        intermediate_size=64, max_position_embeddings=64)
-OPTIM = OptimConfig(learning_rate=1e-3, schedule="constant", b2=0.999, max_grad_norm=1.0)
-
-
-def target_fraction(prompt_ids, prompt_mask, response_ids, response_mask):
-    m = response_mask.astype(jnp.float32)
-    return jnp.sum((response_ids == TARGET) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+from tests.test_grpo import MODEL_CFG, OPTIM, target_fraction
 
 
 # ---- a new algorithm in a few lines: REINFORCE with the batch-mean baseline -------------------
