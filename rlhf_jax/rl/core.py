@@ -323,6 +323,10 @@ def _update_impl(state: RLState, frozen: RLFrozen, rollout: R.Rollout, scores: A
 
 
 def _rollout_impl(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array, cfg) -> R.Rollout:
+    if dynamic_rounds(cfg) > 1:
+        raise ConfigError(f"config key '{cfg.name}.dynamic_sampling_rounds': dynamic sampling scores every round "
+                          "inside the program; it needs a reward the program computes (gold, model or jax), not "
+                          "the rollout -> host scores -> update split of a Python reward")
     prompt_ids, prompt_mask = R.check_prompts(prompts, cfg.batch_size, f"{cfg.name} rollout")
     if cfg.group_size > 1:
         grouped = R.repeat_prompts({"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}, cfg.group_size)
@@ -333,6 +337,91 @@ def _rollout_impl(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array, c
                               prompt_ids, prompt_mask, gen.tokens, gen.mask, chunk=cfg.minibatch_size,
                               temperature=cfg.hparams.temperature, value_mode=cfg.value_mode,
                               with_ref=cfg.uses_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPO's dynamic sampling: keep sampling until the batch holds informative groups
+# ---------------------------------------------------------------------------------------------
+
+def prompt_batch(cfg) -> int:
+    """Prompts one iteration of ``cfg`` consumes: ``batch_size`` (× DAPO's sampling rounds)."""
+    return getattr(cfg, "prompt_batch_size", cfg.batch_size)
+
+
+def dynamic_rounds(cfg) -> int:
+    """DAPO's dynamic-sampling rounds of ``cfg`` (1 = off)."""
+    return getattr(cfg, "dynamic_sampling_rounds", 1)
+
+
+def informative_groups(scores: Array, group_size: int) -> Array:
+    """``[B]`` bool: the groups (``group_size`` contiguous rows of ``scores [B·G]``) whose scores are not all
+    equal. A group whose scores agree has zero advantage under every group baseline: it teaches nothing."""
+    g = scores.reshape(-1, group_size)
+    return jnp.max(g, axis=1) - jnp.min(g, axis=1) > 1e-6
+
+
+def dynamic_rollout(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array, cfg
+                    ) -> tuple[R.Rollout, Array, dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025) inside one program, at a fixed batch shape.
+
+    ``prompts`` holds ``R · B`` prompts (``R = cfg.dynamic_sampling_rounds``, ``B = cfg.batch_size``). Round
+    ``r`` samples ``G`` responses for prompts ``r·B .. (r+1)·B − 1`` (key ``fold_in(fold_in(rng, 0), r)``) and
+    scores them (after the missing-EOS penalty and clipping, as the update will); its informative groups
+    (:func:`informative_groups`) fill the batch's free slots in order. Rounds stop once ``B`` informative
+    groups are held or ``R`` rounds are spent; slots still free keep round 0's uninformative groups.
+    The policy/reference/value forwards then run once, on the kept rows.
+
+    Returns ``(rollout [B·G rows], raw scores [B·G], metrics)``: ``dynamic_sampling_rounds`` (rounds run) and
+    ``dynamic_sampling_filled`` (fraction of the B groups that are informative).
+    """
+    B, G, rounds = cfg.batch_size, cfg.group_size, dynamic_rounds(cfg)
+    hp = cfg.hparams
+    ids_all, mask_all = R.check_prompts(prompts, B * rounds, f"{cfg.name} rollout (dynamic sampling)")
+    ids_r = ids_all.reshape(rounds, B, -1)
+    mask_r = mask_all.reshape(rounds, B, -1)
+    base = jax.random.fold_in(rng, 0)
+
+    def sample_round(r):
+        p_ids = R.repeat_prompts({"x": jax.lax.dynamic_index_in_dim(ids_r, r, keepdims=False)}, G)["x"]
+        p_mask = R.repeat_prompts({"x": jax.lax.dynamic_index_in_dim(mask_r, r, keepdims=False)}, G)["x"]
+        gen = R.sample(frozen.policy_model, state.policy.params, p_ids, p_mask, jax.random.fold_in(base, r),
+                       cfg=cfg)
+        tokens, tmask = gen.tokens, gen.mask.astype(p_mask.dtype)
+        raw = R.score_tokens(frozen, p_ids, p_mask, tokens, tmask, chunk=cfg.minibatch_size)
+        stopped = R.has_stop_token(tokens, tmask, cfg.stop_token_ids)
+        adj = R.adjust_scores(raw, stopped, missing_eos_penalty=hp.missing_eos_penalty, score_clip=hp.score_clip,
+                              stop_token_ids=cfg.stop_token_ids)
+        rows = {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": tokens, "response_mask": tmask,
+                "scores": raw}
+        groups = jax.tree_util.tree_map(lambda x: x.reshape((B, G) + x.shape[1:]), rows)
+        return groups, informative_groups(adj, G)
+
+    groups, keep = sample_round(0)
+    order = jnp.argsort(~keep, stable=True)  # round 0's informative groups first, in order
+    buf = jax.tree_util.tree_map(lambda x: x[order], groups)
+    filled = jnp.sum(keep.astype(jnp.int32))
+
+    def cond(carry):
+        r, filled, _ = carry
+        return (r < rounds) & (filled < B)
+
+    def body(carry):
+        r, filled, buf = carry
+        new, keep = sample_round(r)
+        slot = filled + jnp.cumsum(keep.astype(jnp.int32)) - 1
+        slot = jnp.where(keep & (slot < B), slot, B)  # index B is out of range: dropped
+        buf = jax.tree_util.tree_map(lambda b, n: b.at[slot].set(n, mode="drop"), buf, new)
+        return r + 1, jnp.minimum(B, filled + jnp.sum(keep.astype(jnp.int32))), buf
+
+    used, filled, buf = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), filled, buf))
+    rows = jax.tree_util.tree_map(lambda x: x.reshape((B * G,) + x.shape[2:]), buf)
+    roll = R.rollout_forwards(state.policy.params, None if state.value is None else state.value.params, frozen,
+                              rows["prompt_ids"], rows["prompt_mask"], rows["response_ids"], rows["response_mask"],
+                              chunk=cfg.minibatch_size, temperature=hp.temperature, value_mode=cfg.value_mode,
+                              with_ref=cfg.uses_ref)
+    metrics = {"dynamic_sampling_rounds": used.astype(jnp.float32),
+               "dynamic_sampling_filled": filled.astype(jnp.float32) / B}
+    return roll, rows["scores"], metrics
 
 
 def _key(state: RLState, rng: Array | None) -> Array:
@@ -350,10 +439,13 @@ def iteration_pure(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array |
     """The un-jitted iteration (vmap/scan it freely): ``(new_state, metrics, sample_rows)``."""
     TRACE_COUNTS[f"{cfg.name}_iteration"] += 1
     rng = _key(state, rng)
-    roll = _rollout_impl(state, frozen, prompts, rng, cfg)
-    scores = R.score_rollout(frozen, roll, chunk=cfg.minibatch_size)
+    if dynamic_rounds(cfg) > 1:
+        roll, scores, dyn = dynamic_rollout(state, frozen, prompts, rng, cfg)
+    else:
+        roll = _rollout_impl(state, frozen, prompts, rng, cfg)
+        scores, dyn = R.score_rollout(frozen, roll, chunk=cfg.minibatch_size), {}
     new_state, metrics = _update_impl(state, frozen, roll, scores, rng, cfg)
-    return new_state, metrics, sample_rows(roll, scores)
+    return new_state, {**metrics, **dyn}, sample_rows(roll, scores)
 
 
 def rollout_pure(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array | None, cfg) -> R.Rollout:
@@ -447,7 +539,7 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tu
     iterations.
 
     Without ``run`` every run starts from the setup's params (same SFT start, same reference) and each
-    iteration draws ``algo.batch_size`` prompts from the setup's pool with ``fold_in(rng, iteration)``.
+    iteration draws ``prompt_batch(algo)`` prompts from the setup's pool with ``fold_in(rng, iteration)``.
     ``run`` makes a run the trainer's run exactly (``rl.trainer.run_inputs``): ``{"prompts": {k: [I, B,
     P]}}`` (the data iterator's batches in order), and optionally ``"policy_params"``,
     ``"value_params"``, ``"ref_params"`` (this run's initial params); ``rng`` is then the state key and
@@ -473,7 +565,7 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tu
                 batch, key = jax.tree_util.tree_map(lambda x: x[it], run["prompts"]), None
             else:
                 key = jax.random.fold_in(rng, it)
-                batch = sample_prompt_batch(pool, cfg.batch_size, jax.random.fold_in(key, 0))
+                batch = sample_prompt_batch(pool, prompt_batch(cfg), jax.random.fold_in(key, 0))
                 key = jax.random.fold_in(key, 1)
             new_state, metrics, _ = iteration_pure(state, frozen, batch, key, cfg)
             return new_state, metrics

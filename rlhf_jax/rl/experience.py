@@ -232,7 +232,15 @@ def rollout_forwards(policy_params, value_params, frozen, prompt_ids: Array, pro
 
 def score_rollout(frozen, rollout: Rollout, *, chunk: int) -> Array:
     """``[B]`` raw scores from the reward model (last real token, plus its shift) or the JAX reward function."""
-    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+    return score_tokens(frozen, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                        rollout.response_mask, chunk=chunk)
+
+
+def score_tokens(frozen, prompt_ids: Array, prompt_mask: Array, response_ids: Array, response_mask: Array, *,
+                 chunk: int) -> Array:
+    """:func:`score_rollout` of token rows that have no forwards yet (DAPO's dynamic sampling scores every
+    round's samples before it decides which to keep)."""
+    args = (prompt_ids, prompt_mask, response_ids, response_mask)
     if frozen.reward_fn is not None:
         scores = frozen.reward_fn(*args)
     elif frozen.reward_model is not None:
@@ -242,7 +250,7 @@ def score_rollout(frozen, rollout: Rollout, *, chunk: int) -> Array:
         raise ValueError("RLFrozen has neither reward_fn nor reward_model: a Python reward must go through "
                          "rollout -> host scores -> update")
     scores = jnp.asarray(scores, jnp.float32)
-    if scores.shape != rollout.response_ids.shape[:1]:
+    if scores.shape != response_ids.shape[:1]:
         raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
-                         f"({rollout.response_ids.shape[0]},)")
+                         f"({response_ids.shape[0]},)")
     return jax.lax.stop_gradient(scores)

@@ -13,9 +13,11 @@ B prompts, each sampled G times (a prompt's samples contiguous), no value model:
 
 Dr. GRPO is ``advantage_scale="none", loss_aggregation="dr-grpo"``; DAPO's token-level loss is
 ``loss_aggregation="token-mean"`` with ``clip_eps_high`` > ``clip_eps``, and its soft overlong punishment
-is ``overlong_buffer`` + ``overlong_penalty``. DAPO's dynamic sampling (drop zero-variance groups and
-sample more) changes the batch's shape, so it is approximated in-program by ``mask_zero_std_groups``:
-those groups get zero weight in the loss.
+is ``overlong_buffer`` + ``overlong_penalty``. DAPO's dynamic sampling (drop the groups whose scores all
+agree and sample more prompts until the batch is full) is ``dynamic_sampling_rounds`` > 1: the core
+samples up to that many rounds of ``batch_size`` prompts inside the one compiled iteration
+(``core.dynamic_rollout``), at a fixed batch shape. ``mask_zero_std_groups`` gives whatever
+uninformative groups remain zero weight in the loss.
 """
 from __future__ import annotations
 
@@ -79,7 +81,12 @@ class GRPOConfig(ReadsHParams):
     stop-gradient IS weights). overlong_buffer: DAPO's soft overlong punishment, 0 = off: a response of
     length L > max_new_tokens − buffer gets ``− overlong_penalty · (L − (max_new_tokens − buffer)) /
     buffer`` added to its score. mask_zero_std_groups: groups whose scores all agree get zero weight in
-    the loss (the in-program stand-in for DAPO's dynamic sampling; ``frac_zero_std_groups`` reports them).
+    the loss (``frac_zero_std_groups`` reports them). dynamic_sampling_rounds: DAPO's dynamic sampling,
+    1 = off; R > 1 draws ``R · batch_size`` prompts per iteration and samples them ``batch_size`` at a
+    time, keeping only the groups whose scores are not all equal, until ``batch_size`` such groups are
+    found or R rounds are spent (the remaining slots keep uninformative groups; combine with
+    mask_zero_std_groups to drop them from the loss). Needs a reward the program can compute (gold,
+    model or jax; not python).
     """
     batch_size: int = struct.field(pytree_node=False, default=8)
     group_size: int = struct.field(pytree_node=False, default=4)
@@ -95,6 +102,7 @@ class GRPOConfig(ReadsHParams):
     policy_loss: Literal["clip", "gspo", "cispo"] = struct.field(pytree_node=False, default="clip")
     overlong_buffer: int = struct.field(pytree_node=False, default=0)
     mask_zero_std_groups: bool = struct.field(pytree_node=False, default=False)
+    dynamic_sampling_rounds: int = struct.field(pytree_node=False, default=1)
     stop_token_ids: tuple[int, ...] = struct.field(pytree_node=False, default=())
     pad_token_id: int = struct.field(pytree_node=False, default=0)
     top_k: int = struct.field(pytree_node=False, default=0)
@@ -127,6 +135,11 @@ class GRPOConfig(ReadsHParams):
     def minibatch_size(self) -> int:
         return self.rollout_size // self.minibatches
 
+    @property
+    def prompt_batch_size(self) -> int:
+        """Prompts drawn per iteration: ``batch_size`` × ``dynamic_sampling_rounds``."""
+        return self.batch_size * self.dynamic_sampling_rounds
+
     def validate(self, prefix: str = "grpo.") -> "GRPOConfig":
         check_positive_int(prefix, "batch_size", self.batch_size)
         check_positive_int(prefix, "group_size", self.group_size, 2)
@@ -141,6 +154,7 @@ class GRPOConfig(ReadsHParams):
         check_positive_int(prefix, "overlong_buffer", self.overlong_buffer, minimum=0)
         if self.overlong_buffer > self.max_new_tokens:
             fail(prefix, "overlong_buffer", self.overlong_buffer, f"at most max_new_tokens = {self.max_new_tokens}")
+        check_positive_int(prefix, "dynamic_sampling_rounds", self.dynamic_sampling_rounds)
         if not isinstance(self.mask_zero_std_groups, bool):
             fail(prefix, "mask_zero_std_groups", self.mask_zero_std_groups, "true|false")
         if self.policy_loss == "gspo" and self.per_token_advantages:

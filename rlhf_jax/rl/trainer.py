@@ -178,6 +178,9 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
         raise ConfigError("config key 'reward.function': reward.kind='jax' needs 'path/to/file.py:fn' or 'module:fn'")
     if cfg.reward.kind in ("jax", "python") and cfg.reward.function:
         load_function(cfg.reward.function, "reward.function")
+    if cfg.reward.kind == "python" and core.dynamic_rounds(algo) > 1:
+        raise ConfigError(f"config key '{cfg.section}.dynamic_sampling_rounds': dynamic sampling scores every "
+                          "round inside the compiled iteration; it needs reward.kind gold, model or jax, not python")
     if isinstance(cfg, PPOTrainConfig) and cfg.value_init == "reward" and cfg.reward.kind != "model":
         raise ConfigError("config key 'value_init': 'reward' needs reward.kind='model' (a reward model trunk)")
 
@@ -342,7 +345,7 @@ def _prompt_iterator(cfg: RLRunConfig, built: _Built, *, num_epochs: int | None 
         raise ConfigError("config key 'data.path': empty and no task prompts")
     nproc, pid = jax.process_count(), jax.process_index()
     return make_iterator(cfg.data, "prompt", tokenizer=built.tokenizer, source=src, host_id=pid, num_hosts=nproc,
-                         batch_size=algo.batch_size // nproc, max_prompt_length=p_len, buckets=(p_len,),
+                         batch_size=core.prompt_batch(algo) // nproc, max_prompt_length=p_len, buckets=(p_len,),
                          max_length=max(cfg.data.max_length, p_len + 1), seed=cfg.data.seed or cfg.seed,
                          num_epochs=num_epochs)
 
@@ -355,7 +358,7 @@ def build_setup(cfg: RLRunConfig, *, num_prompts: int = 0) -> core.RLSetup:
     """
     built = _build(cfg)
     it = _prompt_iterator(cfg, built)
-    want = num_prompts or 16 * built.algo.batch_size
+    want = num_prompts or 16 * core.prompt_batch(built.algo)
     ids, masks = [], []
     while sum(len(x) for x in ids) < want:
         b = next(it)
