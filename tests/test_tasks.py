@@ -138,6 +138,21 @@ def test_sort_hand_computed():
                                [c[1] for c in cases], atol=1e-6)
 
 
+def test_arith_hand_computed():
+    task = get_task("arith")
+    p = "add 3 4 2 :"  # running sums 3 7 9
+    cases = [(" 3 7 9", True, 1.0), (" 3 7 8", True, 1 / 3), (" 3 9", True, 1 / 6 + 0.5), (" 9", True, 0.5),
+             (" 3 7 9 9", True, 0.375 + 0.5), (" 4 8 10", True, 0.0), (" 3 add 9", True, 1 / 3 + 0.5),
+             ("", True, 0.0), (" 3 7 9", False, 0.5)]
+    for response, finished, want in cases:
+        assert task.gold_reward_text(p, response, finished=finished) == pytest.approx(want), response
+    P, PM, R, RM = _batch(task, [p] * len(cases), [c[0] for c in cases], finished=[c[1] for c in cases],
+                          extra_pad=2)
+    np.testing.assert_allclose(np.asarray(jax.jit(task.gold_reward_jax)(P, PM, R, RM)),
+                               [c[2] for c in cases], atol=1e-6)
+    assert task.optimal_response("add 9 9 9 9 9 :") == " 9 18 27 36 45"
+
+
 @pytest.mark.parametrize("name", TASKS)
 def test_records_formats_and_determinism(name):
     task = get_task(name)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 
+from rlhf_jax.tasks.arithmetic import ArithmeticTask
 from rlhf_jax.tasks.base import Task
 from rlhf_jax.tasks.sentiment import SentimentTask
 from rlhf_jax.tasks.sorting import SortTask
 
 #: name -> class; the first one is the default task of the pipeline
-_TASKS: dict[str, type[Task]] = {"sentiment": SentimentTask, "sort": SortTask}
+_TASKS: dict[str, type[Task]] = {"sentiment": SentimentTask, "sort": SortTask, "arith": ArithmeticTask}
 DEFAULT_TASK = "sentiment"
 
 
