@@ -19,6 +19,8 @@ TRAINERS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
              "GRPO: group-relative policy optimisation"),
     "rloo": ("rlhf_jax.rl.trainer:RLOOTrainConfig", "rlhf_jax.rl.trainer:train_rloo", ("score", "kl", "loss"),
              "RLOO: REINFORCE with a leave-one-out baseline"),
+    "online_dpo": ("rlhf_jax.rl.trainer:OnlineDPOTrainConfig", "rlhf_jax.rl.trainer:train_online_dpo",
+                   ("score", "kl", "loss"), "online DPO: pairs sampled from the policy, judged by the reward"),
     "dpo": ("rlhf_jax.rl.dpo:DPOTrainConfig", "rlhf_jax.rl.dpo:train_dpo", ("loss", "reward_margin"),
             "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
 }
@@ -31,6 +33,7 @@ VALIDATORS: dict[str, str] = {
     "ppo": "rlhf_jax.rl.trainer:validate_rl_config",
     "grpo": "rlhf_jax.rl.trainer:validate_rl_config",
     "rloo": "rlhf_jax.rl.trainer:validate_rl_config",
+    "online_dpo": "rlhf_jax.rl.trainer:validate_rl_config",
     "dpo": "rlhf_jax.rl.dpo:validate_dpo_config",
 }
 

@@ -248,17 +248,24 @@ def _minibatch_step(carry, batch, *, frozen: RLFrozen, cfg):
 
 
 def run_epochs(policy: TrainState, value: TrainState | None, data: dict, rng: Array, *, epochs: int,
-               minibatches: int, step_fn: Callable) -> tuple[TrainState, TrainState | None, dict]:
+               minibatches: int, step_fn: Callable, group: int = 1) -> tuple[TrainState, TrainState | None, dict]:
     """``lax.scan`` over ``epochs`` × ``minibatches`` of ``step_fn((policy, value), batch)``.
 
-    Each epoch draws a fresh permutation of the rows with ``fold_in(rng, epoch)``. Returns the
-    new states and the per-update metrics stacked as ``[epochs, minibatches]``.
+    Each epoch draws a fresh permutation with ``fold_in(rng, epoch)``: of the rows, or with ``group > 1``
+    of the blocks of ``group`` consecutive rows, which stay together and in order (online DPO's pairs).
+    Returns the new states and the per-update metrics stacked as ``[epochs, minibatches]``.
     """
     rows = jax.tree_util.tree_leaves(data)[0].shape[0]
     mb = rows // minibatches
 
+    def permutation(key):
+        if group == 1:
+            return jax.random.permutation(key, rows)
+        blocks = jax.random.permutation(key, rows // group)
+        return (blocks[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
+
     def one_epoch(carry, epoch):
-        perm = jax.random.permutation(jax.random.fold_in(rng, epoch), rows).reshape(minibatches, mb)
+        perm = permutation(jax.random.fold_in(rng, epoch)).reshape(minibatches, mb)
 
         def one_minibatch(carry, idx):
             batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
@@ -315,7 +322,8 @@ def _update_impl(state: RLState, frozen: RLFrozen, rollout: R.Rollout, scores: A
         return _minibatch_step(carry, batch, frozen=frozen, cfg=cfg)
 
     policy, value, stacked = run_epochs(state.policy, state.value, data, jax.random.fold_in(rng, 1),
-                                        epochs=cfg.epochs, minibatches=cfg.minibatches, step_fn=step_fn)
+                                        epochs=cfg.epochs, minibatches=cfg.minibatches, step_fn=step_fn,
+                                        group=getattr(cfg, "minibatch_group", 1))
     metrics = {**rollout_metrics(rollout, scores_raw, scores, kl_tok, stopped), **metrics,
                **summarize_updates(stacked)}
     algo_state = cfg.next_algo_state(state.algo_state, metrics)

@@ -34,6 +34,7 @@ from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.rl import core
 from rlhf_jax.rl.core import RL_OPTIM
 from rlhf_jax.rl.grpo import GRPOConfig, GRPOHParams
+from rlhf_jax.rl.online_dpo import OnlineDPOConfig
 from rlhf_jax.rl.ppo import PPOConfig
 from rlhf_jax.rl.experience import has_stop_token, lm_view
 from rlhf_jax.training import loop
@@ -93,7 +94,7 @@ class RLRunConfig(RunConfig):
 
     @property
     def algorithm(self):
-        """The algorithm section of this trainer config (``ppo``, ``grpo``, ``rloo``)."""
+        """The algorithm section of this trainer config (``ppo``, ``grpo``, ``rloo``, ``online_dpo``)."""
         return getattr(self, self.section)
 
 
@@ -129,10 +130,21 @@ class RLOOTrainConfig(RLRunConfig):
     section: ClassVar[str] = "rloo"
 
 
+@dataclasses.dataclass(frozen=True)
+class OnlineDPOTrainConfig(RLRunConfig):
+    """An online DPO run: ``online_dpo.batch_size`` prompts, each sampled twice and judged by ``reward``
+    (a reward model, the task's gold reward or a JAX function), the pairs trained with DPO's loss against
+    the frozen SFT reference (``rlhf_jax.rl.online_dpo``)."""
+    out_dir: str = "runs/online_dpo"
+    online_dpo: OnlineDPOConfig = OnlineDPOConfig()
+
+    section: ClassVar[str] = "online_dpo"
+
+
 def algorithm_config(cfg: RLRunConfig):
     """The algorithm section of an online RL trainer config."""
     if not isinstance(cfg, RLRunConfig) or not cfg.section:
-        raise ConfigError(f"expected a PPO/GRPO/RLOO trainer config, got {type(cfg).__name__}")
+        raise ConfigError(f"expected a PPO/GRPO/RLOO/online-DPO trainer config, got {type(cfg).__name__}")
     algo = cfg.algorithm
     if cfg.section == "rloo" and algo.advantage != "rloo":
         raise ConfigError(f"config key 'rloo.advantage': must be 'rloo', got {algo.advantage!r}")
@@ -527,3 +539,4 @@ def _trainer(cls):
 train_ppo = _trainer(PPOTrainConfig)
 train_grpo = _trainer(GRPOTrainConfig)
 train_rloo = _trainer(RLOOTrainConfig)
+train_online_dpo = _trainer(OnlineDPOTrainConfig)

@@ -32,14 +32,15 @@ from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.training.common import get_task_or_none, require_tokenizer_dir
 from rlhf_jax.training.configs import MeshConfig
 
-VMAP_SECTIONS: dict[str, str] = {"PPOTrainConfig": "ppo", "GRPOTrainConfig": "grpo", "RLOOTrainConfig": "rloo"}
+VMAP_SECTIONS: dict[str, str] = {"PPOTrainConfig": "ppo", "GRPOTrainConfig": "grpo", "RLOOTrainConfig": "rloo",
+                                 "OnlineDPOTrainConfig": "online_dpo"}
 
 
 def traced_keys(cfg: Any) -> list[str]:
     """The dotted config keys a ``--vmap`` sweep may vary for this trainer config."""
     name = type(cfg).__name__
     if name not in VMAP_SECTIONS:
-        raise ConfigError(f"--vmap runs PPO/GRPO/RLOO trainer configs ({sorted(VMAP_SECTIONS)}); "
+        raise ConfigError(f"--vmap runs PPO/GRPO/RLOO/online-DPO trainer configs ({sorted(VMAP_SECTIONS)}); "
                           f"the config is a {name}: drop --vmap to run its points one after another")
     if cfg.reward.kind == "python":
         raise ConfigError("--vmap needs a reward computed inside the compiled program (reward.kind=gold|model|jax); "
