@@ -23,6 +23,7 @@ from rlhf_jax.trainers import TRAINERS
 COMMANDS: dict[str, tuple[str, str]] = {
     **{name: ("rlhf_jax.train_command", row[3]) for name, row in TRAINERS.items()},
     "pipeline": ("rlhf_jax.pipeline", "SFT -> reward model -> PPO on an embedded gold-reward task"),
+    "compare": ("rlhf_jax.compare", "the algorithm family side by side on a gold-reward task (leaderboard)"),
     "sweep": ("rlhf_jax.sweeps.cli", "grid/random sweeps, sequential, as launch commands, or vmapped"),
     "generate": ("rlhf_jax.generation.cli", "sample completions from a checkpoint"),
     "data": ("rlhf_jax.data.cli", "inspect, validate and convert datasets (JSONL/Parquet/TFDS)"),

@@ -9,6 +9,7 @@ Layers (a package imports only lower layers, plus the same-layer pairs in ``SAME
     4  rlhf_jax.rl
     5  rlhf_jax.evaluation (shared evaluation and plots), rlhf_jax.trainers (the trainers' table)
     6  rlhf_jax.sweeps, rlhf_jax.pipeline, rlhf_jax.cli, rlhf_jax.train_command
+    7  rlhf_jax.compare (studies built from sweeps and the pipeline)
 
 Three checks over every ``.py`` file of rlhf_jax/, each parametrised by package (``-k data``):
 
@@ -56,6 +57,7 @@ LAYERS: dict[str, int] = {
     "rlhf_jax.pipeline": 6,
     "rlhf_jax.train_command": 6,
     "rlhf_jax.cli": 6,
+    "rlhf_jax.compare": 7,
 }
 # (importer, imported) pairs allowed inside one layer; any other same-layer import is a violation.
 SAME_LAYER: frozenset[tuple[str, str]] = frozenset({
