@@ -13,6 +13,8 @@ given with ``--from``). The budget is matched and stated in the leaderboard:
   (PPO: 4 epochs × 2 minibatches, as the pipeline; the others: 1 epoch × 2 minibatches), one shared
   learning rate, the seeds of one algorithm vmapped into one program (``sweeps.run_vmapped_sweep``);
   DAPO's dynamic sampling may draw up to 2× the samples, the ``samples`` column counts what it drew;
+  With ``--reward gold`` they optimise the task's gold (verifiable) reward instead (for ``arith``, where a
+  small learned reward model cannot check sums);
 * offline (DPO, KTO, SimPO): ``2 × iterations`` gradient steps (the critic-free algorithms' update
   count) on ``offline_batch`` pairs, one run per seed.
 
@@ -46,7 +48,8 @@ from rlhf_jax.pipeline import PipelineConfig, stage_configs
 from rlhf_jax.rl import (RL_OPTIM, DPOConfig, DPOHParams, DPOTrainConfig, GRPOConfig, GRPOHParams, GRPOTrainConfig,
                          OnlineDPOConfig, OnlineDPOHParams, OnlineDPOTrainConfig, RewardSection, RLOOTrainConfig,
                          build_setup, train_dpo)
-from rlhf_jax.sweeps.vmapped import evaluate_runs, run_vmapped_sweep
+from rlhf_jax.rl.experience import lm_view
+from rlhf_jax.sweeps.vmapped import run_vmapped_sweep, unstack
 from rlhf_jax.tasks import get_task, list_tasks
 from rlhf_jax.training import train_reward, train_sft
 from rlhf_jax.training.checkpoint import CheckpointConfig
@@ -91,6 +94,7 @@ class CompareSpec:
     out_dir: str
     budget: str = "small"
     from_dir: str = ""
+    reward: str = "model"
 
     def validate(self) -> "CompareSpec":
         if self.task not in list_tasks():
@@ -104,6 +108,8 @@ class CompareSpec:
             raise ConfigError(f"--algos: {list(self.algos)} names an algorithm twice")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ConfigError(f"--seeds: expected an integer >= 1, got {self.seeds!r}")
+        if self.reward not in ("model", "gold"):
+            raise ConfigError(f"--reward: expected model|gold, got {self.reward!r}")
         if self.budget not in BUDGETS:
             raise ConfigError(f"--budget: expected one of {'|'.join(BUDGETS)}, got {self.budget!r}")
         out = Path(self.out_dir)
@@ -148,23 +154,27 @@ def base_exports(from_dir: str, task: str) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------------------------- recipes
 
-def _rl_common(task: str, sft: str, rm: str, budget: Budget, out: Path) -> dict[str, Any]:
-    return dict(task=task, policy=ModelSection(name="task", path=sft), reward=RewardSection(kind="model", path=rm),
+def _rl_common(task: str, sft: str, rm: str, budget: Budget, out: Path, reward: str) -> dict[str, Any]:
+    section = RewardSection(kind="model", path=rm) if reward == "model" else RewardSection(kind="gold")
+    return dict(task=task, policy=ModelSection(name="task", path=sft), reward=section,
                 data=DataConfig(batch_size=8, max_length=64), optim=RL_OPTIM, iterations=budget.iterations,
                 sample_every=0, checkpoint=CheckpointConfig(every=0, keep=1), log=LogConfig(every=1, progress=False),
                 out_dir=str(out))
 
 
-def online_config(algo: str, task: str, sft: str, rm: str, budget: Budget, out: Path):
-    """The trainer config of an online algorithm at the comparison's budget (see the module docstring)."""
+def online_config(algo: str, task: str, sft: str, rm: str, budget: Budget, out: Path, reward: str = "model"):
+    """The trainer config of an online algorithm at the comparison's budget (see the module docstring);
+    ``reward="gold"`` optimises the task's gold (verifiable) reward instead of the reward model."""
     n_tok = get_task(task).response_length
-    common = _rl_common(task, sft, rm, budget, out)
+    common = _rl_common(task, sft, rm, budget, out, reward)
     if algo == "ppo":  # the pipeline's PPO stage (adaptive β, value model from the reward model)
         _, _, ppo = stage_configs(PipelineConfig(task=task), sft_export=sft, reward_export=rm)
         section = dataclasses.replace(ppo.ppo, batch_size=budget.rollout, max_new_tokens=n_tok)
         section = section.replace(hparams=section.hparams.replace(lr=LR))
         return dataclasses.replace(ppo, **{k: v for k, v in common.items() if k not in ("reward", "policy")},
-                                   policy=dataclasses.replace(ppo.policy, path=sft), ppo=section)
+                                   policy=dataclasses.replace(ppo.policy, path=sft), ppo=section,
+                                   reward=common["reward"] if reward == "gold" else ppo.reward,
+                                   value_init="reward" if reward == "model" else "policy")
     if algo == "online_dpo":
         return OnlineDPOTrainConfig(**common, online_dpo=OnlineDPOConfig(
             batch_size=budget.rollout // 2, max_new_tokens=n_tok, minibatches=2,
@@ -273,8 +283,9 @@ def run_compare(spec: CompareSpec, *, command: str = "", log: Callable[[str], No
     prompts = [r["prompt"] for r in task.prompt_records("test", num=budget.eval_prompts)]
     frozen = base.frozen
 
-    def evaluate(params) -> dict:
-        ev = evaluate_policy(task, base.policy_model, params, frozen.ref_params, frozen.reward_model,
+    def evaluate(params, model=None) -> dict:
+        model, params = lm_view(base.policy_model if model is None else model, params)
+        ev = evaluate_policy(task, model, params, frozen.ref_params, frozen.reward_model,
                              frozen.reward_params, prompts=prompts, seed=0, temperature=1.0,
                              reward_shift=float(frozen.reward_shift))
         ev.pop("samples", None)
@@ -286,12 +297,13 @@ def run_compare(spec: CompareSpec, *, command: str = "", log: Callable[[str], No
     for algo in spec.algos:
         t, c = time.perf_counter(), CompileClock.total()
         if algo in ONLINE:
-            cfg = online_config(algo, spec.task, sft, rm, budget, out / algo)
+            cfg = online_config(algo, spec.task, sft, rm, budget, out / algo, spec.reward)
             section = cfg.section
             log(f"{algo}: {spec.seeds} seeds x {budget.iterations} iterations x {budget.rollout} samples (vmapped)")
             res = run_vmapped_sweep(cfg, {f"{section}.lr": [str(LR)]}, seeds=spec.seeds, out_dir=out / algo)
             wall, compile_s = time.perf_counter() - t, CompileClock.total() - c
-            evals = evaluate_runs(res, cfg, num_prompts=budget.eval_prompts, split="test", seed=0)
+            evals = [evaluate(unstack(res.final_state.policy.params, i), res.setup.policy_model)
+                     for i in range(res.num_runs)]
             rounds = float(np.mean(res.history["dynamic_sampling_rounds"])) if "dynamic_sampling_rounds" in \
                 res.history else 1.0
             samples = budget.iterations * budget.rollout * rounds
@@ -313,7 +325,7 @@ def run_compare(spec: CompareSpec, *, command: str = "", log: Callable[[str], No
             f"{r['wall_seconds']:.0f} s (compile {r['compile_seconds']:.0f} s)")
     board = {
         "task": spec.task, "seeds": spec.seeds, "budget": spec.budget, "budget_detail": dataclasses.asdict(budget),
-        "learning_rate": LR, "date": datetime.date.today().isoformat(),
+        "learning_rate": LR, "reward": spec.reward, "date": datetime.date.today().isoformat(),
         "command": command or default_command(spec), "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "sft": {k: sft_eval[k] for k in ("gold_reward", "proxy_reward", "kl")}, "sft_export": str(sft),
         "reward_export": str(rm), "rows": rows, "wall_seconds": time.perf_counter() - t0,
@@ -326,7 +338,8 @@ def run_compare(spec: CompareSpec, *, command: str = "", log: Callable[[str], No
 
 def default_command(spec: CompareSpec) -> str:
     args = ["rlhf-jax", "compare", "--task", spec.task, "--algos", ",".join(spec.algos), "--seeds", str(spec.seeds),
-            "--budget", spec.budget, "--out", spec.out_dir] + (["--from", spec.from_dir] if spec.from_dir else [])
+            "--budget", spec.budget, "--reward", spec.reward, "--out", spec.out_dir] + (
+                ["--from", spec.from_dir] if spec.from_dir else [])
     return shlex.join(args)
 
 
@@ -345,7 +358,9 @@ def leaderboard_markdown(board: dict) -> str:
              f"Matched budget: online algorithms {b['iterations']} iterations x {b['rollout']} policy samples "
              f"(DAPO's dynamic sampling may draw more: `samples`); offline {2 * b['iterations']} steps x "
              f"{b['offline_batch']} pairs; one learning rate ({board['learning_rate']:g}) for all; "
-             f"{board['seeds']} seed(s) each (mean ± s.e.); evaluation on {b['eval_prompts']} held-out prompts.", "",
+             f"{board['seeds']} seed(s) each (mean ± s.e.); evaluation on {b['eval_prompts']} held-out prompts. "
+             f"Online reward: {'the learned reward model' if board['reward'] == 'model' else 'the gold (verifiable) reward'}"
+             "; offline: the reward model's preference pairs.", "",
              "| algorithm | kind | gold gain over SFT | gold | proxy | KL to SFT | gain / nat | samples | wall s "
              "| compile s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -365,13 +380,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (online: vmapped in one program)")
     parser.add_argument("--out", required=True, help="output directory (must be new or empty)")
     parser.add_argument("--budget", default="small", help=f"{'|'.join(BUDGETS)} (see rlhf_jax.compare.BUDGETS)")
+    parser.add_argument("--reward", default="model",
+                        help="what the online algorithms optimise: model (the learned reward model) or gold (the "
+                             "task's verifiable reward; proxy is still the reward model's score)")
     parser.add_argument("--from", dest="from_dir", default="",
                         help="start from the SFT policy and reward model of an earlier pipeline or compare run")
 
 
 def run(args) -> int:
     spec = CompareSpec(task=args.task, algos=tuple(a.strip() for a in args.algos.split(",") if a.strip()),
-                       seeds=args.seeds, out_dir=args.out, budget=args.budget, from_dir=args.from_dir)
+                       seeds=args.seeds, out_dir=args.out, budget=args.budget, from_dir=args.from_dir,
+                       reward=args.reward)
     command = shlex.join(["rlhf-jax"] + sys.argv[1:]) if len(sys.argv) > 1 and sys.argv[1] == "compare" else ""
     run_compare(spec, command=command)
     return 0

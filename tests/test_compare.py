@@ -18,6 +18,7 @@ from rlhf_jax.cli import main as cli_main
     (["--seeds", "0"], "--seeds"),
     (["--task", "chess"], "--task"),
     (["--from", "/nonexistent/run"], "--from"),
+    (["--reward", "python"], "--reward"),
 ])
 def test_bad_input_is_refused_naming_the_flag(tmp_path, capsys, args, flag):
     out = tmp_path / "cmp"
@@ -74,8 +75,10 @@ def test_tiny_comparison_end_to_end(tmp_path):
     base = json.loads((out / "base.json").read_text())
     # a second comparison starts from the first one's SFT policy and reward model
     again = tmp_path / "again"
-    assert cli_main(["compare", "--task", "sort", "--algos", "simpo", "--seeds", "1", "--budget", "tiny",
-                     "--out", str(again), "--from", str(out)]) == 0
+    assert cli_main(["compare", "--task", "sort", "--algos", "simpo,rloo", "--seeds", "1", "--budget", "tiny",
+                     "--out", str(again), "--from", str(out), "--reward", "gold"]) == 0
     board2 = json.loads((again / "leaderboard.json").read_text())
     assert board2["sft_export"] == base["sft_export"] and board2["sft"] == board["sft"]
+    assert board2["reward"] == "gold" and [r["algorithm"] for r in board2["rows"]] == ["simpo", "rloo"]
+    assert json.loads((again / "rloo" / "run.json").read_text())["config"]["reward"]["kind"] == "gold"
     assert not (again / "base").exists()

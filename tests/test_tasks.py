@@ -150,7 +150,7 @@ def test_arith_hand_computed():
                           extra_pad=2)
     np.testing.assert_allclose(np.asarray(jax.jit(task.gold_reward_jax)(P, PM, R, RM)),
                                [c[2] for c in cases], atol=1e-6)
-    assert task.optimal_response("add 9 9 9 9 9 :") == " 9 18 27 36 45"
+    assert task.optimal_response("add 5 5 5 5 5 :") == " 5 10 15 20 25"
 
 
 @pytest.mark.parametrize("name", TASKS)

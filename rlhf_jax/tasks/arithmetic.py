@@ -1,6 +1,6 @@
 """``arith``: add a list of digits, showing the running sums (a verifiable-reward task with reasoning steps).
 
-Prompt: ``add d_1 … d_n :`` with 3 ≤ n ≤ 5 digits 1–9. Response: the running sums
+Prompt: ``add d_1 … d_n :`` with 3 ≤ n ≤ 5 digits 1–5. Response: the running sums
 ``s_1 … s_n`` (``s_j = d_1 + … + d_j``), so the last word is the answer ``s_n``; every step is one
 addition the model must get right, and an early slip carries into every later sum.
 
@@ -25,13 +25,14 @@ import numpy as np
 from rlhf_jax.tasks.base import SPECIAL_TOKENS, Task, words_before_eos_mask
 
 MIN_LEN, MAX_LEN = 3, 5
-MAX_SUM = 49  # numbers 0..49 are words (9·5 = 45 is the largest sum)
+MAX_DIGIT = 5
+MAX_SUM = 25  # numbers 0..25 are words (5·5 = 25 is the largest sum)
 NUMBERS = tuple(str(v) for v in range(MAX_SUM + 1))
 
 
 class ArithmeticTask(Task):
     name = "arith"
-    description = "add 3-5 digits showing the running sums (steps graded, final answer checked exactly)"
+    description = "add 3-5 digits (1-5) showing the running sums (steps graded, final answer checked exactly)"
     vocab = SPECIAL_TOKENS + ("add", ":") + NUMBERS
     prompt_length = MAX_LEN + 2
     response_length = MAX_LEN + 4
@@ -90,7 +91,7 @@ class ArithmeticTask(Task):
     # ------------------------------------------------------------------ generators
     def _sample_prompt(self, rng):
         n = int(rng.integers(MIN_LEN, MAX_LEN + 1))
-        return ["add"] + [NUMBERS[d] for d in rng.integers(1, 10, size=n)] + [":"]
+        return ["add"] + [NUMBERS[d] for d in rng.integers(1, MAX_DIGIT + 1, size=n)] + [":"]
 
     def _work(self, rng, prompt, slip, p_skip):
         digits = [int(w) for w in prompt if w in NUMBERS]
