@@ -10,7 +10,9 @@ no Trainer set-up):
   (`loss = nll - losses.mean()`);
 * GSPO: `trl.GRPOTrainer._compute_loss` with `importance_sampling_level="sequence"`, and
   `trl.experimental.gspo_token.GRPOTrainer._compute_loss` with `"sequence_token"`;
-* CISPO: `trl.GRPOTrainer._compute_loss` with `loss_type="cispo"`.
+* CISPO: `trl.GRPOTrainer._compute_loss` with `loss_type="cispo"`;
+* online DPO: the loss block of `trl.experimental.online_dpo.OnlineDPOTrainer.training_step`, transcribed
+  line by line (it is not a separate method), against `rl.online_dpo.OnlineDPOConfig.minibatch_loss`.
 
 For the policy losses the stand-in's `_get_per_token_logps_and_entropies` returns a leaf tensor of
 log-probabilities, so TRL's loss VALUE and its GRADIENT with respect to the per-token log-probabilities are
@@ -219,3 +221,57 @@ def test_cispo_matches_grpo_trainer_cispo(beta):
   assert float(met["clipfrac"]) > 0  # some weights are clipped
   close(loss, trl_loss)
   close(grad, trl_grad)
+
+
+# ------------------------------------------------------------------------------------------ online DPO
+
+
+def trl_online_dpo_loss(logprobs, ref_logprobs, completion_mask, rewards, *, beta, loss_type):
+  """Transcribed from trl/experimental/online_dpo/online_dpo_trainer.py, OnlineDPOTrainer.training_step
+  (TRL 1.12.0): rows 0..B-1 are each prompt's first sample, rows B..2B-1 its second."""
+  F = torch.nn.functional
+  batch_size = rewards.shape[0] // 2
+  first_half, second_half = rewards.split(batch_size)
+  mask = first_half >= second_half
+  batch_range = torch.arange(batch_size)
+  chosen_indices = batch_range + (~mask * batch_size)
+  rejected_indices = batch_range + (mask * batch_size)
+  cr_indices = torch.cat((chosen_indices, rejected_indices), dim=0)
+  cr_logprobs = logprobs[cr_indices]
+  cr_ref_logprobs = ref_logprobs[cr_indices]
+  padding_mask = ~completion_mask.bool()
+  cr_padding_mask = padding_mask[cr_indices]
+  cr_logprobs_sum = (cr_logprobs * ~cr_padding_mask).sum(1)
+  cr_ref_logprobs_sum = (cr_ref_logprobs * ~cr_padding_mask).sum(1)
+  chosen_logprobs_sum, rejected_logprobs_sum = torch.split(cr_logprobs_sum, batch_size)
+  chosen_ref_logprobs_sum, rejected_ref_logprobs_sum = torch.split(cr_ref_logprobs_sum, batch_size)
+  pi_logratios = chosen_logprobs_sum - rejected_logprobs_sum
+  ref_logratios = chosen_ref_logprobs_sum - rejected_ref_logprobs_sum
+  logits = pi_logratios - ref_logratios
+  if loss_type == "sigmoid":
+    losses = -F.logsigmoid(beta * logits)
+  else:  # ipo
+    losses = (logits - 1 / (2 * beta)) ** 2
+  return losses.mean()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_online_dpo_matches_online_dpo_trainer(loss_type):
+  from rlhf_jax.rl import OnlineDPOConfig, OnlineDPOHParams
+  rng = np.random.default_rng(5)
+  B, N, beta = 6, 5, 0.3
+  logp = rng.normal(-1.5, 0.5, size=(2 * B, N)).astype(np.float32)
+  ref = rng.normal(-1.5, 0.5, size=(2 * B, N)).astype(np.float32)
+  lengths = rng.integers(1, N + 1, size=2 * B)
+  mask = (np.arange(N)[None] < lengths[:, None]).astype(np.float32)
+  rewards = rng.permutation(2 * B).astype(np.float32) / 10  # no ties (TRL would label a tie "first chosen")
+  trl_loss = trl_online_dpo_loss(t(logp), t(ref), t(mask).long(), t(rewards), beta=beta, loss_type=loss_type)
+  # ours: a prompt's two samples are contiguous rows (2i, 2i + 1) = TRL's rows (i, B + i)
+  order = np.stack([np.arange(B), np.arange(B) + B], axis=1).reshape(-1)
+  cfg = OnlineDPOConfig(batch_size=B, loss_type=loss_type, hparams=OnlineDPOHParams(beta=beta)).validate()
+  extra, _ = cfg.advantages(None, None, jnp.asarray(rewards[order]), None)
+  m = jnp.asarray(mask[order])
+  batch = {"response_mask": m, "ref_logp": jnp.asarray(ref[order]) * m, "old_logp": jnp.asarray(logp[order]) * m,
+           **extra}
+  loss, _ = cfg.minibatch_loss({"logp": jnp.asarray(logp[order]) * m, "entropy": jnp.zeros_like(m)}, None, batch)
+  close(loss, trl_loss)

@@ -9,9 +9,10 @@ offline DPO loss (``losses.dpo_loss``: sigmoid, hinge or IPO) against the frozen
 log-probs the core computed once in the rollout. The epochs × minibatches scan keeps each pair in one
 minibatch (``minibatch_group = 2``).
 
-Differences from TRL 1.12's ``OnlineDPOTrainer``: the log-probs are those of the core's rollout forwards
-(temperature-scaled, as TRL's); ties are dropped instead of labelled "first wins"; the missing-EOS penalty
-and score clipping are the RL core's.
+The loss equals TRL 1.12's ``OnlineDPOTrainer`` on the same log-probs and judge scores
+(tests/test_losses_family_trl.py) with one deliberate difference: a tie is dropped, where TRL labels the
+first sample chosen (``first_half >= second_half``) and trains on it. The log-probs are temperature-scaled
+(TRL's are not; equal at τ = 1); score clipping is the RL core's.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ class OnlineDPOConfig(ReadsHParams):
     batch_size: prompts (= pairs) per iteration; the rollout has ``2 · batch_size`` responses.
     max_new_tokens, stop_token_ids, pad_token_id, top_k: sampling, as in PPO/GRPO. epochs: passes over
     each iteration's pairs (1 = on-policy, TRL's setting). minibatches: per epoch (each holds whole pairs).
-    loss_type: "sigmoid" (DPO; cDPO with label_smoothing > 0), "hinge" (SLiC) or "ipo" (length-normalised).
+    loss_type: "sigmoid" (DPO; cDPO with label_smoothing > 0), "hinge" (SLiC) or "ipo" (on the summed
+    log-ratios, as TRL's OnlineDPOTrainer).
     """
     batch_size: int = struct.field(pytree_node=False, default=8)
     max_new_tokens: int = struct.field(pytree_node=False, default=16)
@@ -126,7 +128,6 @@ class OnlineDPOConfig(ReadsHParams):
         mask = batch["response_mask"].astype(jnp.float32)
         logp = jnp.sum(out["logp"] * mask, axis=1).reshape(-1, 2)
         ref = jnp.sum(batch["ref_logp"] * mask, axis=1).reshape(-1, 2)
-        length = jnp.sum(mask, axis=1).reshape(-1, 2)
         first = batch["pref_sign"].reshape(-1, 2)[:, 0]  # +1: row 0 chosen, -1: row 1 chosen, 0: tie
 
         def pick(x, chosen: bool):
@@ -135,8 +136,6 @@ class OnlineDPOConfig(ReadsHParams):
 
         loss, m = losses.dpo_loss(pick(logp, True), pick(logp, False), pick(ref, True), pick(ref, False),
                                   beta=hp.beta, loss_type=self.loss_type, label_smoothing=hp.label_smoothing,
-                                  chosen_len=pick(length, True) if self.loss_type == "ipo" else None,
-                                  rejected_len=pick(length, False) if self.loss_type == "ipo" else None,
                                   mask=(first != 0).astype(jnp.float32))
         log_ratio = (out["logp"] - batch["old_logp"]) * mask
         metrics = {"policy_loss": loss, "reward_margin": m["reward_margin"],
