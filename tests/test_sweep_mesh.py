@@ -49,8 +49,11 @@ for name, mesh in (("runs=8", MeshConfig(runs=8)), ("runs=4,fsdp=2", MeshConfig(
     got = jax.tree_util.tree_leaves(jax.device_get(res.final_state.policy.params))
     for a, b in zip(got, ref_params):
         # Adam normalises the gradient, so a float-reassociation difference in a near-zero gradient moves
-        # a weight by up to ~lr·1e-2: 2 of 16384 elements differ by 5.5e-6 (relative 1e-4) on one device
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name + " params")
+        # a weight by up to ~lr·1e-2: 2 of 16384 elements differ by 5.5e-6 on one machine, 2.5e-5 on
+        # another; all but 0.1% of the elements must agree to 1e-5 and every one to 1e-4
+        off = np.abs(a - b) > 1e-5 + 1e-5 * np.abs(b)
+        assert off.mean() <= 1e-3, (name, int(off.sum()))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name + " params")
     out[name] = {{"history_max_abs": max(float(np.max(np.abs(res.history[k] - v))) for k, v in one.history.items()),
                  "params_max_abs": max(float(np.max(np.abs(a - b))) for a, b in zip(got, ref_params)),
                  "compile_seconds": res.compile_seconds}}
