@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.models import lora
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -140,6 +141,9 @@ class Optimizer:
     """
     key: tuple
     tx: optax.GradientTransformation
+    # per leaf of the params (tree_leaves order): True where the leaf is frozen (``TrainState.apply_gradients``
+    # then passes it through untouched: no write, and under ``jax.vmap`` it stays unbatched)
+    frozen: tuple[bool, ...] = ()
 
     def init(self, params):
         return self.tx.init(params)
@@ -191,6 +195,8 @@ def make_optimizer(cfg: OptimConfig, params, *, total_steps: int,
     dmask = decay_mask(params)
     if trainable is None:
         trainable = trainable_mask(params, cfg.freeze)
+        if lora.is_lora_params(params):  # a LoRA model trains its adapters (and scalar heads) only
+            trainable = jax.tree_util.tree_map(lambda a, b: bool(a and b), trainable, lora.trainable_mask(params))
     key = (cfg, int(total_steps), jax.tree_util.tree_structure(params), _structure_key(params, trainable))
     leaves = jax.tree_util.tree_leaves(trainable)
     if all(leaves):
@@ -201,7 +207,8 @@ def make_optimizer(cfg: OptimConfig, params, *, total_steps: int,
     # adamw mask over the trainable subtree only.
     train_tx = _adamw_chain(cfg, total_steps, lambda p: _masked_like(p, dmask))
     labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
-    return Optimizer(key, optax.multi_transform({"train": train_tx, "freeze": optax.set_to_zero()}, labels))
+    return Optimizer(key, optax.multi_transform({"train": train_tx, "freeze": optax.set_to_zero()}, labels),
+                     frozen=tuple(not t for t in leaves))
 
 
 def _masked_like(masked_tree, full_mask):
