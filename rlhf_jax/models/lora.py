@@ -147,7 +147,7 @@ def adapter_paths(adapters: dict) -> list[tuple]:
 def merge(params: dict, adapters: dict, cfg: LoraConfig, *, dtype=None, freeze_base: bool = True) -> dict:
     """``{"params": base with W' = W + s·a@b on every adapted kernel}`` (the base through
     ``stop_gradient`` when ``freeze_base``, except the scalar heads). ``dtype``: the merged kernels'
-    dtype (default: the promotion of the kernel's and the adapters' dtypes)."""
+    dtype (default: the base kernel's; the sum itself is formed in at least the adapters' precision)."""
     inner = params["params"] if "params" in params else params
     sg = jax.lax.stop_gradient if freeze_base else (lambda x: x)
     out = {k: (v if k in HEAD_KEYS else jax.tree_util.tree_map(sg, v)) for k, v in inner.items()}
@@ -156,7 +156,7 @@ def merge(params: dict, adapters: dict, cfg: LoraConfig, *, dtype=None, freeze_b
         ad = _get(adapters, p[:-1])
         w = _get(out, p)
         delta = (ad["a"] @ ad["b"]) * jnp.asarray(cfg.scale, ad["a"].dtype)
-        odt = jnp.result_type(w.dtype, delta.dtype) if dtype is None else dtype
+        odt = w.dtype if dtype is None else dtype
         _set(out, p, (w.astype(jnp.promote_types(odt, delta.dtype)) + delta.reshape(w.shape)).astype(odt))
     return {"params": out}
 

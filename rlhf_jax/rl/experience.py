@@ -23,6 +23,7 @@ from flax import struct
 
 from rlhf_jax import losses
 from rlhf_jax.generation import generate
+from rlhf_jax.models import lora
 from rlhf_jax.models import CausalLM, CausalLMWithValueHead, last_token_values, split_value_head
 
 Array = jax.Array
@@ -182,6 +183,8 @@ def check_prompts(prompts: dict[str, Array], batch_size: int, where: str) -> tup
 
 def lm_view(model, params) -> tuple[Any, Any]:
     """``(CausalLM, its params)`` of a policy: itself, or the LM part of a ``CausalLMWithValueHead``."""
+    if isinstance(model, lora.LoraModel):  # generation/export: the adapters merged into a plain module
+        model, params = lora.merged(model, params) if params is not None else (model.model, None)
     if isinstance(model, CausalLMWithValueHead):
         return CausalLM(model.config), (None if params is None else split_value_head(params)[0])
     return model, params
@@ -207,11 +210,14 @@ def rollout_forwards(policy_params, value_params, frozen, prompt_ids: Array, pro
     model = frozen.policy_model
     ref_model, _ = lm_view(model, None)
     sg = jax.lax.stop_gradient
+    ref_params = frozen.ref_params
+    if ref_params is None and lora.is_lora_params(policy_params):  # LoRA: the policy's own base, adapters off
+        ref_params = lm_view(lora.base_model(model), lora.base_params(policy_params))[1]
 
     def pol(p_ids, p_mask, r_ids, r_mask):
         out = policy_forward(model, sg(policy_params), p_ids, p_mask, r_ids, r_mask, temperature)
         if with_ref:
-            ref_logp = policy_forward(ref_model, sg(frozen.ref_params), p_ids, p_mask, r_ids, r_mask,
+            ref_logp = policy_forward(ref_model, sg(ref_params), p_ids, p_mask, r_ids, r_mask,
                                       temperature, with_entropy=False)["logp"]
         else:
             ref_logp = out["logp"]

@@ -30,6 +30,7 @@ import numpy as np
 
 from rlhf_jax import models
 from rlhf_jax.config import ConfigError, to_dict
+from rlhf_jax.models import lora
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.rl import core
 from rlhf_jax.rl.core import RL_OPTIM
@@ -301,17 +302,23 @@ def _build(cfg: RLRunConfig) -> _Built:
     shared = algo.value_mode == "shared"
     policy_model, policy_params, mconfig = build_model(cfg.policy, task=task, tokenizer=tokenizer,
                                                        head="value" if shared else None,
-                                                       rng=jax.random.fold_in(rng, 1))
+                                                       rng=jax.random.fold_in(rng, 1), prefix="policy.")
     p_len = _prompt_length(cfg, task)
     if p_len + algo.max_new_tokens > mconfig.max_position_embeddings:
         raise ConfigError(f"config key '{cfg.section}.max_new_tokens': prompt length {p_len} + "
                           f"{algo.max_new_tokens} new tokens exceeds the model's max_position_embeddings "
                           f"{mconfig.max_position_embeddings}")
     ref_params = models.split_value_head(policy_params)[0] if shared else policy_params
+    if lora.is_lora_params(policy_params):  # the reference is the policy's own base, adapters off: no copy
+        ref_params = None
     reward_model, reward_params, reward_shift, reward_fn, python_reward = _reward_source(
         cfg, task, tokenizer, jax.random.fold_in(rng, 2))
     value_model, value_params = _value_model(cfg, mconfig, policy_params, reward_model, reward_params,
                                              jax.random.fold_in(rng, 3))
+    if value_model is not None and isinstance(policy_model, lora.LoraModel):  # the critic gets its own adapters
+        value_model = lora.wrap(value_model, policy_model.lora)
+        value_params = {"params": value_params["params"],
+                        "lora": lora.init_adapters(value_params, policy_model.lora, jax.random.fold_in(rng, 4))}
     updates = cfg.iterations * algo.epochs * algo.minibatches
     unit_rate = dataclasses.replace(cfg.optim, learning_rate=1.0)  # the traced lr scales every update
     policy_tx = make_optimizer(unit_rate, policy_params, total_steps=updates)
@@ -325,7 +332,8 @@ def _build(cfg: RLRunConfig) -> _Built:
     configs = {"policy": mconfig, "value": None if value_model is None else value_model.config,
                "reward": None if reward_model is None else reward_model.config}
     return _Built(setup=setup, tokenizer=tokenizer, tokenizer_dir=tok_dir, task=task, python_reward=python_reward,
-                  algo=algo, export_model=models.CausalLM(policy_model.config) if shared else policy_model,
+                  algo=algo, export_model=models.CausalLM(policy_model.config) if shared and not
+                  isinstance(policy_model, lora.LoraModel) else policy_model,
                   model_configs=configs)
 
 
@@ -372,6 +380,12 @@ def build_setup(cfg: RLRunConfig, *, num_prompts: int = 0) -> core.RLSetup:
 def export_policy(policy_model, policy_params, tokenizer_dir: str, export_dir: Path) -> str:
     """A trained policy as a Hugging Face directory (+ the run's tokenizer files); a value head that
     shares the policy's trunk is left out."""
+    if isinstance(policy_model, lora.LoraModel):  # merged model + the adapters in PEFT format (export/adapter)
+        if isinstance(policy_model.model, models.CausalLMWithValueHead):
+            lm_params = models.split_value_head(lora.base_params(policy_params))[0]
+            policy_model = lora.wrap(models.CausalLM(policy_model.config), policy_model.lora)
+            policy_params = {"params": lm_params["params"], "lora": policy_params["lora"]}
+        return export_model(Path(export_dir), policy_model, policy_params, tokenizer_dir)
     model, params = lm_view(policy_model, policy_params)
     return export_model(Path(export_dir), model, params, tokenizer_dir)
 
