@@ -36,6 +36,8 @@ class ModelSection:
     dtype: str = "float32"        # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32|bfloat16|float16)
     remat: bool = False           # rematerialise each layer's activations in the backward pass (saves memory)
+    remat_policy: Literal["full", "dots_saveable"] = "full"  # with remat: keep nothing (full) or the matmul outputs
+    logits_chunk: int = 0         # RL policy log-probs over the response in chunks of this many tokens (0 = whole)
     lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
     lora_alpha: float = 16.0      # LoRA scale numerator: s = lora_alpha / lora_rank (rsLoRA: / sqrt(rank))
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths (model/layers_i/attn/q_proj/kernel)
@@ -53,6 +55,11 @@ class ModelSection:
                 raise ConfigError(f"config key {prefix + key!r}: expected float32/bfloat16/float16, "
                                   f"got {getattr(self, key)!r}")
         self.validate_lora(prefix)
+        if self.remat_policy not in ("full", "dots_saveable"):
+            raise ConfigError(f"config key {prefix + 'remat_policy'!r}: expected full|dots_saveable, got "
+                              f"{self.remat_policy!r} (remat=false turns rematerialisation off)")
+        if self.logits_chunk < 0:
+            raise ConfigError(f"config key {prefix + 'logits_chunk'!r}: must be >= 0 (0 = whole), got {self.logits_chunk}")
         for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "intermediate_size", "max_position_embeddings"):
             if getattr(self, f) < 0:
@@ -89,7 +96,8 @@ class ModelSection:
         keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "intermediate_size", "max_position_embeddings")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) > 0}
-        out.update(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        out.update(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy,
+                   logits_chunk=self.logits_chunk)
         return out
 
 
