@@ -40,6 +40,7 @@ from typing import Any, Callable
 import jax
 
 from rlhf_jax.config import ConfigError, apply_overrides, dump_json, format_config, load_config_file
+from rlhf_jax.models import lora
 from rlhf_jax.data import DataConfig
 from rlhf_jax.evaluation import (evaluate_policy, evaluate_reward_model, plot_reward_vs_kl, plot_training_curves,
                                  read_metrics)
@@ -152,6 +153,9 @@ class PipelineConfig:
             raise ConfigError(f"config key 'init_from': {self.init_from!r} is not a Hugging Face model "
                               f"directory (no config.json)")
         self.eval.validate()
+        for key, section in (("sft.model.", self.sft.model), ("reward.model.", self.reward.model),
+                             ("ppo.policy.", self.ppo.policy)):
+            section.validate_lora(key)
         return self
 
 
@@ -346,6 +350,11 @@ class _Evals:
     curve: list[dict]
 
 
+def _merged(model, params):
+    """A LoRA policy's params with the adapters merged (what the plain SFT module evaluates)."""
+    return lora.merged(model, params)[1] if lora.is_lora_params(params) else params
+
+
 def _evaluate_stages(cfg: PipelineConfig, task, noise: float, stages: _Stages, curve_steps: list[int]) -> _Evals:
     policy_model, sft_params = stages.sft.model, stages.sft.state.params
     reward_model, reward_params = stages.rm.model, stages.rm.state.params
@@ -354,13 +363,13 @@ def _evaluate_stages(cfg: PipelineConfig, task, noise: float, stages: _Stages, c
     eval_kw = dict(prompts=prompts, seed=cfg.seed, temperature=cfg.eval.temperature,
                    batch_size=cfg.eval.batch_size, reward_shift=shift, num_samples=cfg.eval.num_samples)
     sft_eval = evaluate_policy(task, policy_model, sft_params, sft_params, reward_model, reward_params, **eval_kw)
-    ppo_params = stages.ppo.state.policy.params
+    ppo_params = _merged(stages.ppo.model, stages.ppo.state.policy.params)
     ppo_eval = evaluate_policy(task, policy_model, ppo_params, sft_params, reward_model, reward_params, **eval_kw)
     rm_eval = evaluate_reward_model(task, reward_model, reward_params, noise=noise,
                                     num_pairs=cfg.eval.num_pairs)
 
     def evaluate_params(params) -> dict:
-        return evaluate_policy(task, policy_model, params, sft_params, reward_model, reward_params,
+        return evaluate_policy(task, policy_model, _merged(stages.ppo.model, params), sft_params, reward_model, reward_params,
                                **{**eval_kw, "num_samples": 0})
 
     curve = _checkpoint_curve(stages, curve_steps, evaluate_params)
@@ -415,6 +424,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default runs/pipeline); must be new or empty")
     parser.add_argument("--config", default=None, help="experiments/*.py with get_config() -> PipelineConfig")
     parser.add_argument("--init-from", default=None, help="Hugging Face model directory to start SFT from")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="train the PPO policy (and critic) as LoRA adapters of this rank on the SFT model "
+                             "(= ppo.policy.lora_rank; default 0: full fine-tune)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it holds an earlier pipeline run")
     parser.add_argument("--print-config", action="store_true",
@@ -436,6 +448,8 @@ def config_from_args(args) -> PipelineConfig:
             cfg = dataclasses.replace(cfg, **{key: flag})
     if args.overwrite:
         cfg = dataclasses.replace(cfg, overwrite=True)
+    if getattr(args, "lora_rank", None) is not None:
+        cfg = apply_overrides(cfg, [f"ppo.policy.lora_rank={args.lora_rank}"])
     return cfg.validate()
 
 

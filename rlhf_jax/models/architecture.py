@@ -172,6 +172,9 @@ def _decoder_fields(hf: Mapping[str, Any], mtype: str) -> dict[str, Any]:
     return kw
 
 
+REMAT_POLICIES = ("full", "dots_saveable")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of the decoder-only transformer (hashable: usable as a static jit arg).
@@ -208,6 +211,12 @@ class ModelConfig:
     param_dtype: Any = "float32"
     remat: bool = False
     initializer_range: float = 0.02
+    # what a rematerialised layer keeps for the backward pass: "full" (nothing: recompute the whole layer)
+    # or "dots_saveable" (the matmul outputs; recompute only the elementwise work)
+    remat_policy: str = "full"
+    # > 0: the RL policy's log-probs/entropy are computed over the response in chunks of this many tokens,
+    # each chunk's [B, c, V] logits recomputed in the backward pass, so [B, N, V] is never whole
+    logits_chunk: int = 0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -240,6 +249,10 @@ class ModelConfig:
                 raise UnsupportedModelError(
                     f"ModelConfig.rope_scaling: unsupported rope_type {rtype!r}; supported: {_ROPE_TYPES}"
                 )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat_policy: expected one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if isinstance(self.logits_chunk, bool) or not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            raise ValueError(f"ModelConfig.logits_chunk: expected an int >= 0, got {self.logits_chunk!r}")
         if self.arch != "gpt2" and self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
 

@@ -442,7 +442,11 @@ class Transformer(nn.Module):
         if c.learned_positions:
             self.pos_embed = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=c.dtype,
                                       param_dtype=c.param_dtype, embedding_init=init)
-        block = nn.remat(Block) if c.remat else Block
+        if c.remat:
+            policy = jax.checkpoint_policies.dots_saveable if c.remat_policy == "dots_saveable" else None
+            block = nn.remat(Block, policy=policy)
+        else:
+            block = Block
         self.layers = [block(c, i) for i in range(c.num_layers)]
         self.final_norm = _norm(c)
 

@@ -36,6 +36,7 @@ from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.rl.core import RL_OPTIM, ReadsHParams, own_copy, traced_hparams, train_state
 from rlhf_jax.rl.validation import check_choice, check_positive, concrete, fail
 from rlhf_jax.training import loop
+from rlhf_jax.models import lora
 from rlhf_jax.training.common import (build_model, check_path, export_model, get_task_or_none,
                                       require_tokenizer_dir)
 from rlhf_jax.training.configs import ModelSection, RunConfig
@@ -270,10 +271,18 @@ def precompute_reference_logps(model, ref_params, batch: dict) -> dict[str, Arra
     return _reference_logps_jit(model, ref_params, {k: jnp.asarray(batch[k]) for k in _REQUIRED})
 
 
+def _lora_reference(frozen: DPOFrozen, params) -> DPOFrozen:
+    """A LoRA policy's reference is its own base without the adapters (``ref_params=None``): no copy."""
+    if frozen.ref_params is None and lora.is_lora_params(params):
+        return frozen.replace(ref_params=lora.base_params(params))
+    return frozen
+
+
 def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, cfg: DPOConfig) -> tuple[TrainState, dict]:
     """One DPO update: ``losses.dpo_loss`` on the batch, gradient step with the traced lr."""
     TRACE_COUNTS["dpo_step"] += 1
     hparams = cfg.hparams
+    frozen = _lora_reference(frozen, state.params)
     ref = _reference(frozen, batch, cfg, "dpo_step")
     kl_ref = _kto_reference_point(frozen, state.params, batch, cfg)
 
@@ -292,6 +301,7 @@ def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, cfg: DPOCon
 
 def dpo_eval_pure(params, frozen: DPOFrozen, batch: dict, cfg: DPOConfig) -> dict:
     """The configured loss's metrics of ``params`` on a batch (no update)."""
+    frozen = _lora_reference(frozen, params)
     ref = _reference(frozen, batch, cfg, "dpo_eval")
     _, m = preference_loss(_pair_logps(frozen.model, params, batch), ref, batch, cfg,
                            _kto_reference_point(frozen, params, batch, cfg))
@@ -420,14 +430,16 @@ def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
     tokenizer = load_tokenizer(tok_dir)
     rng = jax.random.PRNGKey(cfg.seed)
     model, params, _ = build_model(cfg.policy, task=task, tokenizer=tokenizer, head=None,
-                                   rng=jax.random.fold_in(rng, 1))
+                                   rng=jax.random.fold_in(rng, 1), prefix="policy.")
     algo = cfg.dpo
     tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=1.0), params, total_steps=cfg.steps)
     state = init_dpo_state(model=model, params=params, tx=tx, cfg=algo, rng=jax.random.fold_in(rng, 2))
-    table = (_reference_table(cfg, task, tokenizer, model, params) if algo.precompute_ref and algo.uses_ref
+    ref_params = lora.base_params(params) if lora.is_lora_params(params) else params  # LoRA: base, adapters off
+    table = (_reference_table(cfg, task, tokenizer, model, ref_params) if algo.precompute_ref and algo.uses_ref
              else None)
     needs_ref = algo.ref_forward_each_step or (algo.uses_ref and table is None)
-    frozen = DPOFrozen(ref_params=params if needs_ref else None, model=model)
+    # a LoRA reference is read from the state's own base at each step (None here: no second copy)
+    frozen = DPOFrozen(ref_params=ref_params if needs_ref and not lora.is_lora_params(params) else None, model=model)
 
     def with_refs(b: dict) -> dict:
         out = {k: b[k] for k in _PREF_KEYS if k in b}
@@ -442,7 +454,7 @@ def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
         total_steps=cfg.steps, config_dict=to_dict(cfg), placement=loop.make_placement(cfg.mesh),
         make_step=lambda placed: (lambda st, b: dpo_step(st, frozen, b, cfg=algo)),
         prepare=with_refs, place=lambda st: st, unplace=lambda st: st,
-        eval_fn=_dpo_evaluator(cfg, task, tokenizer, model, params), eval_every=cfg.eval_every,
+        eval_fn=_dpo_evaluator(cfg, task, tokenizer, model, None if lora.is_lora_params(params) else params), eval_every=cfg.eval_every,
         tokens=lambda b, m: float(2 * np.asarray(b["chosen_ids"]).size),
         lr_fn=lambda i: float(algo.hparams.lr) * float(factor(i)),
         export=(lambda st, out: export_model(out / "export", model, st.params, tok_dir)) if cfg.export else None)

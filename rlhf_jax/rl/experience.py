@@ -23,6 +23,7 @@ from flax import struct
 
 from rlhf_jax import losses
 from rlhf_jax.generation import generate
+from rlhf_jax.models import lora
 from rlhf_jax.models import CausalLM, CausalLMWithValueHead, last_token_values, split_value_head
 
 Array = jax.Array
@@ -87,6 +88,10 @@ def policy_forward(model, params, prompt_ids: Array, prompt_mask: Array, respons
         # the LM head only on the N positions that predict the response (not on the prompt)
         h = response_slice(model.apply(params, ids, attention_mask=mask, method=cls.hidden_states), prompt_len)
         head = cls.logits_from_hidden if hasattr(cls, "logits_from_hidden") else cls.heads_from_hidden
+        chunk = int(getattr(model.config, "logits_chunk", 0) or 0)
+        if 0 < chunk < response_ids.shape[1]:
+            return _chunked_head(model, params, head, h, response_ids, response_mask, temperature, chunk,
+                                 with_entropy)
         logits_r, values_r = split_outputs(model.apply(params, h, method=head))
     else:
         logits, values = split_outputs(model.apply(params, ids, attention_mask=mask))
@@ -100,6 +105,33 @@ def policy_forward(model, params, prompt_ids: Array, prompt_mask: Array, respons
     if values_r is not None:
         out["values"] = values_r.astype(jnp.float32) * response_mask
     return out
+
+
+def _chunked_head(model, params, head, h: Array, response_ids: Array, response_mask: Array, temperature: Array,
+                  chunk: int, with_entropy: bool) -> dict[str, Array]:
+    """:func:`policy_forward`'s head on ``chunk`` response tokens at a time (``ModelConfig.logits_chunk``): each
+    chunk's ``[B, c, V]`` logits live only inside a rematerialised ``lax.map`` step, so neither pass holds
+    ``[B, N, V]`` whole. Same numbers as the unchunked head (tested)."""
+    b, n = response_ids.shape
+    if n % chunk:
+        raise ValueError(f"ModelConfig.logits_chunk={chunk} does not divide the {n} response tokens")
+    k = n // chunk
+
+    @jax.checkpoint
+    def one(xs):
+        h_c, ids_c, mask_c = xs
+        logits, values = split_outputs(model.apply(params, h_c, method=head))
+        logits = logits.astype(jnp.float32)
+        res = {"logp": losses.sequence_logprobs(logits, ids_c, mask_c, temperature=temperature)}
+        if with_entropy:
+            res["entropy"] = losses.entropy_from_logits(logits / temperature, mask_c, reduction="none")
+        if values is not None:
+            res["values"] = values.astype(jnp.float32) * mask_c
+        return res
+
+    split = lambda x: jnp.swapaxes(x.reshape((b, k, chunk) + x.shape[2:]), 0, 1)  # noqa: E731  [k, B, c, ...]
+    out = jax.lax.map(one, (split(h), split(response_ids), split(response_mask)))
+    return {key: jnp.swapaxes(v, 0, 1).reshape(b, n) for key, v in out.items()}
 
 
 def _token_values(model, params, ids: Array, mask: Array) -> Array:
@@ -182,6 +214,8 @@ def check_prompts(prompts: dict[str, Array], batch_size: int, where: str) -> tup
 
 def lm_view(model, params) -> tuple[Any, Any]:
     """``(CausalLM, its params)`` of a policy: itself, or the LM part of a ``CausalLMWithValueHead``."""
+    if isinstance(model, lora.LoraModel):  # generation/export: the adapters merged into a plain module
+        model, params = lora.merged(model, params) if params is not None else (model.model, None)
     if isinstance(model, CausalLMWithValueHead):
         return CausalLM(model.config), (None if params is None else split_value_head(params)[0])
     return model, params
@@ -207,11 +241,14 @@ def rollout_forwards(policy_params, value_params, frozen, prompt_ids: Array, pro
     model = frozen.policy_model
     ref_model, _ = lm_view(model, None)
     sg = jax.lax.stop_gradient
+    ref_params = frozen.ref_params
+    if ref_params is None and lora.is_lora_params(policy_params):  # LoRA: the policy's own base, adapters off
+        ref_params = lm_view(lora.base_model(model), lora.base_params(policy_params))[1]
 
     def pol(p_ids, p_mask, r_ids, r_mask):
         out = policy_forward(model, sg(policy_params), p_ids, p_mask, r_ids, r_mask, temperature)
         if with_ref:
-            ref_logp = policy_forward(ref_model, sg(frozen.ref_params), p_ids, p_mask, r_ids, r_mask,
+            ref_logp = policy_forward(ref_model, sg(ref_params), p_ids, p_mask, r_ids, r_mask,
                                       temperature, with_entropy=False)["logp"]
         else:
             ref_logp = out["logp"]

@@ -30,6 +30,7 @@ import numpy as np
 
 from rlhf_jax import models
 from rlhf_jax.config import ConfigError, to_dict
+from rlhf_jax.models import lora
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.rl import core
 from rlhf_jax.rl.core import RL_OPTIM
@@ -66,6 +67,7 @@ class RewardSection:
     kind: Literal["gold", "model", "jax", "python"] = "gold"
     path: str = ""
     function: str = ""
+    param_dtype: str = ""  # storage dtype of the reward model's weights ("" = policy.param_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,8 @@ class RLRunConfig(RunConfig):
     iterations: int = 100
     sample_every: int = 10
     num_samples: int = 4
+    ref_param_dtype: str = ""  # storage dtype of the reference's copy of the weights ("" = policy.param_dtype;
+    #                            a LoRA policy's reference is its own base: no copy)
 
     section: ClassVar[str] = ""
 
@@ -106,6 +110,7 @@ class PPOTrainConfig(RLRunConfig):
     data: DataConfig = DataConfig(batch_size=16, max_length=64)
     out_dir: str = "runs/ppo"
     value_init: Literal["policy", "reward"] = "policy"
+    value_param_dtype: str = ""  # storage dtype of the separate value model's weights ("" = policy.param_dtype)
     ppo: PPOConfig = PPOConfig()
 
     section: ClassVar[str] = "ppo"
@@ -193,6 +198,14 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
     if cfg.reward.kind == "python" and core.dynamic_rounds(algo) > 1:
         raise ConfigError(f"config key '{cfg.section}.dynamic_sampling_rounds': dynamic sampling scores every "
                           "round inside the compiled iteration; it needs reward.kind gold, model or jax, not python")
+    for key, value in (("reward.param_dtype", cfg.reward.param_dtype), ("ref_param_dtype", cfg.ref_param_dtype),
+                       ("value_param_dtype", getattr(cfg, "value_param_dtype", ""))):
+        if value not in ("", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"config key {key!r}: expected ''|float32|bfloat16|float16, got {value!r}")
+    chunk = cfg.policy.logits_chunk
+    if chunk and algo.max_new_tokens % chunk:
+        raise ConfigError(f"config key 'policy.logits_chunk': {chunk} does not divide "
+                          f"{cfg.section}.max_new_tokens={algo.max_new_tokens}")
     if isinstance(cfg, PPOTrainConfig) and cfg.value_init == "reward" and cfg.reward.kind != "model":
         raise ConfigError("config key 'value_init': 'reward' needs reward.kind='model' (a reward model trunk)")
 
@@ -242,6 +255,11 @@ def resolve_jax_reward(spec: str, tokenizer) -> Callable:
     return fn
 
 
+def _cast(params, dtype: str):
+    """Floating leaves of ``params`` stored in ``dtype`` (the models cast to their compute dtype)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def _fresh_head_on(trunk_params: dict, scalar_model, rng) -> dict:
     """``ScalarHeadModel`` params: the given ``model/...`` trunk + a freshly initialised ``score`` head."""
     fresh = models.init_params(scalar_model, rng)
@@ -288,7 +306,8 @@ def _reward_source(cfg: RLRunConfig, task, tokenizer, rng):
         return None, None, 0.0, resolve_jax_reward(cfg.reward.function, tokenizer), None
     if cfg.reward.kind == "model":
         rm, rp = models.from_pretrained(cfg.reward.path, dtype=jnp.dtype(cfg.policy.dtype),
-                                        param_dtype=jnp.dtype(cfg.policy.param_dtype), head="scalar", rng=rng)
+                                        param_dtype=jnp.dtype(cfg.reward.param_dtype or cfg.policy.param_dtype),
+                                        head="scalar", rng=rng)
         return rm, rp, load_reward_shift(cfg.reward.path), None, None
     return None, None, 0.0, None, resolve_python_reward(cfg.reward.function, task)
 
@@ -313,17 +332,27 @@ def _build(cfg: RLRunConfig) -> _Built:
     shared = algo.value_mode == "shared"
     policy_model, policy_params, mconfig = build_model(cfg.policy, task=task, tokenizer=tokenizer,
                                                        head="value" if shared else None,
-                                                       rng=jax.random.fold_in(rng, 1))
+                                                       rng=jax.random.fold_in(rng, 1), prefix="policy.")
     p_len = _prompt_length(cfg, task)
     if p_len + algo.max_new_tokens > mconfig.max_position_embeddings:
         raise ConfigError(f"config key '{cfg.section}.max_new_tokens': prompt length {p_len} + "
                           f"{algo.max_new_tokens} new tokens exceeds the model's max_position_embeddings "
                           f"{mconfig.max_position_embeddings}")
     ref_params = models.split_value_head(policy_params)[0] if shared else policy_params
+    if lora.is_lora_params(policy_params):  # the reference is the policy's own base, adapters off: no copy
+        ref_params = None
+    elif cfg.ref_param_dtype:
+        ref_params = _cast(ref_params, cfg.ref_param_dtype)
     reward_model, reward_params, reward_shift, reward_fn, python_reward = _reward_source(
         cfg, task, tokenizer, jax.random.fold_in(rng, 2))
     value_model, value_params = _value_model(cfg, mconfig, policy_params, reward_model, reward_params,
                                              jax.random.fold_in(rng, 3))
+    if value_params is not None and getattr(cfg, "value_param_dtype", ""):
+        value_params = _cast(value_params, cfg.value_param_dtype)
+    if value_model is not None and isinstance(policy_model, lora.LoraModel):  # the critic gets its own adapters
+        value_model = lora.wrap(value_model, policy_model.lora)
+        value_params = {"params": value_params["params"],
+                        "lora": lora.init_adapters(value_params, policy_model.lora, jax.random.fold_in(rng, 4))}
     updates = cfg.iterations * algo.epochs * algo.minibatches
     unit_rate = dataclasses.replace(cfg.optim, learning_rate=1.0)  # the traced lr scales every update
     policy_tx = make_optimizer(unit_rate, policy_params, total_steps=updates)
@@ -337,7 +366,8 @@ def _build(cfg: RLRunConfig) -> _Built:
     configs = {"policy": mconfig, "value": None if value_model is None else value_model.config,
                "reward": None if reward_model is None else reward_model.config}
     return _Built(setup=setup, tokenizer=tokenizer, tokenizer_dir=tok_dir, task=task, python_reward=python_reward,
-                  algo=algo, export_model=models.CausalLM(policy_model.config) if shared else policy_model,
+                  algo=algo, export_model=models.CausalLM(policy_model.config) if shared and not
+                  isinstance(policy_model, lora.LoraModel) else policy_model,
                   model_configs=configs)
 
 
@@ -384,6 +414,12 @@ def build_setup(cfg: RLRunConfig, *, num_prompts: int = 0) -> core.RLSetup:
 def export_policy(policy_model, policy_params, tokenizer_dir: str, export_dir: Path) -> str:
     """A trained policy as a Hugging Face directory (+ the run's tokenizer files); a value head that
     shares the policy's trunk is left out."""
+    if isinstance(policy_model, lora.LoraModel):  # merged model + the adapters in PEFT format (export/adapter)
+        if isinstance(policy_model.model, models.CausalLMWithValueHead):
+            lm_params = models.split_value_head(lora.base_params(policy_params))[0]
+            policy_model = lora.wrap(models.CausalLM(policy_model.config), policy_model.lora)
+            policy_params = {"params": lm_params["params"], "lora": policy_params["lora"]}
+        return export_model(Path(export_dir), policy_model, policy_params, tokenizer_dir)
     model, params = lm_view(policy_model, policy_params)
     return export_model(Path(export_dir), model, params, tokenizer_dir)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import models
+from rlhf_jax.models import lora
 from rlhf_jax.config import ConfigError, apply_overrides, load_config_file, to_dict
 from rlhf_jax.tasks import get_task, list_tasks
 from rlhf_jax.training import loop
@@ -95,12 +96,13 @@ def check_path(key: str, path: str, *, kind: str = "file") -> None:
             raise ConfigError(f"config key {key!r}: {part!r} does not exist")
 
 
-def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng: jax.Array):
+def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng: jax.Array, prefix: str = "model."):
     """``(model, params, model_config)`` from a HF directory, the task's config, or a tiny config."""
     if section.path:
         model, params = models.from_pretrained(
             section.path, dtype=jnp.dtype(section.dtype), param_dtype=jnp.dtype(section.param_dtype),
-            head=head, rng=rng, remat=section.remat)
+            head=head, rng=rng, remat=section.remat, remat_policy=section.remat_policy,
+            logits_chunk=section.logits_chunk)
         mconfig = model.config
     else:
         sizes = section.size_overrides()
@@ -126,7 +128,29 @@ def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng
             models.check_tokenizer_compat(mconfig, tokenizer)
         except ValueError as e:
             raise ConfigError(f"config key 'model': {e}") from None
+    if section.uses_lora:
+        model, params = add_lora(section, model, params, jax.random.fold_in(rng, 7), prefix=prefix)
     return model, params, mconfig
+
+
+def add_lora(section: ModelSection, model, params, rng: jax.Array, *, prefix: str = "model."):
+    """``(LoraModel, {"params": base, "lora": adapters})``: fresh adapters of ``section.lora_rank``, or the
+    PEFT adapter directory ``section.lora_path`` (whose rank must agree with a non-zero ``lora_rank``)."""
+    if section.lora_path:
+        try:
+            cfg, adapters = lora.load_peft_adapter(section.lora_path, model.config)
+        except models.CheckpointError as e:
+            raise ConfigError(f"config key {prefix + 'lora_path'!r}: {e}") from None
+        if section.lora_rank and section.lora_rank != cfg.rank:
+            raise ConfigError(f"config key {prefix + 'lora_rank'!r}: {section.lora_rank} differs from the adapter's "
+                              f"r={cfg.rank} in {section.lora_path!r} (set 0 to take the adapter's)")
+    else:
+        cfg = section.lora_config()
+        try:
+            adapters = lora.init_adapters(params, cfg, rng)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config key '", f"config key '{prefix}", 1)) from None
+    return lora.wrap(model, cfg), {"params": params["params"], "lora": adapters}
 
 
 def export_model(export_dir: Path, model, params, tokenizer_dir: str) -> str:
@@ -134,7 +158,12 @@ def export_model(export_dir: Path, model, params, tokenizer_dir: str) -> str:
     host = loop.host_params(params)
     if jax.process_index() != 0:
         return str(export_dir)
-    models.save_pretrained(str(export_dir), model, host)
+    lora_model = model if isinstance(model, lora.LoraModel) else None
+    model, merged = lora.merged(model, host)
+    models.save_pretrained(str(export_dir), model, merged)
+    if lora_model is not None and isinstance(model, models.CausalLM) and model.config.arch != "gpt2":
+        # the adapters alone, in PEFT's format (peft.PeftModel.from_pretrained(base, export/adapter))
+        lora.save_peft_adapter(export_dir / "adapter", model.config, lora_model.lora, host["lora"])
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         for name in os.listdir(tokenizer_dir):
             if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens",

@@ -7,6 +7,7 @@ from typing import Literal
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import DataConfig
+from rlhf_jax.models.lora import DEFAULT_TARGETS, LoraConfig
 from rlhf_jax.training.checkpoint import CheckpointConfig
 from rlhf_jax.training.metrics import LogConfig
 
@@ -35,6 +36,14 @@ class ModelSection:
     dtype: str = "float32"        # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32|bfloat16|float16)
     remat: bool = False           # rematerialise each layer's activations in the backward pass (saves memory)
+    remat_policy: Literal["full", "dots_saveable"] = "full"  # with remat: keep nothing (full) or the matmul outputs
+    logits_chunk: int = 0         # RL policy log-probs over the response in chunks of this many tokens (0 = whole)
+    lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
+    lora_alpha: float = 16.0      # LoRA scale numerator: s = lora_alpha / lora_rank (rsLoRA: / sqrt(rank))
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths (model/layers_i/attn/q_proj/kernel)
+    lora_dropout: float = 0.0     # LoRA dropout: must be 0 (adapters are merged into the kernels each forward)
+    lora_rslora: bool = False     # rank-stabilised LoRA scaling lora_alpha / sqrt(lora_rank)
+    lora_path: str = ""           # a PEFT LoRA adapter directory to start from (its rank/alpha/targets are used)
 
     def validate(self, prefix: str = "model.") -> None:
         if self.path and not os.path.isdir(self.path):
@@ -45,16 +54,50 @@ class ModelSection:
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"config key {prefix + key!r}: expected float32/bfloat16/float16, "
                                   f"got {getattr(self, key)!r}")
+        self.validate_lora(prefix)
+        if self.remat_policy not in ("full", "dots_saveable"):
+            raise ConfigError(f"config key {prefix + 'remat_policy'!r}: expected full|dots_saveable, got "
+                              f"{self.remat_policy!r} (remat=false turns rematerialisation off)")
+        if self.logits_chunk < 0:
+            raise ConfigError(f"config key {prefix + 'logits_chunk'!r}: must be >= 0 (0 = whole), got {self.logits_chunk}")
         for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "intermediate_size", "max_position_embeddings"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"config key {prefix + f!r}: must be >= 0, got {getattr(self, f)}")
 
+    @property
+    def uses_lora(self) -> bool:
+        return bool(self.lora_rank or self.lora_path)
+
+    def lora_config(self) -> LoraConfig:
+        """The adapters' settings (``lora_rank`` > 0)."""
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=tuple(self.lora_targets),
+                          rslora=self.lora_rslora)
+
+    def validate_lora(self, prefix: str = "model.") -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"config key {prefix + 'lora_rank'!r}: must be >= 0 (0 = full fine-tune), "
+                              f"got {self.lora_rank}")
+        if self.lora_dropout != 0:
+            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: only 0 is supported (the adapters are merged "
+                              f"into the kernels inside each forward, where dropout on their input has no place), "
+                              f"got {self.lora_dropout}")
+        if self.lora_path:
+            if not os.path.isfile(os.path.join(self.lora_path, "adapter_config.json")):
+                raise ConfigError(f"config key {prefix + 'lora_path'!r}: {self.lora_path!r} has no "
+                                  "adapter_config.json (expected a PEFT LoRA adapter directory)")
+        elif self.lora_rank:
+            try:
+                self.lora_config()
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("config key '", f"config key '{prefix}", 1)) from None
+
     def size_overrides(self) -> dict:
         keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "intermediate_size", "max_position_embeddings")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) > 0}
-        out.update(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        out.update(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy,
+                   logits_chunk=self.logits_chunk)
         return out
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.models import lora
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -48,6 +49,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     # regexes on the '/'-joined param path; matching leaves are frozen (LoRA-style partitioning)
     freeze: tuple[str, ...] = ()
+    state_dtype: str = "float32"  # dtype Adam's moments are stored in (bfloat16 halves the optimiser state)
 
     def validate(self, prefix: str = "optim.") -> None:
         if not self.learning_rate >= 0:
@@ -62,6 +64,8 @@ class OptimConfig:
             raise ConfigError(f"config key {prefix + 'max_grad_norm'!r}: must be >= 0, got {self.max_grad_norm}")
         if self.weight_decay < 0:
             raise ConfigError(f"config key {prefix + 'weight_decay'!r}: must be >= 0, got {self.weight_decay}")
+        if self.state_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"config key {prefix + 'state_dtype'!r}: expected float32|bfloat16, got {self.state_dtype!r}")
         for i, pattern in enumerate(self.freeze):
             try:
                 re.compile(pattern)
@@ -140,6 +144,9 @@ class Optimizer:
     """
     key: tuple
     tx: optax.GradientTransformation
+    # per leaf of the params (tree_leaves order): True where the leaf is frozen (``TrainState.apply_gradients``
+    # then passes it through untouched: no write, and under ``jax.vmap`` it stays unbatched)
+    frozen: tuple[bool, ...] = ()
 
     def init(self, params):
         return self.tx.init(params)
@@ -161,12 +168,53 @@ def _structure_key(params, trainable) -> tuple:
             tuple(bool(t) for t in jax.tree_util.tree_leaves(trainable)))
 
 
+def scale_by_adam_in(state_dtype, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                     ) -> optax.GradientTransformation:
+    """Adam's bias-corrected ``m̂ / (sqrt(v̂) + eps)`` with the moments STORED in ``state_dtype`` (e.g.
+    bfloat16) and every step computed in float32 (each moment is read, updated in f32, rounded once)."""
+    dt = jnp.dtype(state_dtype)
+    f32 = jnp.float32
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(jnp.shape(p), dt)  # noqa: E731
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree_util.tree_map(zeros, params),
+                                      nu=jax.tree_util.tree_map(zeros, params))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_int32_increment(state.count)
+        mu = jax.tree_util.tree_map(lambda g, m: b1 * m.astype(f32) + (1 - b1) * g.astype(f32), updates, state.mu)
+        nu = jax.tree_util.tree_map(lambda g, v: b2 * v.astype(f32) + (1 - b2) * jnp.square(g.astype(f32)),
+                                    updates, state.nu)
+        c1 = 1 - jnp.asarray(b1, f32) ** count.astype(f32)
+        c2 = 1 - jnp.asarray(b2, f32) ** count.astype(f32)
+        out = jax.tree_util.tree_map(lambda g, m, v: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype),
+                                     updates, mu, nu)
+        cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(dt), t)  # noqa: E731
+        return out, optax.ScaleByAdamState(count=count, mu=cast(mu), nu=cast(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _adamw_in(learning_rate, b1, b2, eps, weight_decay, mask, state_dtype) -> optax.GradientTransformation:
+    """``optax.adamw`` with its moments stored in ``state_dtype``."""
+    return optax.chain(scale_by_adam_in(state_dtype, b1, b2, eps),
+                       optax.add_decayed_weights(weight_decay, mask),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
 def _adamw_chain(cfg: OptimConfig, total_steps: int, mask) -> optax.GradientTransformation:
+    if cfg.state_dtype == "float32":
+        adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=mask)
+    else:
+        adamw = optax.inject_hyperparams(_adamw_in, static_args=("mask", "state_dtype"))(
+            learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=mask, state_dtype=cfg.state_dtype)
     return optax.chain(*(
         ([optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []) + [
-            optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-                learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                weight_decay=cfg.weight_decay, mask=mask),
+            adamw,
             optax.scale_by_schedule(schedule_factor(cfg, total_steps)),
         ]))
 
@@ -191,6 +239,8 @@ def make_optimizer(cfg: OptimConfig, params, *, total_steps: int,
     dmask = decay_mask(params)
     if trainable is None:
         trainable = trainable_mask(params, cfg.freeze)
+        if lora.is_lora_params(params):  # a LoRA model trains its adapters (and scalar heads) only
+            trainable = jax.tree_util.tree_map(lambda a, b: bool(a and b), trainable, lora.trainable_mask(params))
     key = (cfg, int(total_steps), jax.tree_util.tree_structure(params), _structure_key(params, trainable))
     leaves = jax.tree_util.tree_leaves(trainable)
     if all(leaves):
@@ -201,7 +251,8 @@ def make_optimizer(cfg: OptimConfig, params, *, total_steps: int,
     # adamw mask over the trainable subtree only.
     train_tx = _adamw_chain(cfg, total_steps, lambda p: _masked_like(p, dmask))
     labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
-    return Optimizer(key, optax.multi_transform({"train": train_tx, "freeze": optax.set_to_zero()}, labels))
+    return Optimizer(key, optax.multi_transform({"train": train_tx, "freeze": optax.set_to_zero()}, labels),
+                     frozen=tuple(not t for t in leaves))
 
 
 def _masked_like(masked_tree, full_mask):

@@ -46,6 +46,11 @@ class TrainState:
         if lr is not None:
             updates = jax.tree_util.tree_map(lambda u: (jnp.asarray(lr, jnp.float32) * u).astype(u.dtype), updates)
         params = optax.apply_updates(self.params, updates)
+        frozen = getattr(self.tx, "frozen", ())
+        if any(frozen):  # frozen leaves (e.g. a LoRA base) pass through: no p + 0 write, never batched by vmap
+            old, tree = jax.tree_util.tree_flatten(self.params)
+            params = jax.tree_util.tree_unflatten(
+                tree, [o if f else n for o, n, f in zip(old, jax.tree_util.tree_leaves(params), frozen)])
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
     def step_rng(self) -> jax.Array:
