@@ -173,6 +173,9 @@ class RLFrozen:
     value_model: Any = struct.field(pytree_node=False, default=None)
     reward_model: Any = struct.field(pytree_node=False, default=None)
     reward_fn: Callable | None = struct.field(pytree_node=False, default=None)
+    # K > 0: ``reward_params`` / ``reward_shift`` are stacked over K ensemble members, scored in one vmapped
+    # program and aggregated by the algorithm's ``reward_aggregation`` (experience.ensemble_scores)
+    reward_ensemble: int = struct.field(pytree_node=False, default=0)
 
 
 def own_copy(tree):
@@ -387,7 +390,7 @@ def dynamic_rollout(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array,
         gen = R.sample(frozen.policy_model, state.policy.params, p_ids, p_mask, jax.random.fold_in(base, r),
                        cfg=cfg)
         tokens, tmask = gen.tokens, gen.mask.astype(p_mask.dtype)
-        raw = R.score_tokens(frozen, p_ids, p_mask, tokens, tmask, chunk=cfg.minibatch_size)
+        raw = R.score_tokens(frozen, p_ids, p_mask, tokens, tmask, chunk=cfg.minibatch_size, cfg=cfg)
         stopped = R.has_stop_token(tokens, tmask, cfg.stop_token_ids)
         adj = R.adjust_scores(raw, stopped, missing_eos_penalty=hp.missing_eos_penalty, score_clip=hp.score_clip,
                               stop_token_ids=cfg.stop_token_ids)
@@ -443,7 +446,7 @@ def iteration_pure(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array |
         roll, scores, dyn = dynamic_rollout(state, frozen, prompts, rng, cfg)
     else:
         roll = _rollout_impl(state, frozen, prompts, rng, cfg)
-        scores, dyn = R.score_rollout(frozen, roll, chunk=cfg.minibatch_size), {}
+        scores, dyn = R.score_rollout(frozen, roll, chunk=cfg.minibatch_size, cfg=cfg), {}
     new_state, metrics = _update_impl(state, frozen, roll, scores, rng, cfg)
     return new_state, {**metrics, **dyn}, sample_rows(roll, scores)
 
