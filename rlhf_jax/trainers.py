@@ -21,6 +21,8 @@ TRAINERS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
              "RLOO: REINFORCE with a leave-one-out baseline"),
     "dpo": ("rlhf_jax.rl.dpo:DPOTrainConfig", "rlhf_jax.rl.dpo:train_dpo", ("loss", "reward_margin"),
             "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
+    "rsft": ("rlhf_jax.rl.rsft:RSFTTrainConfig", "rlhf_jax.rl.rsft:train_rsft", ("score", "kl", "loss"),
+             "rejection-sampling fine-tuning: SFT on the policy's own best-of-n samples, iterated"),
 }
 
 # trainer subcommand -> "module:function" that checks its config without building anything (what
@@ -32,6 +34,7 @@ VALIDATORS: dict[str, str] = {
     "grpo": "rlhf_jax.rl.trainer:validate_rl_config",
     "rloo": "rlhf_jax.rl.trainer:validate_rl_config",
     "dpo": "rlhf_jax.rl.dpo:validate_dpo_config",
+    "rsft": "rlhf_jax.rl.rsft:validate_rsft_config",
 }
 
 

@@ -537,7 +537,8 @@ def sample_prompt_batch(prompts: dict, batch_size: int, key: Array) -> dict:
     return {k: jnp.asarray(v)[idx] for k, v in prompts.items()}
 
 
-def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tuple[Any, dict]]:
+def make_train(algo, setup: RLSetup, *, num_iterations: int, sample_metrics: Callable | None = None
+               ) -> Callable[..., tuple[Any, dict]]:
     """A pure ``train(hparams, rng, run=None) -> (final_state, metrics_history)`` of ``num_iterations``
     iterations.
 
@@ -549,7 +550,8 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tu
     each iteration's key is ``fold_in(state.rng, step)``, as in ``rl.iteration``. Un-jitted: wrap it in
     ``jax.jit`` (one run) or ``jax.jit(jax.vmap(train))`` (a sweep: ``hparams``, ``rng`` and ``run``
     carry a leading runs axis; see :func:`stack_hparams`). ``metrics_history`` holds ``[num_iterations]``
-    arrays.
+    arrays. ``sample_metrics(sample_rows) -> dict`` adds per-iteration metrics of the iteration's own samples
+    (e.g. their gold reward) to the history.
     """
     algo.validate()
     pool = {k: jnp.asarray(v) for k, v in setup.prompts.items()}
@@ -570,7 +572,9 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tu
                 key = jax.random.fold_in(rng, it)
                 batch = sample_prompt_batch(pool, prompt_batch(cfg), jax.random.fold_in(key, 0))
                 key = jax.random.fold_in(key, 1)
-            new_state, metrics, _ = iteration_pure(state, frozen, batch, key, cfg)
+            new_state, metrics, rows = iteration_pure(state, frozen, batch, key, cfg)
+            if sample_metrics is not None:
+                metrics = {**metrics, **sample_metrics(rows)}
             return new_state, metrics
 
         return jax.lax.scan(one_iteration, state, jnp.arange(num_iterations))
