@@ -87,9 +87,9 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    # for tests and the notebook's smoke run: every stage, tiny sizes (~1-2 min on 2 cores)
-    "tiny": Budget(sft_steps=60, rm_steps=40, rm_batch=32, num_labels=256, ensemble_size=2, label_counts=(64, 256),
-                   bon_prompts=8, bon_n=16, betas=(0.0, 0.1), rl_iterations=8, rl_batch=16, rl_lr=3e-4, window=2,
+    # for tests and the notebook's smoke run: every stage, tiny sizes (compilation-bound, ~2-3 min)
+    "tiny": Budget(sft_steps=40, rm_steps=20, rm_batch=32, num_labels=256, ensemble_size=2, label_counts=(64, 256),
+                   bon_prompts=8, bon_n=16, betas=(0.0, 0.1), rl_iterations=6, rl_batch=8, rl_lr=3e-4, window=2,
                    uwo_lambda=1.0),
     "small": Budget(sft_steps=200, rm_steps=150, rm_batch=32, num_labels=500, ensemble_size=3,
                     label_counts=(100, 500, 2000), bon_prompts=32, bon_n=128, betas=(0.0, 0.05, 0.2),
