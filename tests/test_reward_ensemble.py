@@ -14,7 +14,7 @@ import pytest
 
 from rlhf_jax import models
 from rlhf_jax.config import ConfigError, apply_overrides
-from rlhf_jax.rl import PPOConfig, PPOHParams, PPOTrainConfig, RewardSection, train_ppo
+from rlhf_jax.rl import GRPOConfig, GRPOHParams, PPOConfig, PPOHParams, PPOTrainConfig, RewardSection, train_ppo
 from rlhf_jax.rl import experience as R
 from rlhf_jax.rl.core import RLFrozen
 from rlhf_jax.training import OptimConfig, TrainState, make_optimizer
@@ -91,6 +91,9 @@ def test_trainer_exports_centred_members_and_ppo_scores_the_aggregate(tmp_path):
         algo = PPOConfig(reward_aggregation=how, hparams=PPOHParams(uwo_lambda=lam))
         got = R.score_tokens(frozen, p_ids, p_mask, r_ids, r_mask, chunk=2, cfg=algo)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=how)
+        grpo = GRPOConfig(reward_aggregation=how, hparams=GRPOHParams(uwo_lambda=lam))  # the same option in GRPO
+        np.testing.assert_allclose(R.score_tokens(frozen, p_ids, p_mask, r_ids, r_mask, chunk=2, cfg=grpo), want,
+                                   rtol=1e-5, atol=1e-5, err_msg=how)
 
     small = ModelSection(name="task", hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=2, head_dim=16)
     ppo = PPOTrainConfig(task="sort", policy=small, reward=RewardSection(kind="model", path=res.export_dir),
