@@ -1,4 +1,4 @@
-"""Generates the three notebooks from the cell sources below (run after editing them):
+"""Generates the four notebooks from the cell sources below (run after editing them):
 
     python notebooks/build_notebooks.py            # writes notebooks/0?_*.ipynb without outputs
     python notebooks/build_notebooks.py --execute  # ... then runs them (tiny budget) and stores the outputs
@@ -23,7 +23,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("01_quickstart", "02_kl_ablation", "03_reward_model")
+NAMES = ("01_quickstart", "02_kl_ablation", "03_reward_model", "04_overoptimisation")
 
 SETUP = '''import os, shutil, warnings
 from pathlib import Path
@@ -241,6 +241,39 @@ for png in (by_size, by_noise):
     ])
 
 
+def overoptimisation() -> None:
+    name = "04_overoptimisation"
+    notebook(name, [
+        new_markdown_cell(
+            "# 04 · Over-optimisation: best-of-N, RL and reward-model ensembles against the gold reward\n\n"
+            "A policy optimising a *learned* proxy reward eventually exploits it: the proxy keeps rising "
+            "while the true (gold) reward peaks and falls (Gao et al. 2022). The embedded task's gold reward "
+            "lets us watch this on a CPU. `rlhf_jax.overopt.run_lab` (the library behind `rlhf-jax "
+            "overopt`) trains an SFT policy, an ensemble of proxy reward models (one vmapped program) and "
+            "reward models on more or fewer labels, then measures gold and proxy reward against "
+            "`d = sqrt(KL)` for best-of-N (unbiased estimator from one set of samples) and for PPO at several "
+            "fixed β (one vmapped program), fits Gao's forms and compares PPO against the ensemble's mean, "
+            "worst case (WCO) and uncertainty-weighted (UWO) rewards. The `tiny` budget here is a smoke run; "
+            "`full` runs the command's `small` budget (≤ 5 min)."),
+        new_code_cell(f'NAME = "{name}"\n' + SETUP + '''
+LAB_BUDGET = {"tiny": "tiny", "full": "small"}[BUDGET]'''),
+        new_code_cell('''from rlhf_jax.overopt import run_lab
+
+results = run_lab("sentiment", OUT / "lab", budget=LAB_BUDGET, seed=0)
+for name, fit in results["fits"].items():
+    if name in ("bon", "rl"):
+        print(f"{name}: alpha={fit['alpha']:.3f} beta={fit['beta']:.3f} R2={fit['r2']:.3f} peak d={fit['peak_d']}")
+for agg, row in results["ensembles"].items():
+    print(f"{agg:>6}: gold={row['gold']:.3f} proxy={row['proxy']:.3f} KL={row['kl']:.2f}")
+for target, row in results["targets"].items():
+    print(target, "met" if row["met"] else "NOT met")'''),
+        new_code_cell('''from IPython.display import Image, display
+
+for png in ("overopt_curves.png", "ensembles.png", "rm_scaling.png"):
+    display(Image(filename=str(OUT / "lab" / png)))'''),
+    ])
+
+
 def execute(name: str, budget: str) -> float:
     """Run ``name``.ipynb in place with nbclient (the ``python3`` kernel, cwd notebooks/) and save it
     with its outputs; returns the seconds it took."""
@@ -265,6 +298,7 @@ def main(argv=None) -> None:
     quickstart()
     kl_ablation()
     reward_model()
+    overoptimisation()
     print("wrote", ", ".join(f"{n}.ipynb" for n in NAMES))
     if args.execute:
         for name in args.only or NAMES:

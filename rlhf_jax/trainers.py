@@ -23,6 +23,8 @@ TRAINERS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
                    ("score", "kl", "loss"), "online DPO: pairs sampled from the policy, judged by the reward"),
     "dpo": ("rlhf_jax.rl.dpo:DPOTrainConfig", "rlhf_jax.rl.dpo:train_dpo", ("loss", "reward_margin"),
             "direct preference optimisation (sigmoid/hinge/IPO/robust)"),
+    "rsft": ("rlhf_jax.rl.rsft:RSFTTrainConfig", "rlhf_jax.rl.rsft:train_rsft", ("score", "kl", "loss"),
+             "rejection-sampling fine-tuning: SFT on the policy's own best-of-n samples, iterated"),
 }
 
 # trainer subcommand -> "module:function" that checks its config without building anything (what
@@ -35,6 +37,7 @@ VALIDATORS: dict[str, str] = {
     "rloo": "rlhf_jax.rl.trainer:validate_rl_config",
     "online_dpo": "rlhf_jax.rl.trainer:validate_rl_config",
     "dpo": "rlhf_jax.rl.dpo:validate_dpo_config",
+    "rsft": "rlhf_jax.rl.rsft:validate_rsft_config",
 }
 
 

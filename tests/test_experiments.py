@@ -23,6 +23,7 @@ KINDS = {
     "rloo": ("RLOOTrainConfig", "rloo", "rloo.kl_coef=0.01", ("rloo", "kl_coef"), 0.01),
     "dpo": ("DPOTrainConfig", "dpo", "dpo.beta=0.3", ("dpo", "beta"), 0.3),
     "online": ("OnlineDPOTrainConfig", "online_dpo", "online_dpo.beta=0.3", ("online_dpo", "beta"), 0.3),
+    "rsft": ("RSFTTrainConfig", "rsft", "rsft.temperature=0.7", ("rsft", "temperature"), 0.7),
     "rlhf": ("PipelineConfig", "pipeline", "ppo.ppo.kl_coef=0.02", ("ppo", "ppo", "kl_coef"), 0.02),
     "pipeline": ("PipelineConfig", "pipeline", "ppo.ppo.kl_coef=0.02", ("ppo", "ppo", "kl_coef"), 0.02),
 }
@@ -80,7 +81,7 @@ def test_config_parses_and_validates_overrides(path):
 
 
 @pytest.mark.parametrize("path", [p for p in EXPERIMENTS if p.stem.split("_")[0] in ("sft", "reward", "ppo", "grpo",
-                                                                                       "rloo", "dpo", "online")],
+                                                                                       "rloo", "dpo", "online", "rsft")],
                          ids=lambda p: p.stem)
 def test_model_sections_point_where_the_docstring_says(path):
     """Accelerator recipes are at the promised shapes; checkpoint paths are overridable."""

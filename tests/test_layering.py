@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
     "rlhf_jax.pipeline": 6,
     "rlhf_jax.train_command": 6,
     "rlhf_jax.cli": 6,
+    "rlhf_jax.overopt": 6,
     "rlhf_jax.compare": 7,
 }
 # (importer, imported) pairs allowed inside one layer; any other same-layer import is a violation.

@@ -19,6 +19,7 @@ EXPECTED_PNGS = {
     "01_quickstart": ["run/training_curves.png", "run/reward_vs_kl.png"],
     "02_kl_ablation": ["reward_vs_kl_coef.png", "gold_vs_kl_frontier.png", "proxy_score_per_iteration.png"],
     "03_reward_model": ["accuracy_vs_data_size.png", "accuracy_vs_label_noise.png"],
+    "04_overoptimisation": ["lab/overopt_curves.png", "lab/ensembles.png", "lab/rm_scaling.png"],
 }
 
 
@@ -110,3 +111,15 @@ def test_notebook_executes_with_tiny_budget(name, tmp_path):
     assert len(_images(nb)) >= len(EXPECTED_PNGS[name]), f"{name}: plots not shown inline"
     assert "budget=tiny" in _text(nb)
     assert sorted(p.name for p in NB_DIR.iterdir()) == before, "a notebook wrote into notebooks/"
+    if name == "04_overoptimisation":  # the lab's results.json, from its tiny run
+        import json
+        res = json.loads((out / "lab" / "results.json").read_text())
+        assert {"bon", "rl", "fits", "ensembles", "rm_scaling", "targets"} <= set(res)
+        assert [r["n"] for r in res["bon"]] == [1, 2, 4, 8, 16] and res["bon"][0]["kl"] == 0.0
+        assert set(res["rl"]) == {"0", "0.1"} and all({"iteration", "kl", "gold", "proxy"} <= set(r)
+                                                      for rows in res["rl"].values() for r in rows)
+        assert set(res["ensembles"]) == {"single", "mean", "uwo", "wco"}
+        assert set(res["fits"]["bon"]) >= {"alpha", "beta", "r2"} and set(res["rm_scaling"]) == {"labels_64",
+                                                                                                 "labels_256"}
+        assert all(0.0 <= r["gold"] <= 1.0 for r in res["bon"])
+        assert "Research targets" in (out / "lab" / "report.md").read_text()

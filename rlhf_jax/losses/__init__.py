@@ -8,6 +8,7 @@ from rlhf_jax.losses.advantages import gae_advantages, grpo_advantages, reinforc
 from rlhf_jax.losses.common import (explained_variance, masked_mean, masked_sum, masked_var, masked_whiten,
                                     reduce_loss, reduction_terms)
 from rlhf_jax.losses.dpo import dpo_loss
+from rlhf_jax.losses.ensemble import AGGREGATIONS, aggregate_ensemble
 from rlhf_jax.losses.grpo import grpo_policy_loss
 from rlhf_jax.losses.kl import (AdaptiveKLController, apply_missing_eos_penalty, kl_estimate, kl_penalized_rewards,
                                 last_token_index, update, update_kl_controller)
@@ -18,6 +19,8 @@ from rlhf_jax.losses.reward import bradley_terry_loss, ranking_loss
 from rlhf_jax.losses.sft import sequence_logprobs, sft_loss
 
 __all__ = [
+    "AGGREGATIONS",
+    "aggregate_ensemble",
     "AdaptiveKLController",
     "apply_missing_eos_penalty",
     "bradley_terry_loss",

@@ -173,6 +173,9 @@ class RLFrozen:
     value_model: Any = struct.field(pytree_node=False, default=None)
     reward_model: Any = struct.field(pytree_node=False, default=None)
     reward_fn: Callable | None = struct.field(pytree_node=False, default=None)
+    # K > 0: ``reward_params`` / ``reward_shift`` are stacked over K ensemble members, scored in one vmapped
+    # program and aggregated by the algorithm's ``reward_aggregation`` (experience.ensemble_scores)
+    reward_ensemble: int = struct.field(pytree_node=False, default=0)
 
 
 def own_copy(tree):
@@ -395,7 +398,7 @@ def dynamic_rollout(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array,
         gen = R.sample(frozen.policy_model, state.policy.params, p_ids, p_mask, jax.random.fold_in(base, r),
                        cfg=cfg)
         tokens, tmask = gen.tokens, gen.mask.astype(p_mask.dtype)
-        raw = R.score_tokens(frozen, p_ids, p_mask, tokens, tmask, chunk=cfg.minibatch_size)
+        raw = R.score_tokens(frozen, p_ids, p_mask, tokens, tmask, chunk=cfg.minibatch_size, cfg=cfg)
         stopped = R.has_stop_token(tokens, tmask, cfg.stop_token_ids)
         adj = R.adjust_scores(raw, stopped, missing_eos_penalty=hp.missing_eos_penalty, score_clip=hp.score_clip,
                               stop_token_ids=cfg.stop_token_ids)
@@ -451,7 +454,7 @@ def iteration_pure(state: RLState, frozen: RLFrozen, prompts: dict, rng: Array |
         roll, scores, dyn = dynamic_rollout(state, frozen, prompts, rng, cfg)
     else:
         roll = _rollout_impl(state, frozen, prompts, rng, cfg)
-        scores, dyn = R.score_rollout(frozen, roll, chunk=cfg.minibatch_size), {}
+        scores, dyn = R.score_rollout(frozen, roll, chunk=cfg.minibatch_size, cfg=cfg), {}
     new_state, metrics = _update_impl(state, frozen, roll, scores, rng, cfg)
     return new_state, {**metrics, **dyn}, sample_rows(roll, scores)
 
@@ -542,7 +545,8 @@ def sample_prompt_batch(prompts: dict, batch_size: int, key: Array) -> dict:
     return {k: jnp.asarray(v)[idx] for k, v in prompts.items()}
 
 
-def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tuple[Any, dict]]:
+def make_train(algo, setup: RLSetup, *, num_iterations: int, sample_metrics: Callable | None = None
+               ) -> Callable[..., tuple[Any, dict]]:
     """A pure ``train(hparams, rng, run=None) -> (final_state, metrics_history)`` of ``num_iterations``
     iterations.
 
@@ -554,7 +558,8 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tu
     each iteration's key is ``fold_in(state.rng, step)``, as in ``rl.iteration``. Un-jitted: wrap it in
     ``jax.jit`` (one run) or ``jax.jit(jax.vmap(train))`` (a sweep: ``hparams``, ``rng`` and ``run``
     carry a leading runs axis; see :func:`stack_hparams`). ``metrics_history`` holds ``[num_iterations]``
-    arrays.
+    arrays. ``sample_metrics(sample_rows) -> dict`` adds per-iteration metrics of the iteration's own samples
+    (e.g. their gold reward) to the history.
     """
     algo.validate()
     pool = {k: jnp.asarray(v) for k, v in setup.prompts.items()}
@@ -575,7 +580,9 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int) -> Callable[..., tu
                 key = jax.random.fold_in(rng, it)
                 batch = sample_prompt_batch(pool, prompt_batch(cfg), jax.random.fold_in(key, 0))
                 key = jax.random.fold_in(key, 1)
-            new_state, metrics, _ = iteration_pure(state, frozen, batch, key, cfg)
+            new_state, metrics, rows = iteration_pure(state, frozen, batch, key, cfg)
+            if sample_metrics is not None:
+                metrics = {**metrics, **sample_metrics(rows)}
             return new_state, metrics
 
         return jax.lax.scan(one_iteration, state, jnp.arange(num_iterations))

@@ -267,19 +267,21 @@ def rollout_forwards(policy_params, value_params, frozen, prompt_ids: Array, pro
                    old_values=out["values"], entropy=out["entropy"])
 
 
-def score_rollout(frozen, rollout: Rollout, *, chunk: int) -> Array:
+def score_rollout(frozen, rollout: Rollout, *, chunk: int, cfg=None) -> Array:
     """``[B]`` raw scores from the reward model (last real token, plus its shift) or the JAX reward function."""
     return score_tokens(frozen, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
-                        rollout.response_mask, chunk=chunk)
+                        rollout.response_mask, chunk=chunk, cfg=cfg)
 
 
 def score_tokens(frozen, prompt_ids: Array, prompt_mask: Array, response_ids: Array, response_mask: Array, *,
-                 chunk: int) -> Array:
+                 chunk: int, cfg=None) -> Array:
     """:func:`score_rollout` of token rows that have no forwards yet (DAPO's dynamic sampling scores every
     round's samples before it decides which to keep)."""
     args = (prompt_ids, prompt_mask, response_ids, response_mask)
     if frozen.reward_fn is not None:
         scores = frozen.reward_fn(*args)
+    elif frozen.reward_model is not None and getattr(frozen, "reward_ensemble", 0):
+        scores = ensemble_scores(frozen, *args, chunk=chunk, cfg=cfg)
     elif frozen.reward_model is not None:
         scores = chunked(lambda *a: reward_model_scores(frozen.reward_model, frozen.reward_params, *a),
                          chunk, *args) + jnp.asarray(frozen.reward_shift, jnp.float32)
@@ -291,3 +293,24 @@ def score_tokens(frozen, prompt_ids: Array, prompt_mask: Array, response_ids: Ar
         raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
                          f"({response_ids.shape[0]},)")
     return jax.lax.stop_gradient(scores)
+
+
+def ensemble_member_scores(frozen, prompt_ids: Array, prompt_mask: Array, response_ids: Array,
+                           response_mask: Array, *, chunk: int) -> Array:
+    """``[K, B]`` scores of each member of a reward-model ensemble (``frozen.reward_params`` stacked on a
+    leading ``K`` axis, ``frozen.reward_shift [K]`` each member's centring shift), one vmapped program."""
+    def member(params, shift):
+        return chunked(lambda *a: reward_model_scores(frozen.reward_model, params, *a), chunk,
+                       prompt_ids, prompt_mask, response_ids, response_mask) + shift
+    shift = jnp.broadcast_to(jnp.asarray(frozen.reward_shift, jnp.float32), (frozen.reward_ensemble,))
+    return jax.vmap(member)(frozen.reward_params, shift)
+
+
+def ensemble_scores(frozen, prompt_ids: Array, prompt_mask: Array, response_ids: Array, response_mask: Array, *,
+                    chunk: int, cfg=None) -> Array:
+    """``[B]`` ensemble reward: the members' centred scores aggregated by the algorithm's
+    ``reward_aggregation`` (mean|wco|uwo; mean without one) with its traced ``uwo_lambda``."""
+    member = ensemble_member_scores(frozen, prompt_ids, prompt_mask, response_ids, response_mask, chunk=chunk)
+    how = getattr(cfg, "reward_aggregation", "mean")
+    lam = getattr(cfg.hparams, "uwo_lambda", 0.0) if cfg is not None else 0.0
+    return losses.aggregate_ensemble(member, how, lam)

@@ -42,7 +42,8 @@ class GRPOHParams:
     """GRPO/RLOO's traced hyper-parameters (defaults here): kl_coef β (in the loss for GRPO, in the
     reward for RLOO), lr, clip_eps, clip_eps_high (None = clip_eps), temperature, top_p,
     missing_eos_penalty, score_clip (None = none), overlong_penalty (DAPO's soft overlong punishment at
-    full length, used when the config's overlong_buffer > 0).
+    full length, used when the config's overlong_buffer > 0), uwo_lambda (λ of a reward-model ensemble's
+    uncertainty-weighted score ``mean − λ·var``, with reward_aggregation="uwo").
 
     With policy_loss="gspo" clip_eps/clip_eps_high bound the SEQUENCE ratio (the GSPO paper: 3e-4/4e-4);
     with "cispo" clip_eps_high (None = clip_eps) is the upper bound of the IS weight (no lower bound)."""
@@ -55,12 +56,13 @@ class GRPOHParams:
     missing_eos_penalty: float = 0.0
     score_clip: float | None = None
     overlong_penalty: float = 1.0
+    uwo_lambda: float = 0.5
 
     def traced(self) -> "GRPOHParams":
         return traced_hparams(self, clip_eps_high="clip_eps", score_clip=math.inf)
 
     def validate(self, prefix: str) -> None:
-        check_policy_hparams(prefix, self, non_negative=("overlong_penalty",))
+        check_policy_hparams(prefix, self, non_negative=("overlong_penalty", "uwo_lambda"))
 
 
 @struct.dataclass
@@ -86,7 +88,8 @@ class GRPOConfig(ReadsHParams):
     time, keeping only the groups whose scores are not all equal, until ``batch_size`` such groups are
     found or R rounds are spent (the remaining slots keep uninformative groups; combine with
     mask_zero_std_groups to drop them from the loss). Needs a reward the program can compute (gold,
-    model or jax; not python).
+    model or jax; not python). reward_aggregation: how a reward-model ENSEMBLE's member scores become one
+    (mean | wco = min over members | uwo = mean − uwo_lambda·var); unused with one reward model.
     """
     batch_size: int = struct.field(pytree_node=False, default=8)
     group_size: int = struct.field(pytree_node=False, default=4)
@@ -106,6 +109,7 @@ class GRPOConfig(ReadsHParams):
     stop_token_ids: tuple[int, ...] = struct.field(pytree_node=False, default=())
     pad_token_id: int = struct.field(pytree_node=False, default=0)
     top_k: int = struct.field(pytree_node=False, default=0)
+    reward_aggregation: Literal["mean", "wco", "uwo"] = struct.field(pytree_node=False, default="mean")
     hparams: GRPOHParams = GRPOHParams()
 
     kl_estimator = "k1"
@@ -151,6 +155,7 @@ class GRPOConfig(ReadsHParams):
                  f"a divisor of batch_size·group_size = {self.rollout_size}")
         check_choice(prefix, "advantage", self.advantage, ADVANTAGES)
         check_choice(prefix, "policy_loss", self.policy_loss, POLICY_LOSSES)
+        check_choice(prefix, "reward_aggregation", self.reward_aggregation, ("mean", "wco", "uwo"))
         check_positive_int(prefix, "overlong_buffer", self.overlong_buffer, minimum=0)
         if self.overlong_buffer > self.max_new_tokens:
             fail(prefix, "overlong_buffer", self.overlong_buffer, f"at most max_new_tokens = {self.max_new_tokens}")

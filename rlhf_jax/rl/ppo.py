@@ -35,7 +35,8 @@ class PPOHParams:
     clip_eps ε_low and clip_eps_high ε_high (None = clip_eps); vf_clip ε_v; vf_coef; ent_coef;
     kl_loss_coef; temperature τ and top_p of the sampler; gamma γ and lam λ of GAE;
     missing_eos_penalty (subtracted from the score of a response without a stop token); score_clip
-    (None = none; else scores are clipped to ±score_clip).
+    (None = none; else scores are clipped to ±score_clip); uwo_lambda λ of the uncertainty-weighted
+    ensemble reward ``mean − λ·var`` (with ``reward_aggregation="uwo"``).
     """
     kl_coef: float = 0.05
     kl_target: float = 6.0
@@ -54,13 +55,15 @@ class PPOHParams:
     lam: float = 0.95
     missing_eos_penalty: float = 0.0
     score_clip: float | None = None
+    uwo_lambda: float = 0.5
 
     def traced(self) -> "PPOHParams":
         return traced_hparams(self, value_lr="lr", clip_eps_high="clip_eps", score_clip=math.inf)
 
     def validate(self, prefix: str) -> None:
         """Range checks of the values given as Python numbers (traced arrays are the caller's)."""
-        check_policy_hparams(prefix, self, non_negative=("value_lr", "vf_coef", "ent_coef", "kl_loss_coef", "vf_clip"))
+        check_policy_hparams(prefix, self, non_negative=("value_lr", "vf_coef", "ent_coef", "kl_loss_coef", "vf_clip",
+                                                         "uwo_lambda"))
 
 
 @struct.dataclass
@@ -76,7 +79,9 @@ class PPOConfig(ReadsHParams):
     "shared" (a value head on the policy's trunk). stop_token_ids (empty = run to N tokens; the trainers
     fill in the tokenizer's EOS), pad_token_id, top_k (0 = off). dual_clip: c > 1 bounding the policy
     loss for A < 0 (None = off). loss_reduction: token|sequence|sum. use_kl_loss: add
-    ``kl_loss_coef · k3`` to the policy loss.
+    ``kl_loss_coef · k3`` to the policy loss. reward_aggregation: how a reward-model ENSEMBLE's member
+    scores become one reward (mean | wco = min over members | uwo = mean − uwo_lambda·var); unused with a
+    single reward model.
     """
     batch_size: int = struct.field(pytree_node=False, default=16)
     max_new_tokens: int = struct.field(pytree_node=False, default=16)
@@ -93,6 +98,7 @@ class PPOConfig(ReadsHParams):
     dual_clip: float | None = struct.field(pytree_node=False, default=None)
     loss_reduction: Literal["token", "sequence", "sum"] = struct.field(pytree_node=False, default="token")
     use_kl_loss: bool = struct.field(pytree_node=False, default=False)
+    reward_aggregation: Literal["mean", "wco", "uwo"] = struct.field(pytree_node=False, default="mean")
     hparams: PPOHParams = PPOHParams()
 
     name = "ppo"
@@ -125,6 +131,7 @@ class PPOConfig(ReadsHParams):
         check_choice(prefix, "kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         check_choice(prefix, "value_model", self.value_model, ("separate", "shared"))
         check_choice(prefix, "loss_reduction", self.loss_reduction, ("token", "sequence", "sum"))
+        check_choice(prefix, "reward_aggregation", self.reward_aggregation, ("mean", "wco", "uwo"))
         if self.dual_clip is not None and not self.dual_clip > 1:
             fail(prefix, "dual_clip", self.dual_clip, "a number > 1 (or none)")
         if not isinstance(self.stop_token_ids, tuple):

@@ -45,7 +45,7 @@ from rlhf_jax.training.common import (build_model, check_path, export_model, get
 from rlhf_jax.training.configs import ModelSection, RunConfig
 from rlhf_jax.training.metrics import to_host_scalars
 from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
-from rlhf_jax.training.reward import load_reward_shift
+from rlhf_jax.training.reward import is_reward_ensemble, load_reward_ensemble, load_reward_shift, member_params
 
 @dataclasses.dataclass(frozen=True)
 class RewardSection:
@@ -55,7 +55,10 @@ class RewardSection:
       iteration.
     kind="model": a reward model directory (``path``; ``ScalarHeadModel``, e.g. ``train_reward``'s
       export) scored at the last real token, inside the jitted iteration; its recorded normalisation
-      shift is ADDED (``reward = model_score + reward_shift``).
+      shift is ADDED (``reward = model_score + reward_shift``). An ENSEMBLE export (``train_reward`` with
+      ``ensemble_size`` > 1, holding ``ensemble.json``) is scored member by member in one vmapped program,
+      each member centred by its own shift, then aggregated by the algorithm's ``reward_aggregation``
+      (mean | wco | uwo with ``uwo_lambda``).
     kind="jax": your JAX function of token ids, ``function = "path/to/file.py:fn"`` or ``"module:fn"``,
       ``fn(prompt_ids, prompt_mask, response_ids, response_mask[, tokenizer=]) -> [B]`` float scores,
       traced inside the jitted iteration (so it works in vmapped sweeps); when ``fn`` takes a
@@ -304,6 +307,10 @@ def _reward_source(cfg: RLRunConfig, task, tokenizer, rng):
         return None, None, 0.0, task.gold_reward_jax, None
     if cfg.reward.kind == "jax":
         return None, None, 0.0, resolve_jax_reward(cfg.reward.function, tokenizer), None
+    if cfg.reward.kind == "model" and is_reward_ensemble(cfg.reward.path):  # K members, each centred
+        rm, rp, shifts = load_reward_ensemble(cfg.reward.path, dtype=jnp.dtype(cfg.policy.dtype),
+                                              param_dtype=jnp.dtype(cfg.policy.param_dtype), rng=rng)
+        return rm, rp, shifts, None, None
     if cfg.reward.kind == "model":
         rm, rp = models.from_pretrained(cfg.reward.path, dtype=jnp.dtype(cfg.policy.dtype),
                                         param_dtype=jnp.dtype(cfg.reward.param_dtype or cfg.policy.param_dtype),
@@ -345,7 +352,9 @@ def _build(cfg: RLRunConfig) -> _Built:
         ref_params = _cast(ref_params, cfg.ref_param_dtype)
     reward_model, reward_params, reward_shift, reward_fn, python_reward = _reward_source(
         cfg, task, tokenizer, jax.random.fold_in(rng, 2))
-    value_model, value_params = _value_model(cfg, mconfig, policy_params, reward_model, reward_params,
+    ensemble = int(jnp.size(reward_shift)) if cfg.reward.kind == "model" and is_reward_ensemble(cfg.reward.path) else 0
+    value_model, value_params = _value_model(cfg, mconfig, policy_params, reward_model,
+                                             member_params(reward_params, 0) if ensemble else reward_params,
                                              jax.random.fold_in(rng, 3))
     if value_params is not None and getattr(cfg, "value_param_dtype", ""):
         value_params = _cast(value_params, cfg.value_param_dtype)
@@ -359,7 +368,7 @@ def _build(cfg: RLRunConfig) -> _Built:
     value_tx = None if value_params is None else make_optimizer(unit_rate, value_params, total_steps=updates)
     frozen = core.RLFrozen(ref_params=ref_params, reward_params=reward_params, reward_shift=reward_shift,
                            policy_model=policy_model, value_model=value_model, reward_model=reward_model,
-                           reward_fn=reward_fn)
+                           reward_fn=reward_fn, reward_ensemble=ensemble)
     setup = core.RLSetup(frozen=frozen, policy_model=policy_model, policy_params=policy_params,
                          policy_tx=policy_tx, prompts={}, value_model=value_model, value_params=value_params,
                          value_tx=value_tx, algo=algo)

@@ -208,12 +208,17 @@ def init_distributed_from_args(args) -> None:
 
 def run_supervised(cfg, *, name: str, model, mconfig, params, placement: loop.Placement, step_fn, step_cfg,
                    batches, batch_keys: tuple[str, ...], eval_fn, tokenizer_dir: str,
-                   tokens: Callable[[dict], float], final_extra=None) -> loop.TrainResult:
+                   tokens: Callable[[dict], float], final_extra=None, state=None, export=None) -> loop.TrainResult:
     """The :class:`loop.Job` of a supervised trainer (SFT, reward model): one optimiser step per batch
-    of ``batch_keys``, ``cfg.steps`` steps, the optimiser and schedule of ``cfg.optim``."""
-    tx = make_optimizer(cfg.optim, params, total_steps=cfg.steps)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                              rng=jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
+    of ``batch_keys``, ``cfg.steps`` steps, the optimiser and schedule of ``cfg.optim``. ``state``: a
+    prebuilt initial state (e.g. a stacked reward-model ensemble) instead of one from ``params``;
+    ``export(state, out_dir)``: instead of one Hugging Face export of ``state.params``."""
+    if state is None:
+        tx = make_optimizer(cfg.optim, params, total_steps=cfg.steps)
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                  rng=jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
+    if export is None:
+        export = lambda st, out: export_model(out / "export", model, st.params, tokenizer_dir)  # noqa: E731
     factor = schedule_factor(cfg.optim, cfg.steps)
     job = loop.Job(
         name=name, state=state, batches=batches, total_steps=cfg.steps, config_dict=to_dict(cfg),
@@ -223,6 +228,6 @@ def run_supervised(cfg, *, name: str, model, mconfig, params, placement: loop.Pl
         eval_fn=eval_fn, eval_every=cfg.eval_every, tokens=lambda b, m: tokens(b),
         flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True),
         lr_fn=lambda i: cfg.optim.learning_rate * float(factor(i)), final_extra=final_extra,
-        export=(lambda st, out: export_model(out / "export", model, st.params, tokenizer_dir)) if cfg.export else None)
+        export=export if cfg.export else None)
     result = loop.run(job, out_dir=cfg.out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)
     return dataclasses.replace(result, model=model)
