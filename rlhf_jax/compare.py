@@ -8,11 +8,12 @@ the offline ones train on the same simulated preference pairs that reward model 
 come from one SFT + reward-model run (made here, or an earlier ``rlhf-jax pipeline``/``compare`` run
 given with ``--from``). The budget is matched and stated in the leaderboard:
 
-* online (PPO, GRPO, RLOO, DAPO, GSPO, REINFORCE++, online DPO): the same number of policy samples per
+* online (PPO, GRPO, RLOO, DAPO, GSPO, REINFORCE++, online DPO, RSFT): the same number of policy samples per
   iteration (``rollout``) and the same number of iterations, each with its usual update schedule
   (PPO: 4 epochs × 2 minibatches, as the pipeline; the others: 1 epoch × 2 minibatches), one shared
   learning rate, the seeds of one algorithm vmapped into one program (``sweeps.run_vmapped_sweep``);
   DAPO's dynamic sampling may draw up to 2× the samples, the ``samples`` column counts what it drew;
+  RSFT (best of 4 samples per prompt, one SFT step on the kept ones) runs one trainer per seed;
   With ``--reward gold`` they optimise the task's gold (verifiable) reward instead (for ``arith``, where a
   small learned reward model cannot check sums);
 * offline (DPO, KTO, SimPO): ``2 × iterations`` gradient steps (the critic-free algorithms' update
@@ -49,6 +50,7 @@ from rlhf_jax.rl import (RL_OPTIM, DPOConfig, DPOHParams, DPOTrainConfig, GRPOCo
                          OnlineDPOConfig, OnlineDPOHParams, OnlineDPOTrainConfig, RewardSection, RLOOTrainConfig,
                          build_setup, train_dpo)
 from rlhf_jax.rl.experience import lm_view
+from rlhf_jax.rl.rsft import RSFTConfig, RSFTTrainConfig, train_rsft
 from rlhf_jax.sweeps.vmapped import run_vmapped_sweep, unstack
 from rlhf_jax.tasks import get_task, list_tasks
 from rlhf_jax.training import train_reward, train_sft
@@ -79,7 +81,8 @@ BUDGETS = {
     "full": Budget(sft_steps=200, rm_steps=200, rollout=64, iterations=40, offline_batch=32, eval_prompts=256),
 }
 
-ONLINE = ("ppo", "grpo", "rloo", "dapo", "gspo", "reinforce_pp", "online_dpo")
+ONLINE = ("ppo", "grpo", "rloo", "dapo", "gspo", "reinforce_pp", "online_dpo", "rsft")
+SEQUENTIAL = ("rsft",)  # online, but not a make_train algorithm: one trainer run per seed
 OFFLINE = {"dpo": "sigmoid", "kto": "kto", "simpo": "simpo"}
 ALGOS = ONLINE + tuple(OFFLINE)
 
@@ -175,6 +178,10 @@ def online_config(algo: str, task: str, sft: str, rm: str, budget: Budget, out: 
                                    policy=dataclasses.replace(ppo.policy, path=sft), ppo=section,
                                    reward=common["reward"] if reward == "gold" else ppo.reward,
                                    value_init="reward" if reward == "model" else "policy")
+    if algo == "rsft":  # best of GROUP samples per prompt, one SFT step on the kept ones per iteration
+        common = dict(common, optim=dataclasses.replace(RL_OPTIM, learning_rate=LR))
+        return RSFTTrainConfig(**common, rsft=RSFTConfig(batch_size=budget.rollout // GROUP, num_samples=GROUP,
+                                                         max_new_tokens=n_tok))
     if algo == "online_dpo":
         return OnlineDPOTrainConfig(**common, online_dpo=OnlineDPOConfig(
             batch_size=budget.rollout // 2, max_new_tokens=n_tok, minibatches=2,
@@ -296,7 +303,20 @@ def run_compare(spec: CompareSpec, *, command: str = "", log: Callable[[str], No
     rows = []
     for algo in spec.algos:
         t, c = time.perf_counter(), CompileClock.total()
-        if algo in ONLINE:
+        if algo in SEQUENTIAL:
+            evals, wall, comp = [], 0.0, 0.0
+            for s in range(spec.seeds):
+                log(f"{algo}: seed {s}, {budget.iterations} iterations x {budget.rollout} samples")
+                cfg = dataclasses.replace(online_config(algo, spec.task, sft, rm, budget, out / algo / f"seed{s}",
+                                                        spec.reward), seed=s)
+                ts, cs = time.perf_counter(), CompileClock.total()
+                res = train_rsft(cfg)
+                wall, comp = wall + time.perf_counter() - ts, comp + CompileClock.total() - cs
+                evals.append(evaluate(res.state.policy.params))
+            text = f"{budget.iterations} it x {budget.rollout} samples"
+            rows.append(_row(algo, "online", evals, sft_eval["gold_reward"], wall, comp, text,
+                             float(budget.iterations * budget.rollout)))
+        elif algo in ONLINE:
             cfg = online_config(algo, spec.task, sft, rm, budget, out / algo, spec.reward)
             section = cfg.section
             log(f"{algo}: {spec.seeds} seeds x {budget.iterations} iterations x {budget.rollout} samples (vmapped)")
@@ -310,14 +330,13 @@ def run_compare(spec: CompareSpec, *, command: str = "", log: Callable[[str], No
             text = f"{budget.iterations} it x {budget.rollout} samples"
             rows.append(_row(algo, "online", evals, sft_eval["gold_reward"], wall, compile_s, text, samples))
         else:
-            evals, wall = [], 0.0
+            evals, wall, compile_s = [], 0.0, 0.0
             for s in range(spec.seeds):
                 log(f"{algo}: seed {s}, {2 * budget.iterations} steps x {budget.offline_batch} pairs")
-                ts = time.perf_counter()
+                ts, cs = time.perf_counter(), CompileClock.total()
                 res = train_dpo(offline_config(algo, spec.task, sft, budget, s, out / algo / f"seed{s}"))
-                wall += time.perf_counter() - ts
+                wall, compile_s = wall + time.perf_counter() - ts, compile_s + CompileClock.total() - cs
                 evals.append(evaluate(res.state.params))
-            compile_s = CompileClock.total() - c
             text = f"{2 * budget.iterations} steps x {budget.offline_batch} pairs"
             rows.append(_row(algo, "offline", evals, sft_eval["gold_reward"], wall, compile_s, text, None))
         r = rows[-1]

@@ -75,10 +75,10 @@ def test_tiny_comparison_end_to_end(tmp_path):
     base = json.loads((out / "base.json").read_text())
     # a second comparison starts from the first one's SFT policy and reward model
     again = tmp_path / "again"
-    assert cli_main(["compare", "--task", "sort", "--algos", "simpo,rloo", "--seeds", "1", "--budget", "tiny",
+    assert cli_main(["compare", "--task", "sort", "--algos", "simpo,rloo,rsft", "--seeds", "1", "--budget", "tiny",
                      "--out", str(again), "--from", str(out), "--reward", "gold"]) == 0
     board2 = json.loads((again / "leaderboard.json").read_text())
     assert board2["sft_export"] == base["sft_export"] and board2["sft"] == board["sft"]
-    assert board2["reward"] == "gold" and [r["algorithm"] for r in board2["rows"]] == ["simpo", "rloo"]
+    assert board2["reward"] == "gold" and [r["algorithm"] for r in board2["rows"]] == ["simpo", "rloo", "rsft"]
     assert json.loads((again / "rloo" / "run.json").read_text())["config"]["reward"]["kind"] == "gold"
     assert not (again / "base").exists()
