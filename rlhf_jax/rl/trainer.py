@@ -177,6 +177,10 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
         raise ConfigError(f"config key 'mesh.mode': the RL trainers run on a jit mesh, got {cfg.mesh.mode!r}")
     n = devices_lib.device_count()
     cfg.mesh.validate(n)
+    prompts = core.prompt_batch(algo)
+    if prompts % n:
+        raise ConfigError(f"config key '{cfg.section}.batch_size': the {prompts} prompts of an iteration are split "
+                          f"over the {n} devices (data x fsdp) and must be divisible by {n}")
     if algo.rollout_size % n or algo.minibatch_size % n:
         raise ConfigError(f"config key '{cfg.section}.batch_size': rollout rows {algo.rollout_size} and minibatch "
                           f"size {algo.minibatch_size} must be divisible by the {n} devices")
