@@ -261,11 +261,16 @@ def cost(compiled) -> dict[str, float]:
 def program_report(prog: loop.Program, topo: Topology) -> dict[str, Any]:
     """Compile one program for ``topo``; its memory, FLOPs, roofline time and MFU ceiling per device."""
     t0 = time.perf_counter()
-    compiled = prog.fn.lower(*prog.args, **prog.kwargs).compile()
-    secs = time.perf_counter() - t0
-    mem, c = memory_bytes(compiled), cost(compiled)
     n = topo.num_devices
     model = None if prog.model_flops is None else prog.model_flops / n
+    try:
+        compiled = prog.fn.lower(*prog.args, **prog.kwargs).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return _refused_report(prog, topo, model, str(e), time.perf_counter() - t0)
+    secs = time.perf_counter() - t0
+    mem, c = memory_bytes(compiled), cost(compiled)
     flops = max(c["flops"], model or 0.0)
     t_compute = flops / topo.peak_flops_per_device
     t_memory = c["bytes_accessed"] / topo.hbm_bandwidth_per_device
@@ -283,10 +288,30 @@ def program_report(prog: loop.Program, topo: Topology) -> dict[str, Any]:
     }
 
 
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _refused_report(prog: loop.Program, topo: Topology, model: float | None, message: str, secs: float) -> dict:
+    """The report of a program the target's compiler refused for lack of memory (TPU: "Ran out of memory in
+    memory space hbm ... temporaries (X G) exceeds available HBM (Y G)"): does not fit, by at least the
+    temporaries it names."""
+    m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+    temp = float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+    hbm = topo.hbm_bytes_per_device
+    roofline = None if model is None else model / topo.peak_flops_per_device
+    first = message.strip().splitlines()[0][:300]
+    return {"name": prog.name, "argument_bytes": None, "output_bytes": None, "alias_bytes": None,
+            "temp_bytes": temp, "code_bytes": None, "per_device_bytes": temp, "hbm_bytes_per_device": hbm,
+            "fits": False, "headroom": 1.0 - temp / hbm if temp == temp else None,
+            "flops": model, "compiler_flops": None, "model_flops_per_device": model, "bytes_accessed": None,
+            "roofline_seconds": roofline, "bound": "compute" if roofline is not None else None,
+            "mfu_ceiling": None, "compile_seconds": secs, "compiler_refused": first}
+
+
 def advice(cfg, trainer: str, report: dict) -> list[str]:
     """What would make a program that does not fit (or fits with < 10% headroom) fit: the usual levers
     that this config has not pulled yet."""
-    if report["headroom"] >= 0.10:
+    if report["fits"] and report["headroom"] >= 0.10:
         return []
     tips = []
     mesh = cfg.mesh
@@ -388,18 +413,25 @@ def format_report(rep: dict) -> str:
     head = ("program", "peak GiB", "args", "out", "temp", "HBM GiB", "fits", "headroom", "TFLOP/dev",
             "model TFLOP/dev", "roofline s", "bound", "MFU ceiling", "compile s")
     rows = []
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
     for r in rep["programs"]:
-        model = r["model_flops_per_device"]
-        rows.append((r["name"], _gib(r["per_device_bytes"]), _gib(r["argument_bytes"]), _gib(r["output_bytes"]),
-                     _gib(r["temp_bytes"]), _gib(r["hbm_bytes_per_device"]), "yes" if r["fits"] else "NO",
-                     f"{100 * r['headroom']:.0f}%", f"{r['flops'] / 1e12:.3g}",
-                     "-" if model is None else f"{model / 1e12:.3g}", f"{r['roofline_seconds']:.3g}", r["bound"],
-                     "-" if r["mfu_ceiling"] is None else f"{r['mfu_ceiling']:.2f}", f"{r['compile_seconds']:.0f}"))
+        gib = lambda x: "-" if x is None else _gib(x)  # noqa: E731
+        rows.append((r["name"], (">= " if r.get("compiler_refused") else "") + gib(r["per_device_bytes"]),
+                     gib(r["argument_bytes"]), gib(r["output_bytes"]), gib(r["temp_bytes"]),
+                     gib(r["hbm_bytes_per_device"]), "yes" if r["fits"] else "NO",
+                     "-" if r["headroom"] is None else f"{100 * r['headroom']:.0f}%",
+                     num(None if r["flops"] is None else r["flops"] / 1e12, ".3g"),
+                     num(None if r["model_flops_per_device"] is None else r["model_flops_per_device"] / 1e12, ".3g"),
+                     num(r["roofline_seconds"], ".3g"), r["bound"] or "-", num(r["mfu_ceiling"], ".2f"),
+                     f"{r['compile_seconds']:.0f}"))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
     lines.append(fmt.format(*head))
     lines += [fmt.format(*row) for row in rows]
     for r in rep["programs"]:
+        if r.get("compiler_refused"):
+            lines.append(f"  {r['name']}: the compiler refused it: {r['compiler_refused']}")
         if r["advice"]:
             lines.append(f"  {r['name']}: {'does not fit' if not r['fits'] else 'under 10% headroom'}; "
                          "what would help: " + "; ".join(r["advice"]))

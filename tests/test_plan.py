@@ -168,3 +168,22 @@ def test_targeting_decides_device_count_and_platform():
         with pytest.raises(ConfigError, match="pmap is not planned"):
             loop.make_placement(MeshConfig(mode="pmap", data=-1, fsdp=1))
     assert not devices_lib.abstract() and devices_lib.target() is None
+
+
+def test_a_program_the_compiler_refuses_for_memory_is_reported_as_not_fitting():
+    from rlhf_jax import plan as plan_lib
+    topo = plan_lib.Topology(name="v5p-16", platform="tpu", devices=tuple(jax.devices()[:1]), device_kind="TPU v5",
+                             hbm_bytes_per_device=95 * 2 ** 30, peak_flops_per_device=459e12,
+                             hbm_bandwidth_per_device=2.765e12, source="test")
+    prog = loop.Program("ppo_iteration", None, (), {}, model_flops=4.59e14)
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(359.34G) exceeds available HBM (95.74G).")
+    rep = plan_lib._refused_report(prog, topo, 4.59e14, msg, 1.0)
+    assert rep["fits"] is False and rep["per_device_bytes"] == pytest.approx(359.34 * 2 ** 30)
+    assert rep["roofline_seconds"] == pytest.approx(1.0) and rep["compiler_refused"].startswith("RESOURCE_EXHAUSTED")
+    text = plan_lib.format_report({"trainer": "ppo", "topology": "v5p-16", "num_devices": 1, "device_kind": "TPU v5",
+                                   "num_processes": 1, "mesh": {"runs": 1, "data": 1, "fsdp": 1},
+                                   "hbm_bytes_per_device": 95 * 2 ** 30, "peak_flops_per_device": 459e12,
+                                   "hbm_bandwidth_per_device": 2.765e12, "device_figures": "test",
+                                   "programs": [{**rep, "advice": ["x"]}], "notes": []})
+    assert "NO" in text and "the compiler refused it" in text and ">= 359.34" in text

@@ -164,8 +164,9 @@ def algorithm_config(cfg: RLRunConfig):
 # Set-up: validation, tokenizer, models, reward source, prompts
 # ---------------------------------------------------------------------------------------------
 
-def validate_rl_config(cfg: RLRunConfig) -> None:
-    """Every check that needs no model: fails before anything is built or compiled."""
+def validate_rl_config(cfg: RLRunConfig, *, devices_per_run: int | None = None) -> None:
+    """Every check that needs no model: fails before anything is built or compiled. ``devices_per_run``:
+    the devices one run's batches are split over (a vmapped sweep's ``data × fsdp``; default: all)."""
     algo = algorithm_config(cfg)
     algo.validate(prefix=cfg.section + ".")
     cfg.validate_run()
@@ -175,8 +176,8 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
         raise ConfigError("config key 'sample_every'/'num_samples': must be >= 0")
     if cfg.mesh.mode != "jit":
         raise ConfigError(f"config key 'mesh.mode': the RL trainers run on a jit mesh, got {cfg.mesh.mode!r}")
-    n = devices_lib.device_count()
-    cfg.mesh.validate(n)
+    cfg.mesh.validate(devices_lib.device_count() if devices_per_run is None else devices_per_run)
+    n = devices_lib.device_count() if devices_per_run is None else devices_per_run
     prompts = core.prompt_batch(algo)
     if prompts % n:
         raise ConfigError(f"config key '{cfg.section}.batch_size': the {prompts} prompts of an iteration are split "
@@ -327,8 +328,9 @@ def _reward_source(cfg: RLRunConfig, task, tokenizer, rng):
 def _value_model(cfg: RLRunConfig, mconfig, policy_params, reward_model, reward_params, rng):
     if not isinstance(cfg, PPOTrainConfig) or cfg.ppo.value_model != "separate":
         return None, None
-    if cfg.value_init == "reward":
-        vm = models.ScalarHeadModel(reward_model.config)
+    if cfg.value_init == "reward":  # the reward model's trunk, trained with the policy's memory options
+        vm = models.ScalarHeadModel(dataclasses.replace(
+            reward_model.config, dtype=mconfig.dtype, remat=mconfig.remat, remat_policy=mconfig.remat_policy))
         return vm, _fresh_head_on(reward_params, vm, rng)
     vm = models.ScalarHeadModel(mconfig)
     return vm, _fresh_head_on(policy_params, vm, rng)
@@ -393,13 +395,15 @@ def _prompt_length(cfg: RLRunConfig, task) -> int:
     return int(task.prompt_length if task is not None and not cfg.data.path else cfg.data.max_length)
 
 
-def _prompt_iterator(cfg: RLRunConfig, built: _Built, *, num_epochs: int | None = None):
+def _prompt_iterator(cfg: RLRunConfig, built: _Built, *, num_epochs: int | None = None, whole: bool = False):
+    """The run's prompt batches: this process's rows of each global batch, or with ``whole`` the global
+    batches themselves (what every process of a vmapped sweep holds: it places them itself)."""
     task, algo = built.task, built.algo
     p_len = _prompt_length(cfg, task)
     src = None if cfg.data.path else task.prompt_records("train")
     if src is None and not cfg.data.path:
         raise ConfigError("config key 'data.path': empty and no task prompts")
-    nproc, pid = jax.process_count(), jax.process_index()
+    nproc, pid = (1, 0) if whole else (jax.process_count(), jax.process_index())
     return make_iterator(cfg.data, "prompt", tokenizer=built.tokenizer, source=src, host_id=pid, num_hosts=nproc,
                          batch_size=core.prompt_batch(algo) // nproc, max_prompt_length=p_len, buckets=(p_len,),
                          max_length=max(cfg.data.max_length, p_len + 1), seed=cfg.data.seed or cfg.seed,
@@ -413,7 +417,7 @@ def build_setup(cfg: RLRunConfig, *, num_prompts: int = 0) -> core.RLSetup:
     ``[N, P]`` arrays; each iteration of a ``make_train`` run draws its batch from it on device.
     """
     built = _build(cfg)
-    it = _prompt_iterator(cfg, built)
+    it = _prompt_iterator(cfg, built, whole=True)
     want = num_prompts or 16 * core.prompt_batch(built.algo)
     ids, masks = [], []
     while sum(len(x) for x in ids) < want:
@@ -450,7 +454,7 @@ def run_inputs(cfg: RLRunConfig, seed: int, *, built: _Built | None = None) -> d
     the experiment that ``train_rl`` runs point by point (pair it with ``state_key(seed)``)."""
     cfg = dataclasses.replace(cfg, seed=seed)
     built = _build(cfg) if built is None else built
-    it = _prompt_iterator(cfg, built)
+    it = _prompt_iterator(cfg, built, whole=True)  # the global batches, the same on every process
     batches = [next(it) for _ in range(cfg.iterations)]
     prompts = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("prompt_ids", "prompt_mask")}
     s = built.setup

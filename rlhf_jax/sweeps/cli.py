@@ -9,13 +9,17 @@ after another, emitted as launch commands (``--emit-commands``) or run as one vm
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 from pathlib import Path
 
 from rlhf_jax.config import ConfigError, apply_overrides, load_config_file
 from rlhf_jax.sweeps.points import SweepPoint, expand_points, launch_command, parse_grid, parse_random
 from rlhf_jax.sweeps.sequential import TRAINERS, run_sequential
 from rlhf_jax.sweeps.vmapped import run_vmapped_sweep, vmap_values
+from rlhf_jax.training.common import init_distributed_from_args
 from rlhf_jax.training.configs import MeshConfig
+from rlhf_jax.training.distributed import add_distributed_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write one launch command per point to FILE ('-' for stdout) instead of running")
     parser.add_argument("--launch-suffix", default="",
                         help="appended to each emitted command (e.g. multi-host flags)")
+    parser.add_argument("--emit-format", choices=("lines", "slurm", "tpu-vm"), default="lines",
+                        help="--emit-commands as: one command per line; a SLURM sbatch array script (one array "
+                             "task per point, srun + --distributed-auto); or one gcloud command per point that "
+                             "runs it on every worker of a TPU VM slice (--tpu, --zone)")
+    parser.add_argument("--tpu", default="", help="--emit-format tpu-vm: the TPU VM slice's name")
+    parser.add_argument("--zone", default="", help="--emit-format tpu-vm: its zone")
+    parser.add_argument("--workdir", default="",
+                        help="--emit-format tpu-vm/slurm: directory the commands run in (default: this one); "
+                             "--out and the config path are relative to it")
     parser.add_argument("--vmap", action="store_true",
                         help="PPO/GRPO/RLOO: run seeds x values of traced hyper-parameters as ONE vmapped program")
     parser.add_argument("--save-policies", action="store_true",
@@ -46,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-on-error", action="store_true",
                         help="sequential sweeps: stop at the first failing point instead of going on")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to every point")
+    add_distributed_arguments(parser)  # a --vmap sweep (or a sequential one) on every host of a slice
     # `sweep CONFIG --grid a=1,2 steps=2`: the overrides may come after the options, which plain
     # parse_args cannot split from the CONFIG positional; intermixed parsing can.
     parser.parse_args = parser.parse_intermixed_args
@@ -57,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid)
     random_specs = parse_random(args.random)
     out_dir = Path(args.out)
+    if not args.emit_commands:  # runs here: join the other hosts first (no-op without multi-host flags)
+        init_distributed_from_args(args)
     if args.vmap:
         return _run_vmapped(args, base, grid, bool(random_specs), out_dir)
     if args.mesh is not None:
@@ -74,6 +90,41 @@ def run(args: argparse.Namespace) -> int:
           + (f"; {len(failed)} FAILED: " + "; ".join(f"point {r['point']}: {r['error']}" for r in failed)
              if failed else ""))
     return 1 if failed else 0
+
+
+def _cd(workdir: str) -> str:
+    """``cd DIR`` for a shell, keeping a leading ``~/`` expandable."""
+    if workdir.startswith("~/"):
+        return f"cd ~/{shlex.quote(workdir[2:])}"
+    return f"cd {shlex.quote(workdir)}"
+
+
+def slurm_array_script(commands: list[str], out_dir: Path, workdir: str) -> str:
+    """An ``sbatch`` script: array task ``i`` runs point ``i``'s command under ``srun`` (one process per
+    task; ``--distributed-auto`` lets JAX read SLURM's layout). Give nodes/tasks/GPUs on the sbatch line."""
+    body = "\n".join(f"  {shlex.quote(c)}" for c in commands)
+    return (f"#!/bin/bash\n"
+            f"# rlhf-jax sweep: {len(commands)} points, one SLURM array task each. Submit with e.g.\n"
+            f"#   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 THIS_FILE\n"
+            f"#SBATCH --job-name=rlhf_jax_sweep\n"
+            f"#SBATCH --array=0-{len(commands) - 1}\n"
+            f"#SBATCH --output={out_dir}/slurm-%A_%a.log\n"
+            f"set -euo pipefail\n"
+            f"{_cd(workdir)}\n"
+            f"COMMANDS=(\n{body}\n)\n"
+            f"srun bash -c \"${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}\"\n")
+
+
+def tpu_vm_script(commands: list[str], tpu: str, zone: str, workdir: str) -> str:
+    """A shell script running the points one after another on every worker of a TPU VM slice (``gcloud
+    ... ssh --worker=all``: one process per host, ``--distributed-auto`` finds the slice's layout)."""
+    out = [f"#!/bin/bash\n# rlhf-jax sweep: {len(commands)} points on TPU VM slice {tpu} ({zone}), one after "
+           "another, each on all workers\nset -euo pipefail"]
+    for c in commands:
+        remote = f"{_cd(workdir)} && {c}"
+        out.append(f"gcloud compute tpus tpu-vm ssh {shlex.quote(tpu)} --zone={shlex.quote(zone)} --worker=all "
+                   f"--command={shlex.quote(remote)}")
+    return "\n".join(out) + "\n"
 
 
 def parse_mesh(spec: str) -> MeshConfig:
@@ -117,9 +168,20 @@ def _emit_commands(args: argparse.Namespace, base, points: list[SweepPoint], out
     command, _ = TRAINERS.get(type(base).__name__, (None, None))
     if command is None:
         raise ConfigError(f"no rlhf-jax subcommand runs a {type(base).__name__}")
-    lines = [launch_command(args.config, command, p, str(out_dir), args.launch_suffix)
-             for p in points]
-    text = "\n".join(lines) + "\n"
+    fmt = getattr(args, "emit_format", "lines")
+    suffix = args.launch_suffix
+    if fmt != "lines" and "--distributed-auto" not in suffix:  # each point is one multi-host job
+        suffix = f"{suffix} --distributed-auto".strip()
+    lines = [launch_command(args.config, command, p, str(out_dir), suffix) for p in points]
+    workdir = getattr(args, "workdir", "") or os.getcwd()
+    if fmt == "slurm":
+        text = slurm_array_script(lines, out_dir, workdir)
+    elif fmt == "tpu-vm":
+        if not args.tpu or not args.zone:
+            raise ConfigError("--emit-format tpu-vm: give the slice's --tpu NAME and --zone ZONE")
+        text = tpu_vm_script(lines, args.tpu, args.zone, workdir)
+    else:
+        text = "\n".join(lines) + "\n"
     if args.emit_commands == "-":
         print(text, end="")
     else:

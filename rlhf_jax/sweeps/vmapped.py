@@ -30,6 +30,7 @@ from rlhf_jax.sweeps.points import SweepPoint, expand_points
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.tasks import get_task
 from rlhf_jax.training import loop
+from rlhf_jax.training.distributed import barrier
 from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.training.common import get_task_or_none, require_tokenizer_dir
 from rlhf_jax.training.configs import MeshConfig
@@ -193,10 +194,11 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     values = vmap_values(base_cfg, grid)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    # the trainers' checks, on a one-run layout (mesh.runs > 1 is the sweep's business, checked below)
-    validate_rl_config(dataclasses.replace(base_cfg, mesh=MeshConfig()))
     points = expand_points(grid, seeds=seeds)
     device_mesh = sweep_mesh(base_cfg, mesh, num_runs=len(points), seeds=seeds)
+    # the trainers' checks, on one run's layout (its data x fsdp devices; mesh.runs is the sweep's business)
+    per_run = 1 if device_mesh is None else mesh_lib.batch_size_multiple(device_mesh)
+    validate_rl_config(dataclasses.replace(base_cfg, mesh=MeshConfig()), devices_per_run=per_run)
     algo = resolved_algorithm(base_cfg)
     setup = build_setup(base_cfg) if setup is None else setup
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
@@ -290,6 +292,7 @@ def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, mesh: 
         raise loop.Planned([loop.Program("sweep_vmapped", jitted, args, {}, model_flops)], mesh)
     t0 = time.time()
     compiled = jitted.lower(*args).compile()
+    barrier("rlhf_jax_sweep_compiled")  # every host starts the program together (see training.distributed)
     t1 = time.time()
     final, history = compiled(*args)
     history = _history_to_host(mesh_lib.gather_to_host(history))

@@ -80,6 +80,22 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     return True
 
 
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Waits until every process reaches ``name`` (no-op single-process). Used after a long compile: hosts
+    finish compiling at different times, and CPU (gloo) collectives give a late peer only 30 s to join
+    their first call. Waits through the coordination service (no device collective); older jax without
+    its client falls back to ``multihost_utils.sync_global_devices``."""
+    if jax.process_count() == 1:
+        return
+    client = getattr(getattr(getattr(jax, "_src", None), "distributed", None), "global_state", None)
+    client = getattr(client, "client", None)
+    if client is None or not hasattr(client, "wait_at_barrier"):
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def is_main_process() -> bool:
     """Process 0 writes logs and run records (Orbax coordinates checkpoints itself)."""
     return jax.process_index() == 0
