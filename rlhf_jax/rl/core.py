@@ -88,6 +88,16 @@ class ReadsHParams:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
+class Stateless:
+    """Mixin of algorithm configs that carry no state between iterations (no adaptive controller)."""
+
+    def init_algo_state(self):
+        return None
+
+    def next_algo_state(self, algo_state, metrics):
+        return None
+
+
 def traced_hparams(hp, **fallbacks):
     """``hp`` with every field a float32 array; a ``None`` field takes ``fallbacks[name]``: the name of
     another field (``value_lr=None`` → ``lr``) or a number (``score_clip=None`` → ``inf``)."""

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlhf_jax import losses
-from rlhf_jax.rl.core import ReadsHParams, traced_hparams
+from rlhf_jax.rl.core import ReadsHParams, Stateless, traced_hparams
 from rlhf_jax.rl.validation import check_choice, check_policy_hparams, check_positive_int, fail
 
 
@@ -66,7 +66,7 @@ class GRPOHParams:
 
 
 @struct.dataclass
-class GRPOConfig(ReadsHParams):
+class GRPOConfig(Stateless, ReadsHParams):
     """GRPO's or RLOO's section of a trainer config: static settings + traced ``hparams``.
 
     batch_size: prompts per iteration; the rollout has ``batch_size · group_size`` responses. group_size:
@@ -178,12 +178,6 @@ class GRPOConfig(ReadsHParams):
         return self
 
     # ---- the pieces the RL core calls ----
-
-    def init_algo_state(self):
-        return None
-
-    def next_algo_state(self, algo_state, metrics):
-        return None
 
     def advantages(self, algo_state, rollout, scores, kl_tok):
         kl_coef = jnp.asarray(self.hparams.kl_coef, jnp.float32)

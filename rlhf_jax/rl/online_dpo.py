@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlhf_jax import losses
-from rlhf_jax.rl.core import ReadsHParams, traced_hparams
+from rlhf_jax.rl.core import ReadsHParams, Stateless, traced_hparams
 from rlhf_jax.rl.validation import check_choice, check_positive, check_positive_int, concrete, fail
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -60,7 +60,7 @@ class OnlineDPOHParams:
 
 
 @struct.dataclass
-class OnlineDPOConfig(ReadsHParams):
+class OnlineDPOConfig(Stateless, ReadsHParams):
     """Online DPO's section of a trainer config: static settings + traced ``hparams``.
 
     batch_size: prompts (= pairs) per iteration; the rollout has ``2 · batch_size`` responses.
@@ -108,12 +108,6 @@ class OnlineDPOConfig(ReadsHParams):
         return self
 
     # ---- the pieces the RL core calls ----
-
-    def init_algo_state(self):
-        return None
-
-    def next_algo_state(self, algo_state, metrics):
-        return None
 
     def advantages(self, algo_state, rollout, scores, kl_tok):
         sign = preference_labels(scores)

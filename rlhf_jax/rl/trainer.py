@@ -485,27 +485,54 @@ def _python_scores(built: _Built, roll) -> np.ndarray:
     return out
 
 
-def _place_state(mesh, state: core.RLState) -> core.RLState:
+def state_sharding(mesh, state: core.RLState) -> core.RLState:
+    """Where an RL state lives on ``mesh``: the policy's and value model's params and optimiser state by the
+    fsdp rule, the algorithm state, key and counter replicated."""
     rep = mesh_lib.replicated(mesh)
-    return core.RLState(policy=mesh_lib.shard_state(mesh, state.policy),
-                        value=None if state.value is None else mesh_lib.shard_state(mesh, state.value),
-                        algo_state=mesh_lib.place(state.algo_state, rep), rng=mesh_lib.place(state.rng, rep),
-                        step=mesh_lib.place(state.step, rep))
+    return core.RLState(policy=mesh_lib.state_sharding(mesh, state.policy),
+                        value=None if state.value is None else mesh_lib.state_sharding(mesh, state.value),
+                        algo_state=jax.tree_util.tree_map(lambda _: rep, state.algo_state), rng=rep, step=rep)
 
 
-def _rl_step(built: _Built, frozen: core.RLFrozen) -> Callable:
+def _place_state(mesh, state: core.RLState) -> core.RLState:
+    return mesh_lib.place(state, state_sharding(mesh, state))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pinned:
+    """The core's jitted iteration and update with the new state constrained to the input state's sharding,
+    so the state never drifts between iterations (and a plan sees the real output layout)."""
+    iteration: Callable
+    update: Callable
+
+
+def _pinned(shardings) -> _Pinned:
+    keep = lambda st: jax.lax.with_sharding_constraint(st, shardings)  # noqa: E731
+
+    def iteration(state, frozen, prompts, rng, cfg):
+        new, metrics, rows = core.iteration_pure(state, frozen, prompts, rng, cfg)
+        return keep(new), metrics, rows
+
+    def update(state, frozen, roll, scores, rng, cfg):
+        new, metrics = core.update_pure(state, frozen, roll, scores, rng, cfg)
+        return keep(new), metrics
+    return _Pinned(jax.jit(iteration, donate_argnums=(0,)), jax.jit(update, donate_argnums=(0,)))
+
+
+def _rl_step(built: _Built, frozen: core.RLFrozen, pinned: _Pinned) -> Callable:
     """``step(state, prompts) -> (state, metrics, sample rows)``: one fused iteration, or rollout → host
     scores → update with a Python reward."""
     algo = built.algo
+    hp = core.traced(algo)
 
     def step(state, prompts):
         t0 = time.perf_counter()
         if built.python_reward is None:
-            state, m, rows = core.iteration(state, frozen, prompts, cfg=algo, with_samples=True)
+            state, m, rows = pinned.iteration(state, frozen, prompts, None, hp)
         else:
             roll = core.rollout(state, frozen, prompts, cfg=algo)
             scores = _python_scores(built, roll)
-            state, m = core.update(state, frozen, roll, scores, cfg=algo)
+            state, m = pinned.update(state, frozen, roll, jnp.asarray(scores, jnp.float32), None, hp)
             rows = core.sample_rows(roll, jnp.asarray(scores))
         m = to_host_scalars(m)
         dt = time.perf_counter() - t0
@@ -516,17 +543,17 @@ def _rl_step(built: _Built, frozen: core.RLFrozen) -> Callable:
     return step
 
 
-def _rl_programs(built: _Built, frozen: core.RLFrozen, state, prompts) -> list[loop.Program]:
+def _rl_programs(built: _Built, frozen: core.RLFrozen, pinned: _Pinned, state, prompts) -> list[loop.Program]:
     """The compiled programs one iteration of :func:`_rl_step` runs (for a plan): the fused iteration, or
     the rollout and the update around a Python reward."""
     algo = built.algo
     hp = core.traced(algo)
     if built.python_reward is None:
-        return [loop.Program(f"{algo.name}_iteration", core._iteration_jit, (state, frozen, prompts, None, hp), {})]
+        return [loop.Program(f"{algo.name}_iteration", pinned.iteration, (state, frozen, prompts, None, hp), {})]
     roll = jax.eval_shape(core.rollout_pure, state, frozen, prompts, None, hp)
     scores = jax.ShapeDtypeStruct((algo.rollout_size,), jnp.float32)
     return [loop.Program(f"{algo.name}_rollout", core._rollout_jit, (state, frozen, prompts, None, hp), {}),
-            loop.Program(f"{algo.name}_update", core._update_jit, (state, frozen, roll, scores, None, hp), {})]
+            loop.Program(f"{algo.name}_update", pinned.update, (state, frozen, roll, scores, None, hp), {})]
 
 
 def _sample_logger(cfg: RLRunConfig, built: _Built, path: Path) -> Callable:
@@ -588,6 +615,7 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
     state = core.init_state(policy_model=s.policy_model, policy_params=s.policy_params, policy_tx=s.policy_tx,
                             value_model=s.value_model, value_params=s.value_params, value_tx=s.value_tx, cfg=algo,
                             rng=state_key(cfg.seed))
+    pinned = _pinned(state_sharding(placement.mesh, state))
     seq_len = _prompt_length(cfg, built.task) + algo.max_new_tokens
     updates = algo.epochs * algo.minibatches
     factor = schedule_factor(cfg.optim, cfg.iterations * updates)
@@ -596,7 +624,7 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
     job = loop.Job(
         name=cfg.section, state=state, batches=_prompt_iterator(cfg, built), total_steps=cfg.iterations,
         config_dict=to_dict(dataclasses.replace(cfg, **{cfg.section: algo})), placement=placement,
-        make_step=lambda placed: _rl_step(built, frozen),
+        make_step=lambda placed: _rl_step(built, frozen, pinned),
         prepare=lambda b: loop.put(placement, {k: b[k] for k in ("prompt_ids", "prompt_mask")}),
         place=lambda st: _place_state(placement.mesh, st), unplace=lambda st: st,
         tokens=lambda b, m: float(algo.rollout_size * seq_len),
@@ -607,7 +635,7 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
         on_log=_sample_logger(cfg, built, out_dir / "samples.jsonl"),
         export=(lambda st, out: export_policy(s.policy_model, st.policy.params, built.tokenizer_dir, out / "export"))
         if cfg.export else None,
-        programs=lambda st, prompts: _rl_programs(built, frozen, st, prompts))
+        programs=lambda st, prompts: _rl_programs(built, frozen, pinned, st, prompts))
     result = loop.run(job, out_dir=out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)
     return dataclasses.replace(result, model=built.export_model)
 
