@@ -403,12 +403,16 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.2f}"
 
 
+def _rate(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
 def format_report(rep: dict) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in rep["mesh"].items())
     lines = [f"plan: {rep['trainer']} on {rep['topology']}: {rep['num_devices']} x {rep['device_kind']} "
              f"({rep['num_processes']} host(s)), mesh {mesh}",
              f"  per device: {_gib(rep['hbm_bytes_per_device'])} GiB HBM, "
-             f"{rep['peak_flops_per_device'] / 1e12:.1f} TFLOP/s, {rep['hbm_bandwidth_per_device'] / 1e9:.0f} GB/s "
+             f"{_rate(rep['peak_flops_per_device'])}, {rep['hbm_bandwidth_per_device'] / 1e9:.1f} GB/s "
              f"({rep['device_figures']})"]
     head = ("program", "peak GiB", "args", "out", "temp", "HBM GiB", "fits", "headroom", "TFLOP/dev",
             "model TFLOP/dev", "roofline s", "bound", "MFU ceiling", "compile s")

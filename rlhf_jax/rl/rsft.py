@@ -35,6 +35,7 @@ from rlhf_jax.rl.trainer import (RLRunConfig, _build, _place_state, _prompt_iter
                                  _sample_logger, export_policy, state_key, validate_rl_config)
 from rlhf_jax.rl.validation import check_positive, check_positive_int, fail
 from rlhf_jax.training import loop
+from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.training.metrics import to_host_scalars
 from rlhf_jax.training.optim import OptimConfig, make_optimizer, schedule_factor
 from rlhf_jax.training.sft import SFTStepConfig, sft_step
@@ -192,7 +193,7 @@ def train_rsft(cfg: RSFTTrainConfig) -> loop.TrainResult:
                                rng=jax.random.PRNGKey(cfg.seed))
     state = core.RLState(policy=policy, value=None, algo_state=None, rng=state_key(cfg.seed),
                          step=jnp.zeros((), jnp.int32))
-    frozen = s.frozen
+    frozen = mesh_lib.place(s.frozen, mesh_lib.param_sharding(placement.mesh, s.frozen))
     seq_len = _prompt_length(cfg, built.task) + algo.max_new_tokens
     factor = schedule_factor(cfg.optim, cfg.iterations * algo.sft_epochs)
 
@@ -215,7 +216,9 @@ def train_rsft(cfg: RSFTTrainConfig) -> loop.TrainResult:
         finite_keys=("loss", "score", "kl"),
         on_log=_sample_logger(cfg, built, Path(cfg.out_dir).absolute() / "samples.jsonl"),
         export=(lambda st, out: export_policy(s.policy_model, st.policy.params, built.tokenizer_dir,
-                                              Path(out) / "export")) if cfg.export else None)
+                                              Path(out) / "export")) if cfg.export else None,
+        programs=lambda st, p: [loop.Program("rsft_iteration", _rsft_iteration_jit,
+                                             (st, frozen, p, algo.replace(hparams=algo.hparams.traced())), {})])
     result = loop.run(job, out_dir=Path(cfg.out_dir).absolute(), ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log,
                       resume=cfg.resume)
     return dataclasses.replace(result, model=built.export_model)

@@ -226,7 +226,11 @@ def plan_programs(job: Job) -> list[Program]:
     if job.programs is not None:
         progs = list(job.programs(placed, batch))
     else:
-        progs = [Program(f"{job.name}_step", job.make_step(placed), (placed, batch), {})]
+        step = job.make_step(placed)
+        if not hasattr(step, "lower"):
+            raise ConfigError(f"plan: the {job.name} trainer's step is not one compiled program and its job names "
+                              "none (Job.programs); it cannot be planned")
+        progs = [Program(f"{job.name}_step", step, (placed, batch), {})]
     if flops is not None and len(progs) == 1 and progs[0].model_flops is None:
         progs = [dataclasses.replace(progs[0], model_flops=flops)]
     return progs
