@@ -185,3 +185,20 @@ def test_a_program_the_compiler_refuses_for_memory_is_reported_as_not_fitting():
                                    "hbm_bandwidth_per_device": 2.765e12, "device_figures": "test",
                                    "programs": [{**rep, "advice": ["x"]}], "notes": []})
     assert "NO" in text and "the compiler refused it" in text and ">= 359.34" in text
+
+
+def test_a_plan_compiles_the_largest_bucket_not_the_first_batch(tmp_path):
+    """Preference batches are padded to the shortest bucket that fits them; a plan compiles the longest
+    (``data.max_length``), whatever the data's lengths: its model FLOPs count max_length tokens per row."""
+    from rlhf_jax import models, plan as plan_lib
+    from rlhf_jax.config import apply_overrides, load_config_file
+    cfg = apply_overrides(load_config_file(str(ROOT / "experiments/reward_sentiment_tiny.py")),
+                          ["model.path=", "model.name=task", "data.max_length=128", "model.max_position_embeddings=128",
+                           f"out_dir={tmp_path / 'run'}"])
+    rep = plan_lib.plan(cfg, topology("cpu:1"))
+    prog = rep["programs"][0]
+    from rlhf_jax.tasks import get_task
+    mconfig = get_task("sentiment").model_config(max_position_embeddings=128)
+    per_token = models.flops_per_token(mconfig, 128, training=True)
+    assert prog["model_flops_per_device"] == pytest.approx(per_token * cfg.data.batch_size * 2 * 128, rel=1e-9)
+    assert not (tmp_path / "run").exists()

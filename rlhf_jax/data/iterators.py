@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rlhf_jax import devices as devices_lib
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batching
 from rlhf_jax.data.errors import DataError, DataStats, Location
@@ -142,6 +143,8 @@ class DataIterator:
         self.buckets = tuple(sorted(buckets)) if buckets else batching.length_buckets(top)
         if max(self.buckets) < top:
             raise ValueError(f"largest bucket {max(self.buckets)} < maximum length {top}")
+        if devices_lib.abstract():  # a plan compiles the worst case: every batch at the largest bucket
+            self.buckets = (max(self.buckets),)
         self.num_responses = num_responses
         self.field_map = parse_field_map(field_map)
         self.skip_bad_rows = skip_bad_rows
