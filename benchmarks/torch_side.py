@@ -147,6 +147,7 @@ def trl_ppo_iteration_time(
 
     import torch
     from datasets import Dataset
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -216,7 +217,7 @@ def trl_ppo_iteration_time(
             callbacks=[_Clock()],
         )
         steps = [0]
-        hook = torch.optim.optimizer.register_optimizer_step_post_hook(
+        hook = register_optimizer_step_post_hook(
             lambda *a, **kw: steps.__setitem__(0, steps[0] + 1))
         gc.collect = timed_collect
         try:
