@@ -154,7 +154,7 @@ def test_resolve_per_platform():
     assert resolve_attention_impl(c.replace(attention_impl="auto", dtype="bfloat16"), 512, "gpu") == "cudnn"
     assert resolve_attention_impl(c.replace(attention_impl="auto"), 512, "gpu") == "xla"  # f32: not cuDNN's
     assert resolve_attention_impl(c.replace(attention_impl="blocked"), 8, "gpu") == "blocked"
-    with pytest.raises(ConfigError, match="'model.attention_impl'.*GPU"):
+    with pytest.raises(ConfigError, match="model.attention_impl.*needs a GPU"):
         resolve_attention_impl(c.replace(attention_impl="cudnn"), 512, "cpu")
 
 
@@ -186,3 +186,16 @@ def test_option_round_trips_through_save_and_load(tmp_path):
     assert loaded.config.attention_impl == "blocked" and loaded.config.attention_block == 32
     with pytest.raises(ConfigError, match="attention_impl"):
         from_pretrained(tmp_path, attention_impl="nope")
+
+
+def test_model_section_keys_reach_the_model_config():
+    from rlhf_jax.training.configs import ModelSection
+
+    sec = ModelSection(attention_impl="blocked", attention_block=32)
+    sec.validate("policy.")
+    over = sec.size_overrides()
+    assert tiny_config(**over).attention_impl == "blocked" and tiny_config(**over).attention_block == 32
+    with pytest.raises(ConfigError, match="'policy.attention_impl'"):
+        ModelSection(attention_impl="flash").validate("policy.")
+    with pytest.raises(ConfigError, match="'model.attention_block'"):
+        ModelSection(attention_block=4).validate()

@@ -265,12 +265,13 @@ class ModelConfig:
         if isinstance(self.logits_chunk, bool) or not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
             raise ValueError(f"ModelConfig.logits_chunk: expected an int >= 0, got {self.logits_chunk!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"ModelConfig.attention_impl (config key 'model.attention_impl'): expected one of "
-                              f"{ATTENTION_IMPLS}, got {self.attention_impl!r}")
+            raise ConfigError(f"ModelConfig.attention_impl (config key model.attention_impl / policy.attention_impl): "
+                              f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if (isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int)
                 or self.attention_block < 8):
-            raise ConfigError(f"ModelConfig.attention_block (config key 'model.attention_block'): expected an int "
-                              f">= 8 (the query/key block of attention_impl='blocked'), got {self.attention_block!r}")
+            raise ConfigError(f"ModelConfig.attention_block (config key model.attention_block / policy.attention_block): "
+                              f"expected an int >= 8 (the query/key tile of the blocked attention), got "
+                              f"{self.attention_block!r}")
         if self.arch != "gpt2" and self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
 

@@ -3,7 +3,8 @@
 Shapes: B batch, T new tokens, S key slots (T without a cache, the cache length with one),
 D hidden, H query heads, K kv heads (H = K·G), Dh head dim, F MLP width, V vocab, L layers.
 
-Attention is a plain masked einsum (portable, fast on CPU, shardable): query t may attend to key s iff
+Attention (`ModelConfig.attention_impl`: a masked einsum by default, or query×key tiles with an online
+softmax, or cuDNN's kernel; `attention`) lets query t attend to key s iff
 
     valid[b, s]  and  slot(s) <= slot(t)  and  seg[b, s] == seg[b, t]  and  slot(t) - slot(s) < window
 
@@ -467,8 +468,9 @@ def resolve_attention_impl(config: ModelConfig, seq_len: int, platform: str | No
     platform = platform or jax.default_backend()
     impl = config.attention_impl
     if impl == "cudnn" and platform != "gpu":
-        raise ConfigError(f"config key 'model.attention_impl': 'cudnn' needs a GPU, but this program runs on "
-                          f"{platform!r}; use 'auto' (picks per platform), 'blocked' or 'xla'")
+        raise ConfigError(f"ModelConfig.attention_impl='cudnn' (config key model.attention_impl / "
+                          f"policy.attention_impl) needs a GPU, but this program is traced for {platform!r}; use "
+                          f"'auto' (picks per platform), 'blocked' or 'xla'")
     if impl != "auto":
         return impl
     if platform == "gpu":
