@@ -18,7 +18,8 @@ from rlhf_jax.training.optim import OptimConfig
 
 MODEL = ModelSection(
     name="tiny", arch="llama", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-    intermediate_size=8192, max_position_embeddings=2048, dtype="bfloat16", param_dtype="float32", remat=True)
+    intermediate_size=8192, max_position_embeddings=2048, tie_word_embeddings=True, dtype="bfloat16",
+    param_dtype="float32", remat=True)  # Llama-3.2-1B's trunk (tied embeddings) over the task's vocabulary
 MESH = MeshConfig(data=1, fsdp=-1)
 
 

@@ -11,15 +11,13 @@ for your own.
 """
 from rlhf_jax.data import DataConfig
 from rlhf_jax.training.checkpoint import CheckpointConfig
-from rlhf_jax.training.configs import MeshConfig, ModelSection
+from rlhf_jax.training.configs import MeshConfig, model_shape
 from rlhf_jax.training.metrics import LogConfig
 from rlhf_jax.training.optim import OptimConfig
 from rlhf_jax.training.sft import SFTConfig
 
-MODEL = ModelSection(
-    name="tiny", arch="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-    head_dim=64, intermediate_size=8192, max_position_embeddings=2048, dtype="bfloat16", param_dtype="float32",
-    remat=True)
+# Llama-3.2-1B: 16 layers, d=2048, 32 heads (8 kv), vocab 128256, tied embeddings (1.24B parameters)
+MODEL = model_shape("llama3.2-1b", dtype="bfloat16", param_dtype="float32", remat=True)
 
 
 def get_config() -> SFTConfig:

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rlhf_jax.generation.cli", "sample completions from a checkpoint"),
     "data": ("rlhf_jax.data.cli", "inspect, validate and convert datasets (JSONL/Parquet/TFDS)"),
     "bench": ("benchmarks.cli", "benchmarks against PyTorch peers and the hardware limit"),
+    "plan": ("rlhf_jax.plan", "compile a run's programs for a TPU topology (or cpu:N): memory, fits, FLOPs, roofline"),
     "overopt": ("rlhf_jax.overopt", "over-optimisation lab: best-of-N, RL and RM ensembles vs gold (Gao-style fits)"),
 }
 

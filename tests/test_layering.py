@@ -2,14 +2,14 @@
 
 Layers (a package imports only lower layers, plus the same-layer pairs in ``SAME_LAYER``):
 
-    0  rlhf_jax (the __init__), rlhf_jax.config, rlhf_jax.provenance
+    0  rlhf_jax (the __init__), rlhf_jax.config, rlhf_jax.provenance, rlhf_jax.devices (the devices programs are built for)
     1  rlhf_jax.losses (imports no other rlhf_jax package), rlhf_jax.models, rlhf_jax.data
     2  rlhf_jax.generation, rlhf_jax.tasks
     3  rlhf_jax.training
     4  rlhf_jax.rl
     5  rlhf_jax.evaluation (shared evaluation and plots), rlhf_jax.trainers (the trainers' table)
     6  rlhf_jax.sweeps, rlhf_jax.pipeline, rlhf_jax.cli, rlhf_jax.train_command
-    7  rlhf_jax.compare (studies built from sweeps and the pipeline)
+    7  rlhf_jax.compare (studies built from sweeps and the pipeline), rlhf_jax.plan (compiled plans of runs and sweeps)
 
 Three checks over every ``.py`` file of rlhf_jax/, each parametrised by package (``-k data``):
 
@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "rlhf_jax.config": 0,
     "rlhf_jax.errors": 0,
     "rlhf_jax.provenance": 0,
+    "rlhf_jax.devices": 0,
     "rlhf_jax.losses": 1,
     "rlhf_jax.models": 1,
     "rlhf_jax.data": 1,
@@ -58,6 +59,7 @@ LAYERS: dict[str, int] = {
     "rlhf_jax.train_command": 6,
     "rlhf_jax.cli": 6,
     "rlhf_jax.overopt": 6,
+    "rlhf_jax.plan": 7,
     "rlhf_jax.compare": 7,
 }
 # (importer, imported) pairs allowed inside one layer; any other same-layer import is a violation.

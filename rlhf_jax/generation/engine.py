@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import devices as devices_lib
 from rlhf_jax.generation.bucketing import bucket_length, left_pad_to
 from rlhf_jax.generation.decode import GenerationOutput, decode_loop
 from rlhf_jax.generation.errors import GenerationArgumentError
@@ -135,8 +136,9 @@ DECODE_COMPILER_OPTIONS = {"cpu": CPU_DECODE_COMPILER_OPTIONS}  # by backend
 
 
 def decode_compiler_options() -> dict | None:
-    """The compiler options ``generate`` uses on the default backend now (``None``: XLA's defaults)."""
-    return DECODE_COMPILER_OPTIONS.get(jax.default_backend())
+    """The compiler options ``generate`` uses on the platform programs are built for now
+    (``rlhf_jax.devices.platform()``; ``None``: XLA's defaults)."""
+    return DECODE_COMPILER_OPTIONS.get(devices_lib.platform())
 
 
 # Tied embeddings on CPU: the decode step's LM head reads a row-major [D, V] copy of the embedding,
@@ -147,7 +149,7 @@ def decode_compiler_options() -> dict | None:
 def _decode_output_kernel(model, params) -> Array | None:
     """The ``[D, V]`` output kernel to use in the decode loop, or ``None`` for ``logits_from_hidden``."""
     cls = type(model)
-    if (jax.default_backend() != "cpu" or not isinstance(model, CausalLM)
+    if (devices_lib.platform() != "cpu" or not isinstance(model, CausalLM)
             or cls.logits_from_hidden is not CausalLM.logits_from_hidden or not model.config.tie_word_embeddings):
         return None
     return model.apply(params, method=cls.output_kernel)
@@ -201,7 +203,8 @@ def decode_program(model, params, ids, mask, rng, temperature, top_k, top_p, *, 
 
 
 class _BackendJit:
-    """``jax.jit(fn)`` built on first call, with compiler options for the default backend then in use.
+    """``jax.jit(fn)`` built on first use per platform, with that platform's compiler options (the
+    platform programs are built for: ``rlhf_jax.devices.platform()``, the host's outside a plan).
 
     Deciding at import time would initialise the backend on ``import rlhf_jax`` (before a
     multi-host ``jax.distributed.initialize`` could run). Inside an outer ``jax.jit`` (traced
@@ -210,14 +213,15 @@ class _BackendJit:
 
     def __init__(self, fn, static_argnames, options_by_backend):
         self._fn, self._static, self._options = fn, static_argnames, options_by_backend
-        self._jitted = None
+        self._jitted: dict[str, Any] = {}
         self._nested = jax.jit(fn, static_argnames=static_argnames)
 
     def _get(self):
-        if self._jitted is None:
-            opts = self._options.get(jax.default_backend())
-            self._jitted = jax.jit(self._fn, static_argnames=self._static, compiler_options=opts)
-        return self._jitted
+        plat = devices_lib.platform()
+        if plat not in self._jitted:
+            opts = self._options.get(plat)
+            self._jitted[plat] = jax.jit(self._fn, static_argnames=self._static, compiler_options=opts)
+        return self._jitted[plat]
 
     def __call__(self, *args, **kwargs):
         traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs)))

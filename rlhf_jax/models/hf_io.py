@@ -27,10 +27,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from rlhf_jax import devices as devices_lib
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.architecture import _HF_SEQ_CLS, CheckpointError, ModelConfig, UnsupportedModelError
 from rlhf_jax.models.heads import CausalLMWithValueHead, ScalarHeadModel, head_init
-from rlhf_jax.models.transformer import CausalLM
+from rlhf_jax.models.transformer import CausalLM, init_params
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -312,11 +313,17 @@ def from_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, head: s
       `v_head.summary.*` (TRL's layout) when present, else fresh from `rng`.
     `dtype` is the compute dtype, `param_dtype` the storage dtype of the returned params.
     Unused checkpoint tensors (e.g. the LM head when loading a scalar head) are ignored.
+    In a plan (`rlhf_jax.devices.abstract()`, traced under `jax.eval_shape`) only `config.json` is
+    read: the params are the model's initialisation, which has the checkpoint's shapes, and no weight
+    file is opened.
     """
     path = os.fspath(path)
     if head not in (None, "scalar", "value"):
         raise ValueError(f"from_pretrained: head must be None, 'scalar' or 'value', got {head!r}")
     config = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat, **config_overrides)
+    if devices_lib.abstract():
+        model = {None: CausalLM, "scalar": ScalarHeadModel, "value": CausalLMWithValueHead}[head](config)
+        return model, init_params(model, jax.random.PRNGKey(0) if rng is None else rng)
     reader = _SafetensorsReader(path)
     keys = set(reader.keys())
     prefix = _base_prefix(config)

@@ -605,7 +605,7 @@ def stack_hparams(cfg, values: dict[str, Any] | None = None, *, num_seeds: int =
             for _ in range(num_seeds)]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *runs)
     seeds = np.tile(np.arange(num_seeds, dtype=np.int32), len(grid))
-    return stacked, jnp.asarray(seeds)
+    return stacked, seeds  # (host numpy: it names runs, the host reads it)
 
 
 def sweep_keys(base_seed: int, seed_index: Array) -> Array:

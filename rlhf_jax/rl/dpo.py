@@ -30,12 +30,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from rlhf_jax import losses
+from rlhf_jax import devices as devices_lib
+from rlhf_jax import losses, models
 from rlhf_jax.config import ConfigError, to_dict
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.rl.core import RL_OPTIM, ReadsHParams, own_copy, traced_hparams, train_state
 from rlhf_jax.rl.validation import check_choice, check_positive, concrete, fail
 from rlhf_jax.training import loop
+from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.models import lora
 from rlhf_jax.training.common import (build_model, check_path, export_model, get_task_or_none,
                                       require_tokenizer_dir)
@@ -316,9 +318,14 @@ def _traced(cfg: DPOConfig) -> DPOConfig:
     return cfg.validate().replace(hparams=cfg.hparams.traced())
 
 
-def _device_batch(batch: dict) -> dict:
+def _batch_keys(batch: dict) -> dict:
+    """The entries of a preference batch the step reads."""
     keys = list(_REQUIRED) + [k for k in ("ref_chosen_logp", "ref_rejected_logp", "example_mask") if k in batch]
-    return {k: jnp.asarray(batch[k]) for k in keys}
+    return {k: batch[k] for k in keys}
+
+
+def _device_batch(batch: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in _batch_keys(batch).items()}
 
 
 def dpo_step(state: TrainState, frozen: DPOFrozen, batch: dict, *, cfg: DPOConfig) -> tuple[TrainState, dict]:
@@ -429,17 +436,22 @@ def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
     tok_dir = require_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task, "policy")
     tokenizer = load_tokenizer(tok_dir)
     rng = jax.random.PRNGKey(cfg.seed)
-    model, params, _ = build_model(cfg.policy, task=task, tokenizer=tokenizer, head=None,
-                                   rng=jax.random.fold_in(rng, 1), prefix="policy.")
+    model, params, mconfig = build_model(cfg.policy, task=task, tokenizer=tokenizer, head=None,
+                                         rng=jax.random.fold_in(rng, 1), prefix="policy.")
     algo = cfg.dpo
     tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=1.0), params, total_steps=cfg.steps)
     state = init_dpo_state(model=model, params=params, tx=tx, cfg=algo, rng=jax.random.fold_in(rng, 2))
     ref_params = lora.base_params(params) if lora.is_lora_params(params) else params  # LoRA: base, adapters off
-    table = (_reference_table(cfg, task, tokenizer, model, ref_params) if algo.precompute_ref and algo.uses_ref
-             else None)
+    table = None
+    if algo.precompute_ref and algo.uses_ref:  # (a plan compiles the step only: the table's values are not needed)
+        table = {} if devices_lib.abstract() else _reference_table(cfg, task, tokenizer, model, ref_params)
     needs_ref = algo.ref_forward_each_step or (algo.uses_ref and table is None)
+    placement = loop.make_placement(cfg.mesh)
     # a LoRA reference is read from the state's own base at each step (None here: no second copy)
-    frozen = DPOFrozen(ref_params=ref_params if needs_ref and not lora.is_lora_params(params) else None, model=model)
+    frozen_ref = ref_params if needs_ref and not lora.is_lora_params(params) else None
+    if frozen_ref is not None:  # sharded like the policy (fsdp), replicated over data
+        frozen_ref = mesh_lib.place(frozen_ref, mesh_lib.param_sharding(placement.mesh, frozen_ref))
+    frozen = DPOFrozen(ref_params=frozen_ref, model=model)
 
     def with_refs(b: dict) -> dict:
         out = {k: b[k] for k in _PREF_KEYS if k in b}
@@ -451,11 +463,15 @@ def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
     factor = schedule_factor(cfg.optim, cfg.steps)
     job = loop.Job(
         name="dpo", state=state, batches=_preference_iterator(cfg, task, tokenizer, "train"),
-        total_steps=cfg.steps, config_dict=to_dict(cfg), placement=loop.make_placement(cfg.mesh),
+        total_steps=cfg.steps, config_dict=to_dict(cfg), placement=placement,
         make_step=lambda placed: (lambda st, b: dpo_step(st, frozen, b, cfg=algo)),
-        prepare=with_refs, place=lambda st: st, unplace=lambda st: st,
+        prepare=lambda b: loop.put(placement, with_refs(b)), unplace=lambda st: st,
+        programs=lambda st, b: [loop.Program("dpo_step", _dpo_step_jit, (st, frozen, _batch_keys(b), _traced(algo)), {})],
         eval_fn=_dpo_evaluator(cfg, task, tokenizer, model, None if lora.is_lora_params(params) else params), eval_every=cfg.eval_every,
         tokens=lambda b, m: float(2 * np.asarray(b["chosen_ids"]).size),
+        # the policy's forward + backward on chosen and rejected, and the reference's forward when it runs
+        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True)
+        + (models.flops_per_token(mconfig, cfg.data.max_length, training=False) if needs_ref else 0.0),
         lr_fn=lambda i: float(algo.hparams.lr) * float(factor(i)),
         export=(lambda st, out: export_model(out / "export", model, st.params, tok_dir)) if cfg.export else None)
     result = loop.run(job, out_dir=cfg.out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)

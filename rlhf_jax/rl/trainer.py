@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import devices as devices_lib
 from rlhf_jax import models
 from rlhf_jax.config import ConfigError, to_dict
 from rlhf_jax.models import lora
@@ -174,8 +175,12 @@ def validate_rl_config(cfg: RLRunConfig) -> None:
         raise ConfigError("config key 'sample_every'/'num_samples': must be >= 0")
     if cfg.mesh.mode != "jit":
         raise ConfigError(f"config key 'mesh.mode': the RL trainers run on a jit mesh, got {cfg.mesh.mode!r}")
-    n = jax.device_count()
+    n = devices_lib.device_count()
     cfg.mesh.validate(n)
+    prompts = core.prompt_batch(algo)
+    if prompts % n:
+        raise ConfigError(f"config key '{cfg.section}.batch_size': the {prompts} prompts of an iteration are split "
+                          f"over the {n} devices (data x fsdp) and must be divisible by {n}")
     if algo.rollout_size % n or algo.minibatch_size % n:
         raise ConfigError(f"config key '{cfg.section}.batch_size': rollout rows {algo.rollout_size} and minibatch "
                           f"size {algo.minibatch_size} must be divisible by the {n} devices")
@@ -480,8 +485,8 @@ def _place_state(mesh, state: core.RLState) -> core.RLState:
     rep = mesh_lib.replicated(mesh)
     return core.RLState(policy=mesh_lib.shard_state(mesh, state.policy),
                         value=None if state.value is None else mesh_lib.shard_state(mesh, state.value),
-                        algo_state=jax.device_put(state.algo_state, rep), rng=jax.device_put(state.rng, rep),
-                        step=jax.device_put(state.step, rep))
+                        algo_state=mesh_lib.place(state.algo_state, rep), rng=mesh_lib.place(state.rng, rep),
+                        step=mesh_lib.place(state.step, rep))
 
 
 def _rl_step(built: _Built, frozen: core.RLFrozen) -> Callable:
@@ -507,6 +512,19 @@ def _rl_step(built: _Built, frozen: core.RLFrozen) -> Callable:
     return step
 
 
+def _rl_programs(built: _Built, frozen: core.RLFrozen, state, prompts) -> list[loop.Program]:
+    """The compiled programs one iteration of :func:`_rl_step` runs (for a plan): the fused iteration, or
+    the rollout and the update around a Python reward."""
+    algo = built.algo
+    hp = core.traced(algo)
+    if built.python_reward is None:
+        return [loop.Program(f"{algo.name}_iteration", core._iteration_jit, (state, frozen, prompts, None, hp), {})]
+    roll = jax.eval_shape(core.rollout_pure, state, frozen, prompts, None, hp)
+    scores = jax.ShapeDtypeStruct((algo.rollout_size,), jnp.float32)
+    return [loop.Program(f"{algo.name}_rollout", core._rollout_jit, (state, frozen, prompts, None, hp), {}),
+            loop.Program(f"{algo.name}_update", core._update_jit, (state, frozen, roll, scores, None, hp), {})]
+
+
 def _sample_logger(cfg: RLRunConfig, built: _Built, path: Path) -> Callable:
     """``on_log`` hook: decodes ``num_samples`` rows of the iteration's output every ``sample_every``."""
     def on_log(step: int, metrics: dict, rows, writer) -> None:
@@ -530,7 +548,25 @@ def _sample_logger(cfg: RLRunConfig, built: _Built, path: Path) -> Callable:
 def iteration_flops_per_token(built: _Built, seq_len: int) -> float:
     """Model FLOPs of one iteration per sequence token (prompt + response): sampling and the rollout's
     forwards (policy, reference, value, reward model) plus ``epochs`` training passes (policy, value)."""
-    algo, cfgs = built.algo, built.model_configs
+    return _iteration_flops(built.algo, built.model_configs, seq_len)
+
+
+def run_flops(cfg: RLRunConfig, setup: core.RLSetup) -> float:
+    """Model FLOPs of a whole run of ``cfg`` (``iterations`` iterations of ``setup``'s models), as
+    :func:`iteration_flops_per_token` counts them."""
+    algo = setup.algo
+    f = setup.frozen
+    configs = {"policy": setup.policy_model.config,
+               "value": None if setup.value_model is None else setup.value_model.config,
+               "reward": None if f.reward_model is None else f.reward_model.config}
+    seq_len = _prompt_length(cfg, get_task_or_none(cfg.task)) + algo.max_new_tokens
+    per_token = _iteration_flops(algo, configs, seq_len)
+    if f.reward_ensemble:  # every member scores the rollout
+        per_token += (f.reward_ensemble - 1) * models.flops_per_token(configs["reward"], seq_len, training=False)
+    return float(cfg.iterations * algo.rollout_size * seq_len * per_token)
+
+
+def _iteration_flops(algo, cfgs: dict, seq_len: int) -> float:
     fwd = lambda c: models.flops_per_token(c, seq_len, training=False) if c is not None else 0.0  # noqa: E731
     train = lambda c: models.flops_per_token(c, seq_len, training=True) if c is not None else 0.0  # noqa: E731
     rollout = 2 * fwd(cfgs["policy"]) + (fwd(cfgs["policy"]) if algo.uses_ref else 0.0) + fwd(cfgs["value"]) \
@@ -543,7 +579,7 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
     built = _build(cfg)
     algo = built.algo
     placement = loop.make_placement(cfg.mesh)
-    frozen = jax.device_put(built.setup.frozen, mesh_lib.param_sharding(placement.mesh, built.setup.frozen))
+    frozen = mesh_lib.place(built.setup.frozen, mesh_lib.param_sharding(placement.mesh, built.setup.frozen))
     s = built.setup
     state = core.init_state(policy_model=s.policy_model, policy_params=s.policy_params, policy_tx=s.policy_tx,
                             value_model=s.value_model, value_params=s.value_params, value_tx=s.value_tx, cfg=algo,
@@ -566,7 +602,8 @@ def train_rl(cfg: RLRunConfig) -> loop.TrainResult:
         finite_keys=("loss", "policy_grad_norm", "value_grad_norm", "score", "kl"),
         on_log=_sample_logger(cfg, built, out_dir / "samples.jsonl"),
         export=(lambda st, out: export_policy(s.policy_model, st.policy.params, built.tokenizer_dir, out / "export"))
-        if cfg.export else None)
+        if cfg.export else None,
+        programs=lambda st, prompts: _rl_programs(built, frozen, st, prompts))
     result = loop.run(job, out_dir=out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)
     return dataclasses.replace(result, model=built.export_model)
 

@@ -19,15 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import devices as devices_lib
 from rlhf_jax.config import ConfigError, apply_overrides
 from rlhf_jax.evaluation import evaluate_policy
 from rlhf_jax.provenance import write_run_record
 from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, with_hparams
-from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_inputs, state_key,
+from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_flops, run_inputs, state_key,
                                  validate_rl_config)
 from rlhf_jax.sweeps.points import SweepPoint, expand_points
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.tasks import get_task
+from rlhf_jax.training import loop
 from rlhf_jax.training import mesh as mesh_lib
 from rlhf_jax.training.common import get_task_or_none, require_tokenizer_dir
 from rlhf_jax.training.configs import MeshConfig
@@ -200,9 +202,12 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
     run_seeds = seed_values(base_cfg, np.asarray(seed_index), seeds)
     keys, inputs = stacked_run_inputs(base_cfg, run_seeds)
+    if devices_lib.abstract() and device_mesh is None:
+        raise ConfigError("plan of a vmapped sweep: give its mesh (--mesh runs=R,data=D,fsdp=F, or the config's "
+                          "mesh section)")
     final, history, compile_seconds, run_seconds = _compile_and_run(
         _train_with_frozen(algo, setup, base_cfg.iterations), hp, keys, inputs, _shared_frozen(setup, inputs),
-        device_mesh)
+        device_mesh, model_flops=len(points) * run_flops(base_cfg, setup))
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
     seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
@@ -236,7 +241,7 @@ def sweep_mesh(base_cfg: Any, mesh: MeshConfig | None, *, num_runs: int, seeds: 
         return None
     if mesh.mode != "jit":
         raise ConfigError(f"config key 'mesh.mode': a vmapped sweep runs on a jit mesh, got {mesh.mode!r}")
-    runs, data, fsdp = mesh.resolve(jax.device_count())
+    runs, data, fsdp = mesh.resolve(devices_lib.device_count())
     if num_runs % runs:
         raise ConfigError(f"config key 'mesh.runs' (--mesh runs=): the sweep's {num_runs} runs (--seeds {seeds} x "
                           f"{num_runs // seeds} --grid points) do not split over mesh.runs={runs}; make the "
@@ -267,10 +272,12 @@ def _in_shardings(mesh: Any, hp: Any, keys: Any, inputs: dict, frozen: Any) -> t
             mesh_lib.param_sharding(mesh, frozen))
 
 
-def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, mesh: Any = None
-                     ) -> tuple[Any, dict, float, float]:
+def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, mesh: Any = None, *,
+                     model_flops: float | None = None) -> tuple[Any, dict, float, float]:
     """``jax.jit(jax.vmap(train))`` lowered and compiled (on ``mesh`` with :func:`_in_shardings`, else
-    on one device), then run once: ``(final_state, history on the host, compile seconds, run seconds)``."""
+    on one device), then run once: ``(final_state, history on the host, compile seconds, run seconds)``.
+    In a plan (``rlhf_jax.devices.abstract()``) the program and its placed abstract inputs are handed back
+    (``training.loop.Planned``) instead."""
     args = (hp, keys, inputs, frozen)
     vmapped = jax.vmap(train, in_axes=(0, 0, 0, None))
     if mesh is None:
@@ -279,6 +286,8 @@ def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, mesh: 
         shardings = _in_shardings(mesh, *args)
         args = mesh_lib.place(args, shardings)
         jitted = jax.jit(vmapped, in_shardings=shardings)
+    if devices_lib.abstract():
+        raise loop.Planned([loop.Program("sweep_vmapped", jitted, args, {}, model_flops)], mesh)
     t0 = time.time()
     compiled = jitted.lower(*args).compile()
     t1 = time.time()

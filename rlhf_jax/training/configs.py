@@ -33,6 +33,7 @@ class ModelSection:
     head_dim: int = 0             # from scratch: per-head width (0 = the config's default)
     intermediate_size: int = 0    # from scratch: MLP width (0 = the config's default)
     max_position_embeddings: int = 0  # from scratch: longest sequence (0 = the config's default)
+    tie_word_embeddings: bool = False  # from scratch: the LM head is the input embedding (Llama-3.2-1B, GPT-2)
     dtype: str = "float32"        # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32|bfloat16|float16)
     remat: bool = False           # rematerialise each layer's activations in the backward pass (saves memory)
@@ -103,10 +104,31 @@ class ModelSection:
         keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "intermediate_size", "max_position_embeddings")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) > 0}
+        if self.tie_word_embeddings:  # (False keeps the family's default: gpt2 ties)
+            out["tie_word_embeddings"] = True
         out.update(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy,
                    logits_chunk=self.logits_chunk, attention_impl=self.attention_impl,
                    attention_block=self.attention_block)
         return out
+
+
+# Published model shapes, for building a model of that size from scratch (random weights: plans, benchmarks,
+# smoke runs) with ``model_shape(name, dtype=..., ...)``; ``path=`` a real checkpoint of the same model
+# loads its weights instead.
+MODEL_SHAPES: dict[str, dict] = {
+    "llama3.2-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+                        num_kv_heads=8, head_dim=64, intermediate_size=8192, max_position_embeddings=4096,
+                        tie_word_embeddings=True),
+    "llama3.1-8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
+                        num_kv_heads=8, head_dim=128, intermediate_size=14336, max_position_embeddings=8192),
+}
+
+
+def model_shape(name: str, **fields) -> ModelSection:
+    """A :class:`ModelSection` that builds ``MODEL_SHAPES[name]`` from scratch, with ``fields`` on top."""
+    if name not in MODEL_SHAPES:
+        raise ConfigError(f"model shape {name!r}: unknown; known: {', '.join(MODEL_SHAPES)}")
+    return ModelSection(**{"name": "tiny", **MODEL_SHAPES[name], **fields})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rlhf_jax import devices as devices_lib
 from rlhf_jax.config import ConfigError
 from rlhf_jax.errors import Interrupted
 from rlhf_jax.provenance import write_run_record
@@ -59,7 +60,7 @@ class Placement:
 def validate_layout(mesh_cfg: MeshConfig, batch_size: int, micro_batches: int, *,
                     batch_key: str = "data.batch_size", micro_key: str = "micro_batches") -> tuple[int, int]:
     """Checks batch/mesh/micro-batch divisibility before anything is built; ``(data, fsdp)``."""
-    n = jax.device_count()
+    n = devices_lib.device_count()
     data, fsdp = mesh_cfg.validate(n)
     if batch_size < 1:
         raise ConfigError(f"config key {batch_key!r}: must be >= 1, got {batch_size}")
@@ -68,9 +69,9 @@ def validate_layout(mesh_cfg: MeshConfig, batch_size: int, micro_batches: int, *
     if batch_size % n:
         raise ConfigError(f"config key {batch_key!r}: global batch {batch_size} is not divisible by "
                           f"the {n} devices (data={data} x fsdp={fsdp})")
-    if batch_size % jax.process_count():
+    if batch_size % devices_lib.process_count():
         raise ConfigError(f"config key {batch_key!r}: global batch {batch_size} is not divisible by "
-                          f"the {jax.process_count()} processes")
+                          f"the {devices_lib.process_count()} processes")
     per_dev = batch_size // n
     if mesh_cfg.mode == "pmap":
         if per_dev % micro_batches:
@@ -83,10 +84,13 @@ def validate_layout(mesh_cfg: MeshConfig, batch_size: int, micro_batches: int, *
 
 
 def make_placement(mesh_cfg: MeshConfig) -> Placement:
-    data, fsdp = mesh_cfg.validate(jax.device_count())
+    data, fsdp = mesh_cfg.validate(devices_lib.device_count())
     if mesh_cfg.mode == "pmap":
+        if devices_lib.target() is not None:
+            raise ConfigError("config key 'mesh.mode': a plan compiles jit programs; pmap is not planned "
+                              "(mesh.mode=jit with data=N is the same data parallelism)")
         return Placement("pmap", None, jax.local_device_count())
-    return Placement("jit", mesh_lib.make_mesh(data=data, fsdp=fsdp), jax.device_count())
+    return Placement("jit", mesh_lib.make_mesh(data=data, fsdp=fsdp), devices_lib.device_count())
 
 
 def place_state(placement: Placement, state):
@@ -159,6 +163,8 @@ class Job:
     step_name: what a step is called in messages ("step", "iteration").
     final_extra(state) -> (pytree for the final checkpoint's ``extra``, numbers for the result).
     export(state, out_dir) -> the export directory (or None).
+    programs(placed_state, step_input) -> ``[Program, ...]``: the compiled programs one step runs, for a
+      plan (default: the step made by ``make_step``, when it is a jitted function).
     """
     name: str
     state: Any
@@ -182,6 +188,48 @@ class Job:
     step_name: str = "step"
     final_extra: Callable[[Any], tuple[Any, dict]] | None = None
     export: Callable[[Any, Path], str | None] | None = None
+    programs: Callable[[Any, Any], list] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One jitted program of a step and the inputs it is compiled for: ``fn.lower(*args, **kwargs)``
+    (``ShapeDtypeStruct``s with shardings in a plan). ``model_flops``: FLOPs of one call counted from the
+    model shapes (all devices together), the figure a compiler's count of loop bodies undercounts."""
+    name: str
+    fn: Any
+    args: tuple
+    kwargs: dict
+    model_flops: float | None = None
+
+
+class Planned(Exception):
+    """Raised in a plan (``rlhf_jax.devices.abstract()``) where a run would start (:func:`run`, a vmapped
+    sweep's compile): carries the programs with their abstract, sharded inputs and the mesh they are laid
+    out on (nothing was written or run)."""
+
+    def __init__(self, programs: list[Program], mesh, job: "Job | None" = None):
+        super().__init__(f"planned: {[p.name for p in programs]}")
+        self.programs, self.mesh, self.job = programs, mesh, job
+
+
+def plan_programs(job: Job) -> list[Program]:
+    """The programs of ``job``'s step with abstract inputs: the placed initial state and the first
+    batch's shapes, both sharded as the run would place them. The trainer built everything else (models,
+    optimiser, mesh) exactly as for a run, under ``rlhf_jax.devices.targeting(..., abstract=True)``."""
+    placed = (job.place or (lambda st: place_state(job.placement, st)))(job.state)
+    host_batch = next(job.batches)
+    batch = (job.prepare or (lambda b: put(job.placement, b)))(host_batch)
+    flops = None
+    if job.flops_per_token and job.tokens is not None:
+        flops = float(job.flops_per_token) * float(job.tokens(host_batch, {}))
+    if job.programs is not None:
+        progs = list(job.programs(placed, batch))
+    else:
+        progs = [Program(f"{job.name}_step", job.make_step(placed), (placed, batch), {})]
+    if flops is not None and len(progs) == 1 and progs[0].model_flops is None:
+        progs = [dataclasses.replace(progs[0], model_flops=flops)]
+    return progs
 
 
 def _split_step_output(out, placement: Placement) -> tuple[Any, dict, Any]:
@@ -264,6 +312,8 @@ def run(job: Job, *, out_dir: str | Path, ckpt_cfg: CheckpointConfig, log_cfg: L
     (:class:`rundir.RunLock`). Ctrl-C saves the last completed step when it safely can and raises
     :class:`Interrupted`.
     """
+    if devices_lib.abstract():  # a plan: hand back the step's programs, touch nothing
+        raise Planned(plan_programs(job), job.placement.mesh, job)
     out_dir = Path(out_dir).absolute()
     with rundir.RunLock(out_dir, enabled=jax.process_index() == 0) as lock:
         rundir.claim(out_dir, job.config_dict, resume)

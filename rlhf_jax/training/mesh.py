@@ -24,8 +24,10 @@ from typing import Callable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from rlhf_jax import devices as devices_lib
 
 RUNS = "runs"
 DATA = "data"
@@ -35,13 +37,14 @@ MESH_AXES = (RUNS, DATA, FSDP)
 
 
 def make_mesh(runs: int = 1, data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
-    """A ``(runs, data, fsdp)`` mesh with Auto axis types over ``devices`` (default: all).
+    """A ``(runs, data, fsdp)`` mesh with Auto axis types over ``devices`` (default: all the devices
+    programs are built for, ``rlhf_jax.devices.devices()``: the host's, or a plan's target).
 
     ``runs`` splits the runs of a vmapped sweep (1 for a trainer: the axis then has size 1 and every
     spec over ``data``/``fsdp`` means what it means on a ``(data, fsdp)`` mesh). ``-1`` for data or
     fsdp means "all remaining devices". ``runs * data * fsdp`` must equal the number of devices.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    devices = list(devices_lib.devices() if devices is None else devices)
     n = len(devices)
     if runs < 1 or n % runs:
         raise ValueError(f"mesh.runs={runs} does not divide the {n} devices")
@@ -61,6 +64,8 @@ def make_mesh(runs: int = 1, data: int = -1, fsdp: int = 1, *, devices=None) -> 
     auto = (AxisType.Auto,) * 3
     if n == len(jax.devices()) and devices == list(jax.devices()):
         return jax.make_mesh((runs, data, fsdp), MESH_AXES, axis_types=auto)
+    if devices[0].platform == "tpu":  # the physical torus order (a plan's topology devices, a sub-slice)
+        return Mesh(mesh_utils.create_device_mesh((runs, data, fsdp), devices=devices), MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(runs, data, fsdp), MESH_AXES, axis_types=auto)
 
 
@@ -156,7 +161,11 @@ def shard_state(mesh: Mesh, state, *, min_size: int = 0):
 def place(tree, shardings):
     """``tree`` (the same host values on every process) placed with ``shardings``: a sharded
     ``device_put`` single-process; multi-process, each process builds its addressable shards from its
-    copy (``make_array_from_callback``), so no cross-host transfer happens."""
+    copy (``make_array_from_callback``), so no cross-host transfer happens. In a plan
+    (``rlhf_jax.devices.abstract()``) nothing is placed: the leaves become ``ShapeDtypeStruct``s with
+    their shardings, the inputs a program is compiled for."""
+    if devices_lib.abstract():
+        return abstract_like(tree, shardings)
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
@@ -164,6 +173,17 @@ def place(tree, shardings):
         host = np.asarray(jax.device_get(x))
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
     return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def abstract_like(tree, shardings):
+    """``ShapeDtypeStruct`` per leaf of ``tree`` (arrays, tracers or shapes) with ``shardings`` (a tree of
+    the same structure, or one sharding for every leaf)."""
+    def sds(x, s):
+        dtype = x.dtype if hasattr(x, "dtype") else jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=s)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda x: sds(x, shardings), tree)
+    return jax.tree_util.tree_map(sds, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -179,6 +199,8 @@ def put_batch(mesh: Mesh, batch: dict) -> dict:
     process order. Single-process this is a plain sharded ``device_put``.
     """
     sharding = batch_sharding(mesh)
+    if devices_lib.abstract():  # a plan: the global batch's shape (the planning host holds all of it)
+        return abstract_like(batch, sharding)
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
@@ -240,6 +262,6 @@ def host_value(x) -> np.ndarray:
 
 
 __all__ = ["RUNS", "DATA", "FSDP", "BATCH_AXES", "MESH_AXES", "runs_spec", "runs_sharding", "runs_batch_sharding", "by_runs", "gather_to_host", "make_mesh", "batch_size_multiple", "fsdp_spec",
-           "param_sharding", "state_sharding", "shard_state", "place", "batch_sharding", "put_batch",
+           "param_sharding", "state_sharding", "shard_state", "place", "abstract_like", "batch_sharding", "put_batch",
            "replicated", "jit_step", "pmap_step", "replicate", "unreplicate", "split_for_pmap",
            "host_value"]

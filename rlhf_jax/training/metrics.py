@@ -78,7 +78,8 @@ def check_finite(metrics: Mapping[str, float], step: int,
 # Dense peak FLOP/s per device (bf16, no sparsity) by `device_kind` substring.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0,
                 "V100": 125.0, "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
-                "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v3": 123.0}
+                "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v3": 123.0,
+                "TPU v5": 459.0}  # (v5p reports its device kind as "TPU v5": matched after "TPU v5 lite")
 
 
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
