@@ -25,7 +25,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
