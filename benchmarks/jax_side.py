@@ -34,17 +34,23 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def model_config(shape: dict[str, Any], dtype: str):
-    """``ModelConfig.from_hf(shape)`` with compute ``dtype`` (params stay float32)."""
+# The model option our side runs with, as a user sets it (``model.attention_impl``): "auto" picks the
+# blocked attention on CPU for rows of >= 2 blocks and cuDNN's kernel on a GPU (docs/USAGE.md).
+ATTENTION_IMPL = "auto"
+
+
+def model_config(shape: dict[str, Any], dtype: str, attention_impl: str = ATTENTION_IMPL):
+    """``ModelConfig.from_hf(shape)`` with compute ``dtype`` (params stay float32) and ``attention_impl``."""
     ModelConfig = need("rlhf_jax.models", "ModelConfig")
-    return ModelConfig.from_hf(shape, dtype=dtype)
+    return ModelConfig.from_hf(shape, dtype=dtype, attention_impl=attention_impl)
 
 
-def build(shape: dict[str, Any], *, head: str = "causal", dtype: str = "float32", seed: int = 0):
+def build(shape: dict[str, Any], *, head: str = "causal", dtype: str = "float32", seed: int = 0,
+          attention_impl: str = ATTENTION_IMPL):
     """``(module, params)`` with random weights: ``CausalLM`` or ``ScalarHeadModel`` (head="scalar")."""
     import jax
 
-    cfg = model_config(shape, dtype)
+    cfg = model_config(shape, dtype, attention_impl)
     CausalLM, ScalarHeadModel, init_params = need("rlhf_jax.models", "CausalLM", "ScalarHeadModel", "init_params")
     module = CausalLM(cfg) if head == "causal" else ScalarHeadModel(cfg)
     return module, init_params(module, jax.random.PRNGKey(seed))
@@ -76,12 +82,12 @@ def _jitted_step(step_fn, cfg):
 
 
 def sft_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,
-                  warmup: int = 1) -> dict[str, Any]:
+                  warmup: int = 1, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
     """Seconds per ``rlhf_jax.training.sft_step`` (forward, backward, AdamW), jitted, state donated."""
     import jax.numpy as jnp
 
     sft_step, SFTStepConfig = need("rlhf_jax.training", "sft_step", "SFTStepConfig")
-    module, params = build(shape, dtype=dtype)
+    module, params = build(shape, dtype=dtype, attention_impl=attention_impl)
     holder = {"state": _train_state(module, params)}
     step = _jitted_step(sft_step, SFTStepConfig())
     # Unpacked rows, like the PyTorch loop: no segment ids, default positions (plain causal mask).
@@ -96,12 +102,12 @@ def sft_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype:
 
 
 def reward_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,
-                     warmup: int = 1) -> dict[str, Any]:
+                     warmup: int = 1, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
     """Seconds per ``rlhf_jax.training.reward_step`` (Bradley-Terry pairs), jitted, state donated."""
     import jax.numpy as jnp
 
     reward_step, RewardStepConfig = need("rlhf_jax.training", "reward_step", "RewardStepConfig")
-    module, params = build(shape, head="scalar", dtype=dtype)
+    module, params = build(shape, head="scalar", dtype=dtype, attention_impl=attention_impl)
     holder = {"state": _train_state(module, params)}
     step = _jitted_step(reward_step, RewardStepConfig())
     dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -115,7 +121,7 @@ def reward_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dty
 
 
 def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_tokens: int, greedy: bool,
-                  reps: int, dtype: str, warmup: int = 1) -> dict[str, Any]:
+                  reps: int, dtype: str, warmup: int = 1, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
     """Seconds per ``rlhf_jax.generation.generate`` call (jitted), every row to full length."""
     import functools
 
@@ -123,7 +129,7 @@ def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_
     import jax.numpy as jnp
 
     generate = need("rlhf_jax.generation", "generate")
-    module, params = build(shape, dtype=dtype)
+    module, params = build(shape, dtype=dtype, attention_impl=attention_impl)
     # generate is itself one jitted program (top-level: it carries its own XLA:CPU options);
     # wrapping it in another jax.jit would inline it and drop them
     fn = functools.partial(generate, module, max_new_tokens=new_tokens, greedy=greedy,
@@ -139,7 +145,7 @@ def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_
 
 
 def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epochs: int, minibatches: int,
-               dtype: str) -> dict[str, Any]:
+               dtype: str, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
     """Four random models (policy, reference = the policy's weights, reward, value) and the config.
 
     Returns ``cfg`` (``rlhf_jax.rl.PPOConfig``: full-length responses, separate value model), the
@@ -149,9 +155,9 @@ def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epoch
     cfg = PPOConfig(batch_size=batch, max_new_tokens=response_length, ppo_epochs=epochs, minibatches=minibatches,
                     value_model="separate", stop_token_ids=(), pad_token_id=shape["pad_token_id"],
                     hparams=PPOHParams(temperature=1.0, kl_coef=0.05))
-    policy, policy_params = build(shape, dtype=dtype, seed=0)
-    reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1)
-    value, value_params = build(shape, head="scalar", dtype=dtype, seed=2)
+    policy, policy_params = build(shape, dtype=dtype, seed=0, attention_impl=attention_impl)
+    reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1, attention_impl=attention_impl)
+    value, value_params = build(shape, head="scalar", dtype=dtype, seed=2, attention_impl=attention_impl)
     frozen = RLFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
                        value_model=value, reward_model=reward)
     return dict(cfg=cfg, frozen=frozen, policy_model=policy, policy_params=policy_params,
@@ -160,7 +166,8 @@ def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epoch
 
 
 def ppo_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, response_length: int, epochs: int,
-                       minibatches: int, iterations: int, dtype: str) -> dict[str, Any]:
+                       minibatches: int, iterations: int, dtype: str,
+                       attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
     """Seconds per PPO ``rlhf_jax.rl.iteration`` (rollout + reward + reference + value + updates).
 
     One compiled program per iteration, the state donated; the first call (compilation included)
@@ -173,7 +180,7 @@ def ppo_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *,
     if iterations < 2:
         raise ValueError(f"iterations must be >= 2 (the first compiles), got {iterations}")
     s = _ppo_setup(shape, prompts["prompt_ids"].shape[0], response_length=response_length, epochs=epochs,
-                   minibatches=minibatches, dtype=dtype)
+                   minibatches=minibatches, dtype=dtype, attention_impl=attention_impl)
     copy = lambda t: jax.tree_util.tree_map(lambda x: x.copy(), t)  # noqa: E731 (the state is donated)
     state = init_state(policy_model=s["policy_model"], policy_params=copy(s["policy_params"]),
                        policy_tx=s["policy_tx"], value_model=s["value_model"],
@@ -191,7 +198,8 @@ def ppo_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *,
 
 
 def sweep_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, n_runs: int, iterations: int,
-               response_length: int, epochs: int, minibatches: int, dtype: str, reps: int = 1) -> dict[str, Any]:
+               response_length: int, epochs: int, minibatches: int, dtype: str, reps: int = 1,
+               attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
     """Throughput of N PPO runs vmapped in one program vs the same N runs one after another.
 
     ``train = rlhf_jax.rl.make_train(cfg, setup, num_iterations=iterations)``; the N runs are
@@ -207,7 +215,7 @@ def sweep_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, n_runs:
     make_train, RLSetup, stack_hparams, sweep_keys = need("rlhf_jax.rl", "make_train", "RLSetup", "stack_hparams",
                                                           "sweep_keys")
     s = _ppo_setup(shape, prompts["prompt_ids"].shape[0], response_length=response_length, epochs=epochs,
-                   minibatches=minibatches, dtype=dtype)
+                   minibatches=minibatches, dtype=dtype, attention_impl=attention_impl)
     setup = RLSetup(frozen=s["frozen"], policy_model=s["policy_model"], policy_params=s["policy_params"],
                     policy_tx=s["policy_tx"], prompts={k: jnp.asarray(v) for k, v in prompts.items()},
                     value_model=s["value_model"], value_params=s["value_params"], value_tx=s["value_tx"])

@@ -25,7 +25,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def profile(fn: Callable, args: tuple, *, depth: int, reps: int, top: int, hlo_p
             "attributed_s": total / 1e6, "top": [(k, v / 1e6) for k, v in by_prefix.most_common(top)]}
 
 
-def _sft(shape, wl, dtype):
+def _sft(shape, wl, dtype, attention_impl):
     import jax
     import jax.numpy as jnp
 
@@ -86,21 +86,21 @@ def _sft(shape, wl, dtype):
     from rlhf_jax.training import SFTStepConfig, sft_step
 
     batch = data.sft_batch(shape["vocab_size"], wl.sft_batch, wl.sft_seq)
-    module, params = jax_side.build(shape, dtype=dtype)
+    module, params = jax_side.build(shape, dtype=dtype, attention_impl=attention_impl)
     state = jax_side._train_state(module, params)
     step = jax.jit(functools.partial(sft_step, cfg=SFTStepConfig()))
     dev = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
     return step, (state, dev)
 
 
-def _decode(shape, wl, dtype):
+def _decode(shape, wl, dtype, attention_impl):
     import jax
     import jax.numpy as jnp
 
     from benchmarks import jax_side
     from rlhf_jax.generation import engine
 
-    module, params = jax_side.build(shape, dtype=dtype)
+    module, params = jax_side.build(shape, dtype=dtype, attention_impl=attention_impl)
     p = data.prompts(shape["vocab_size"], wl.gen_batch, wl.gen_prompt)
     kw = dict(max_new_tokens=wl.gen_new, greedy=True, stop_token_ids=(), pad_token_id=shape["pad_token_id"])
     fn = jax.jit(functools.partial(engine.decode_program, module, **kw), compiler_options=engine.decode_compiler_options())
@@ -109,7 +109,7 @@ def _decode(shape, wl, dtype):
     return fn, args
 
 
-def _ppo(shape, wl, dtype):
+def _ppo(shape, wl, dtype, attention_impl):
     import jax
     import jax.numpy as jnp
 
@@ -119,12 +119,18 @@ def _ppo(shape, wl, dtype):
 
     p = data.prompts(shape["vocab_size"], wl.ppo_batch, wl.ppo_prompt)
     s = jax_side._ppo_setup(shape, wl.ppo_batch, response_length=wl.ppo_response, epochs=wl.ppo_epochs,
-                            minibatches=wl.ppo_minibatches, dtype=dtype)
+                            minibatches=wl.ppo_minibatches, dtype=dtype, attention_impl=attention_impl)
     state = rl.init_state(policy_model=s["policy_model"], policy_params=s["policy_params"],
                           policy_tx=s["policy_tx"], value_model=s["value_model"],
                           value_params=s["value_params"], value_tx=s["value_tx"], cfg=s["cfg"], rng=0)
     fn = jax.jit(lambda st, frozen, prompts, cfg: core.iteration_pure(st, frozen, prompts, None, cfg)[:2])
     return fn, (state, s["frozen"], {k: jnp.asarray(v) for k, v in p.items()}, core.traced(s["cfg"]))
+
+
+def jax_side_default() -> str:
+    from benchmarks import jax_side
+
+    return jax_side.ATTENTION_IMPL
 
 
 PROGRAMS: dict[str, Callable[..., tuple[Callable, tuple]]] = {"sft": _sft, "decode": _decode, "ppo": _ppo}
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="tiny", help="tiny, gpt2 or llama1b (benchmarks/shapes.py)")
     ap.add_argument("--workload", default="issue", help="benchmarks/shapes.py WORKLOADS (issue, micro)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--attention-impl", default=jax_side_default(), help="ModelConfig.attention_impl (xla|blocked|cudnn|auto)")
     ap.add_argument("--depth", type=int, default=6, help="op_name components to group by")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--reps", type=int, default=3)
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     shape = shape_table.get_shape(a.shape)
     wl = shape_table.get_workload(a.workload)
-    fn, args = PROGRAMS[a.program](shape, wl, a.dtype)
+    fn, args = PROGRAMS[a.program](shape, wl, a.dtype, a.attention_impl)
     r = profile(fn, args, depth=a.depth, reps=a.reps, top=a.top, hlo_path=a.hlo)
     print(f"{a.program} / {a.shape}: first call {r['first_call_s']:.2f} s, median {r['median_s']:.3f} s "
           f"over {a.reps}; traced instruction time {r['attributed_s']:.3f} s (summed over threads)")

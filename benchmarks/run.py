@@ -60,6 +60,7 @@ class Context:
     allow_install: bool
     tunix_venv: Path
     copy_bandwidth: float = 0.0
+    attention_impl: str = "auto"
     sft_cache: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     errors: int = 0
 
@@ -91,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-install", action="store_true",
                         help="never pip install (trl into this env, google-tunix into its venv); rows "
                         "that need them say 'not available'")
+    parser.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "blocked", "cudnn"),
+                        help="our models' ModelConfig.attention_impl (the config key model.attention_impl); "
+                        "auto: blocked on CPU, cuDNN on a GPU")
     parser.add_argument("--tunix-venv", default=str(Path(__file__).resolve().parent / ".venv-tunix"),
                         help="virtual environment for google-tunix (made on first use)")
 
@@ -173,6 +177,23 @@ def _row_status(*sides: tuple[str, str]) -> tuple[str, str]:
     return "ok", ""
 
 
+def in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a fresh Python process (spawned, not forked); its result or its exception.
+
+    The PyTorch/TRL peers run this way: a peer in this process would share it with JAX's heap and
+    thread pools. That is not a hypothetical cost: TRL's ``PPOTrainer`` calls ``gc.collect()`` twice
+    per iteration, and after our side has run here a collection walks several hundred thousand
+    more live objects (0.33 s each instead of ~0.1 s, ``benchmarks/README.md``). ``fn`` must be
+    importable by name (a module-level function) and its arguments and result picklable.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def _ours(name: str):
     """The JAX side module; NotAvailable when rlhf_jax cannot be imported at all."""
     from benchmarks import jax_side
@@ -197,9 +218,10 @@ def _sft_measure(ctx: Context, shape_name: str) -> dict[str, Any]:
     batch = data.sft_batch(shape["vocab_size"], wl.sft_batch, wl.sft_seq)
     probe = ctx.probe()
     reps = _reps(ctx, shape_name)
-    ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours("sft_step_time")(shape, batch, dtype=ctx.dtype, reps=reps))
+    ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours("sft_step_time")(shape, batch, dtype=ctx.dtype, reps=reps,
+                                                                     attention_impl=ctx.attention_impl))
     peer, s2, n2 = _side(
-        ctx, "pytorch loop", lambda: (_peer_cpu_only(ctx), torch_side.sft_step_time(shape, batch, reps=reps))[1]
+        ctx, "pytorch loop", lambda: (_peer_cpu_only(ctx), in_child(torch_side.sft_step_time, shape, batch, reps=reps))[1]
     )
     out = dict(shape=shape, ours=ours, peer=peer, status=_row_status((s1, n1), (s2, n2)), probe=probe,
                tokens=wl.sft_batch * wl.sft_seq)
@@ -226,7 +248,8 @@ def item_sft(ctx: Context, shape_names: list[str]) -> list[Row]:
         rows.append(Row(
             item="sft", shape=name, metric="train tokens/s", ours=ours, peer=peer, peer_name="PyTorch loop",
             higher_is_better=True, target=TARGETS["sft"], status=status,
-            note=note or f"batch {ctx.workload.sft_batch}x{ctx.workload.sft_seq}, fwd+bwd+AdamW, {ctx.dtype}",
+            note=note or (f"batch {ctx.workload.sft_batch}x{ctx.workload.sft_seq}, fwd+bwd+AdamW, {ctx.dtype}, "
+                         f"attention_impl={ctx.attention_impl}"),
             probe_gflops=m["probe"],
             details={"ours": m["ours"], "peer": m["peer"]},
         ))
@@ -244,7 +267,7 @@ def _sft_trainer_row(ctx: Context, name: str, m: dict[str, Any]) -> Row:
     def peer_fn():
         _peer_cpu_only(ctx)
         ensure_trl(ctx.allow_install)
-        return torch_side.sft_trainer_step_time(m["shape"], batch, reps=_reps(ctx, name))
+        return in_child(torch_side.sft_trainer_step_time, m["shape"], batch, reps=_reps(ctx, name))
 
     probe = ctx.probe()
     peer, s2, n2 = _side(ctx, "trl SFTTrainer", peer_fn)
@@ -271,10 +294,11 @@ def item_rm(ctx: Context, shape_names: list[str]) -> list[Row]:
         probe = ctx.probe()
         reps = _reps(ctx, name)
         ours, s1, n1 = _side(ctx, "rlhf_jax",
-                             lambda: _ours("reward_step_time")(shape, batch, dtype=ctx.dtype, reps=reps))
+                             lambda: _ours("reward_step_time")(shape, batch, dtype=ctx.dtype, reps=reps,
+                                                               attention_impl=ctx.attention_impl))
         peer, s2, n2 = _side(
             ctx, "pytorch loop",
-            lambda: (_peer_cpu_only(ctx), torch_side.reward_step_time(shape, batch, reps=reps))[1],
+            lambda: (_peer_cpu_only(ctx), in_child(torch_side.reward_step_time, shape, batch, reps=reps))[1],
         )
         status, note = _row_status((s1, n1), (s2, n2))
         rows.append(Row(
@@ -282,7 +306,8 @@ def item_rm(ctx: Context, shape_names: list[str]) -> list[Row]:
             ours=wl.rm_pairs / ours["timing"].median if ours else None,
             peer=wl.rm_pairs / peer["timing"].median if peer else None,
             peer_name="PyTorch loop", target=TARGETS["rm"], status=status,
-            note=note or f"{wl.rm_pairs} pairs x {wl.rm_seq}, Bradley-Terry, fwd+bwd+AdamW, {ctx.dtype}",
+            note=note or (f"{wl.rm_pairs} pairs x {wl.rm_seq}, Bradley-Terry, fwd+bwd+AdamW, {ctx.dtype}, "
+                          f"attention_impl={ctx.attention_impl}"),
             probe_gflops=probe, details={"ours": ours, "peer": peer},
         ))
     return rows
@@ -369,12 +394,12 @@ def item_ppo(ctx: Context, shape_names: list[str]) -> list[Row]:
     probe = ctx.probe()
     kw = dict(response_length=wl.ppo_response, epochs=wl.ppo_epochs, minibatches=wl.ppo_minibatches)
     ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours("ppo_iteration_time")(
-        shape, p, iterations=iters, dtype=ctx.dtype, **kw))
+        shape, p, iterations=iters, dtype=ctx.dtype, attention_impl=ctx.attention_impl, **kw))
 
     def peer_fn():
         _peer_cpu_only(ctx)
         ensure_trl(ctx.allow_install)
-        return torch_side.trl_ppo_iteration_time(shape, p["prompt_ids"], iterations=iters, **kw)
+        return in_child(torch_side.trl_ppo_iteration_time, shape, p["prompt_ids"], iterations=iters, **kw)
 
     peer, s2, n2 = _side(ctx, "trl PPOTrainer", peer_fn)
     status, note = _row_status((s1, n1), (s2, n2))
@@ -424,7 +449,8 @@ def item_sweep(ctx: Context, shape_names: list[str]) -> list[Row]:
     probe = ctx.probe()
     res, status, note = _side(ctx, "rlhf_jax", lambda: _ours("sweep_time")(
         shape, p, n_runs=wl.sweep_runs, iterations=wl.sweep_iterations, response_length=wl.ppo_response,
-        epochs=wl.ppo_epochs, minibatches=wl.ppo_minibatches, dtype=ctx.dtype, reps=1 if ctx.quick else 2))
+        epochs=wl.ppo_epochs, minibatches=wl.ppo_minibatches, dtype=ctx.dtype, reps=1 if ctx.quick else 2,
+        attention_impl=ctx.attention_impl))
     n = wl.sweep_runs
     return [Row(
         item="sweep", shape=name, metric="PPO iterations/s", higher_is_better=True,
@@ -446,7 +472,7 @@ def item_tunix(ctx: Context, shape_names: list[str]) -> list[Row]:
     probe = ctx.probe()
     reps = _reps(ctx, name)
     ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours("generate_time")(
-        shape, p, new_tokens=wl.gen_new, greedy=True, reps=reps, dtype=ctx.dtype))
+        shape, p, new_tokens=wl.gen_new, greedy=True, reps=reps, dtype=ctx.dtype, attention_impl=ctx.attention_impl))
 
     def peer_fn():
         if ctx.platform != "cpu":
@@ -515,7 +541,7 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
         dtype="float32" if platform == "cpu" else "bfloat16", reps=args.reps or 0,
         peak_flops=peak, peak_source=peak_source, hbm_bytes_per_s=hbm,
         allow_install=not args.no_install, tunix_venv=Path(args.tunix_venv),
-        copy_bandwidth=probe["copy_bandwidth_bytes_per_s"],
+        copy_bandwidth=probe["copy_bandwidth_bytes_per_s"], attention_impl=args.attention_impl,
     )
     machine = _machine(platform)
     result = {
@@ -525,6 +551,7 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
         "probes": probe,
         "quick": bool(args.quick),
         "dtype": ctx.dtype,
+        "attention_impl": ctx.attention_impl,
         "workload": dataclasses.asdict(workload),
         "shapes": {n: shapes.get_shape(n) for n in shape_names},
         "complete": False,

@@ -133,26 +133,48 @@ def trl_ppo_iteration_time(
     Policy and reference: causal LMs; reward and value: ``AutoModelForSequenceClassification``
     (num_labels=1), as TRL's PPO example builds them. One iteration = rollout of ``response_length``
     sampled tokens for the ``B`` prompts, reference/value/reward forwards, GAE, and ``epochs`` ×
-    ``minibatches`` clipped updates. float32, no gradient checkpointing (TRL's default turns it on;
-    off here so both sides do the same work), no stop token (every response full length).
-    ``iterations`` runs are timed by a callback at each step end; the first is warm-up.
+    ``minibatches`` clipped updates with one optimizer step per minibatch of ``B / minibatches``
+    rows, as ours (``per_device_train_batch_size = B`` and no gradient accumulation: TRL's rollout
+    batch is ``per_device_train_batch_size × gradient_accumulation_steps``, and accumulating over
+    the minibatches would make one optimizer step per epoch). float32, no gradient checkpointing
+    (TRL's default turns it on; off here so both sides do the same work), no stop token (every
+    response full length). ``iterations`` runs are timed by a callback at each step end; the first
+    is warm-up. ``gc_s`` is the time per timed iteration inside ``gc.collect()``, which TRL calls
+    twice per iteration: it grows with every live Python object in the process, so the peer must
+    run in a process of its own (``run.in_child``), not after JAX has filled the heap.
     """
+    import gc
+
     import torch
     from datasets import Dataset
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     if iterations < 2:
         raise ValueError(f"iterations must be >= 2 (the first is warm-up), got {iterations}")
     batch = prompts.shape[0]
+    if batch % minibatches:
+        raise ValueError(f"minibatches={minibatches} does not divide the batch of {batch} prompts")
     ends: list[float] = []
+    gc_times: list[float] = []
 
     class _Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+            gc_times.clear()
 
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+
+    collect = gc.collect
+
+    def timed_collect(*a, **kw):  # measures what TRL's own gc.collect() calls cost; same behaviour
+        t = time.perf_counter()
+        try:
+            return collect(*a, **kw)
+        finally:
+            gc_times.append(time.perf_counter() - t)
 
     tok = word_tokenizer(
         shape["vocab_size"], pad_id=shape["pad_token_id"], eos_id=shape["eos_token_id"], bos_id=shape["bos_token_id"]
@@ -165,8 +187,8 @@ def trl_ppo_iteration_time(
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PPOConfig(
             output_dir=out_dir or tmp,
-            per_device_train_batch_size=batch // minibatches,
-            gradient_accumulation_steps=minibatches,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=1,
             num_mini_batches=minibatches,
             num_ppo_epochs=epochs,
             response_length=response_length,
@@ -192,10 +214,17 @@ def trl_ppo_iteration_time(
             reward_model=reward,
             train_dataset=data,
             value_model=value,
-            eval_dataset=data,
             callbacks=[_Clock()],
         )
-        trainer.train()
+        steps = [0]
+        hook = register_optimizer_step_post_hook(
+            lambda *a, **kw: steps.__setitem__(0, steps[0] + 1))
+        gc.collect = timed_collect
+        try:
+            trainer.train()
+        finally:
+            gc.collect = collect
+            hook.remove()
     per_iter = np.diff(np.asarray(ends))
     if len(per_iter) != iterations:
         raise RuntimeError(f"TRL PPOTrainer ran {len(per_iter)} iterations, expected {iterations}")
@@ -205,6 +234,9 @@ def trl_ppo_iteration_time(
         "best_s": float(np.min(timed)),
         "times_s": [float(t) for t in per_iter],
         "threads": torch.get_num_threads(),
+        "optimizer_steps": steps[0],  # counted: iterations x epochs x minibatches
+        "gc_s_per_iteration": float(np.sum(gc_times)) / iterations,  # mean over all iterations
+        "live_objects": len(gc.get_objects()),
     }
 
 

@@ -92,6 +92,17 @@ def test_trl_ppo_trainer_runs_on_four_tiny_models():
     assert len(res["times_s"]) == 2 and res["median_s"] > 0
 
 
+def test_trl_ppo_peer_steps_once_per_minibatch_like_ours():
+    """4 prompts, 2 epochs x 2 minibatches: 4 optimizer steps per iteration (no accumulation over
+    the minibatches), each iteration over all 4 prompts; run in a child process as the suite does."""
+    shape = shapes.get_shape("micro")
+    prompts = data.prompts(shape["vocab_size"], batch=4, length=4)["prompt_ids"]
+    res = run.in_child(torch_side.trl_ppo_iteration_time, shape, prompts, response_length=3, epochs=2,
+                       minibatches=2, iterations=2)
+    assert res["optimizer_steps"] == 2 * 2 * 2
+    assert len(res["times_s"]) == 2 and res["gc_s_per_iteration"] >= 0
+
+
 def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
     rc = run.main(["--quick", "--shapes", "micro", "--workload", "micro", "--only", "sft,rm,mfu",
                    "--out", str(tmp_path), "--no-install", "--reps", "1"])

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from rlhf_jax.config import ConfigError
 from rlhf_jax.errors import UserError
 
 SUPPORTED_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
@@ -173,6 +174,9 @@ def _decoder_fields(hf: Mapping[str, Any], mtype: str) -> dict[str, Any]:
 
 
 REMAT_POLICIES = ("full", "dots_saveable")
+# how full-sequence forwards (training, scoring, prefill without a cache) compute attention; see
+# `models.transformer.attention` and docs/USAGE.md ("Attention implementation")
+ATTENTION_IMPLS = ("xla", "blocked", "cudnn", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +221,13 @@ class ModelConfig:
     # > 0: the RL policy's log-probs/entropy are computed over the response in chunks of this many tokens,
     # each chunk's [B, c, V] logits recomputed in the backward pass, so [B, N, V] is never whole
     logits_chunk: int = 0
+    # attention of full-sequence forwards: "xla" (one masked einsum over [T, S]), "blocked" (query x key
+    # blocks of `attention_block` with an online softmax, fully masked blocks skipped), "cudnn"
+    # (jax.nn.dot_product_attention's cuDNN kernel, GPU only) or "auto" (cudnn on a GPU where it
+    # applies, blocked on CPU from T >= 2 * attention_block, else xla). The KV-cache decode path is
+    # unaffected. A framework option, not a Hugging Face field: `to_hf` does not write it.
+    attention_impl: str = "xla"
+    attention_block: int = 64
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -253,6 +264,14 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.remat_policy: expected one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if isinstance(self.logits_chunk, bool) or not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
             raise ValueError(f"ModelConfig.logits_chunk: expected an int >= 0, got {self.logits_chunk!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"ModelConfig.attention_impl (config key model.attention_impl / policy.attention_impl): "
+                              f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if (isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int)
+                or self.attention_block < 8):
+            raise ConfigError(f"ModelConfig.attention_block (config key model.attention_block / policy.attention_block): "
+                              f"expected an int >= 8 (the query/key tile of the blocked attention), got "
+                              f"{self.attention_block!r}")
         if self.arch != "gpt2" and self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
 

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax import devices as devices_lib
+from rlhf_jax.config import ConfigError
 from rlhf_jax.models.architecture import _HF_SEQ_CLS, CheckpointError, ModelConfig, UnsupportedModelError
 from rlhf_jax.models.heads import CausalLMWithValueHead, ScalarHeadModel, head_init
 from rlhf_jax.models.transformer import CausalLM, init_params
@@ -294,6 +295,8 @@ def load_config(path: str, **overrides) -> ModelConfig:
         return ModelConfig.from_hf(hf, **overrides)
     except (UnsupportedModelError, CheckpointError) as e:
         raise type(e)(f"{cfg_file}: {str(e).removeprefix('config.json: ')}") from e
+    except ConfigError:  # a framework option passed as an override (attention_impl, ...): names its key
+        raise
     except ValueError as e:  # ModelConfig's own checks of the values read (names the field)
         raise CheckpointError(f"{cfg_file}: {e}") from e
 

@@ -3,7 +3,8 @@
 Shapes: B batch, T new tokens, S key slots (T without a cache, the cache length with one),
 D hidden, H query heads, K kv heads (H = K·G), Dh head dim, F MLP width, V vocab, L layers.
 
-Attention is a plain masked einsum (portable, fast on CPU, shardable): query t may attend to key s iff
+Attention (`ModelConfig.attention_impl`: a masked einsum by default, or query×key tiles with an online
+softmax, or cuDNN's kernel; `attention`) lets query t attend to key s iff
 
     valid[b, s]  and  slot(s) <= slot(t)  and  seg[b, s] == seg[b, t]  and  slot(t) - slot(s) < window
 
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.config import ConfigError
 from rlhf_jax.models.architecture import ModelConfig
 
 Array = jax.Array
@@ -286,6 +288,215 @@ def _attention_core_bwd(scale, res, do):
 attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# blocked attention: query x key blocks, online softmax, fully masked blocks skipped
+# ----------------------------------------------------------------------------------------------
+def _block_plan(t: int, s: int, block: int, causal: bool, window: int | None):
+    """Static plan `[(q0, q1, [j, ...]), ...]`: for each query block, the key blocks `[j·block, ...)` it visits.
+
+    With `causal` (the caller guarantees `allowed[b, t, s]` implies `s <= t`, slots = positions along
+    T = S) key blocks after the query block are skipped; with `window` too, key blocks whose every
+    key is at least `window` slots before every query of the block.
+    """
+    n_k = -(-s // block)
+    plan = []
+    for q0 in range(0, t, block):
+        q1 = min(q0 + block, t)
+        js = []
+        for j in range(n_k):
+            k0, k1 = j * block, min((j + 1) * block, s)
+            if causal and k0 > q1 - 1:
+                continue
+            if causal and window is not None and q0 - (k1 - 1) >= window:
+                continue
+            js.append(j)
+        plan.append((q0, q1, js))
+    return plan
+
+
+def _tiles(q, k, v, allowed, block):
+    """q/k/v/allowed padded to whole blocks and laid out block-major, so a tile's operands are
+    contiguous: `qb [nq,B,bq,K,G,Dh]`, `kb`/`vb [nk,B,bk,K,Dh]`, `ab [nq,nk,B,bq,bk]` (pads: not allowed)."""
+    b, t, kh, g, d = q.shape
+    s = k.shape[1]
+    tp, sp = -(-t // block) * block, -(-s // block) * block
+    if tp != t:
+        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0)))
+    if sp != s:
+        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+    if tp != t or sp != s:
+        allowed = jnp.pad(allowed, ((0, 0), (0, tp - t), (0, sp - s)))
+    nq, nk = tp // block, sp // block
+    qb = jnp.moveaxis(q.reshape(b, nq, block, kh, g, d), 1, 0)
+    kb = jnp.moveaxis(k.reshape(b, nk, block, kh, d), 1, 0)
+    vb = jnp.moveaxis(v.reshape(b, nk, block, kh, d), 1, 0)
+    ab = jnp.transpose(allowed.reshape(b, nq, block, nk, block), (1, 3, 0, 2, 4))
+    return qb, kb, vb, ab
+
+
+def _row_blocks(x, t_pad: int, block: int):
+    """`[B,K,G,T]` row statistics -> `[nq,B,K,G,bq,1]` (padded to `t_pad` rows)."""
+    t = x.shape[-1]
+    if t_pad != t:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, t_pad - t)))
+    b, kh, g, _ = x.shape
+    return jnp.moveaxis(x.reshape(b, kh, g, t_pad // block, block), 3, 0)[..., None]
+
+
+def _blocked_fwd_impl(q, k, v, allowed, scale, block, causal, window):
+    b, t, kh, g, d = q.shape
+    s_len = k.shape[1]
+    qb, kb, vb, ab = _tiles(q, k, v, allowed, block)
+    outs, ms, ls = [], [], []
+    for i, (_, _, js) in enumerate(_block_plan(t, s_len, block, causal, window)):
+        m = jnp.full((b, kh, g, block), _NEG, jnp.float32)  # running row max of the (masked) scores
+        l = jnp.zeros((b, kh, g, block), jnp.float32)  # running sum of exp(score - m)
+        acc = jnp.zeros((b, block, kh, g, d), jnp.float32)  # running un-normalised output
+        for j in js:
+            sc = _attn_scores(qb[i], kb[j], ab[i, j], scale)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+            alpha = jnp.exp(m - m_new)
+            # a masked score is the float32 minimum: exp(min - m) = 0 once the row has an allowed key;
+            # what a row accumulates before its first allowed key is scaled away by alpha = 0 then
+            p = jnp.exp(sc - m_new[..., None])
+            l = l * alpha + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(q.dtype), vb[j], preferred_element_type=jnp.float32)
+            acc = acc * jnp.transpose(alpha, (0, 3, 1, 2))[..., None] + pv
+            m = m_new
+        outs.append(acc / jnp.maximum(jnp.transpose(l, (0, 3, 1, 2))[..., None], 1e-30))
+        ms.append(m)
+        ls.append(l)
+    o = jnp.concatenate(outs, axis=1)[:, :t]
+    # a row with no allowed key: the uniform distribution over all S keys, as `attention_core`
+    o = jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None, None], o,
+                  jnp.mean(v.astype(jnp.float32), axis=1)[:, None, :, None, :])
+    return o.astype(q.dtype), (jnp.concatenate(ms, axis=-1)[..., :t], jnp.concatenate(ls, axis=-1)[..., :t])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def blocked_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float, block: int,
+                      causal: bool = False, window: int | None = None) -> Array:
+    """`attention_core` computed over `block × block` tiles of (query, key) with an online softmax.
+
+    Same inputs, outputs and masking semantics as `attention_core` (to float rounding): a query
+    block keeps a running row max `m`, sum `l` and un-normalised output, rescaled by `exp(m - m')`
+    at each key block. Only the visited tiles are computed: with `causal=True` (the caller
+    guarantees that `allowed` implies key slot <= query slot, T = S) the tiles above the diagonal,
+    and with `window` too those entirely outside the sliding window, are skipped (at T = 8 blocks,
+    36 of 64 tiles are computed). The backward pass recomputes each tile's probabilities from the
+    saved `m`, `l` and uses `Δ = rowsum(dO ∘ O)`; no `[T, S]` array exists in either pass. Rows
+    with no allowed key get the uniform distribution over all S keys (never NaN). T and S are
+    padded to whole blocks; the tiles are unrolled at trace time, so the program grows as
+    `(T / block)²`.
+    """
+    return _blocked_fwd_impl(q, k, v, allowed, scale, block, causal, window)[0]
+
+
+def _blocked_fwd(q, k, v, allowed, scale, block, causal, window):
+    o, stats = _blocked_fwd_impl(q, k, v, allowed, scale, block, causal, window)
+    return o, (q, k, v, allowed, o, stats)
+
+
+def _blocked_bwd(scale, block, causal, window, res, do):
+    q, k, v, allowed, o, (m, l) = res
+    b, t, kh, g, d = q.shape
+    s_len = k.shape[1]
+    do = do.astype(q.dtype)
+    nonempty = jnp.any(allowed, axis=-1)  # [B,T]
+    delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), (0, 2, 3, 1))
+    # 1/l, and 0 on rows with no allowed key: their recomputed p is then 0 everywhere (their
+    # uniform distribution is added to dv below), so no tile needs the mask again
+    inv_l = jnp.where(nonempty[:, None, None, :], 1.0 / jnp.maximum(l, 1e-30), 0.0)
+    qb, kb, vb, ab = _tiles(q, k, v, allowed, block)
+    t_pad = qb.shape[0] * block
+    mb, ilb, db = (_row_blocks(x, t_pad, block) for x in (m, inv_l, delta))
+    dob = jnp.moveaxis(jnp.pad(do, ((0, 0), (0, t_pad - t), (0, 0), (0, 0), (0, 0)))
+                       .reshape(b, t_pad // block, block, kh, g, d), 1, 0)
+    dqs, dks, dvs = [], {}, {}
+    for i, (_, _, js) in enumerate(_block_plan(t, s_len, block, causal, window)):
+        dq = None
+        for j in js:
+            p = jnp.exp(_attn_scores(qb[i], kb[j], ab[i, j], scale) - mb[i]) * ilb[i]  # [B,K,G,bq,bk]
+            dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(q.dtype), dob[i], preferred_element_type=jnp.float32)
+            dp = jnp.einsum("btkgd,bskd->bkgts", dob[i], vb[j], preferred_element_type=jnp.float32)
+            ds = (p * (dp - db[i])).astype(q.dtype)
+            dqj = jnp.einsum("bkgts,bskd->btkgd", ds, kb[j], preferred_element_type=jnp.float32)
+            dk = jnp.einsum("bkgts,btkgd->bskd", ds, qb[i], preferred_element_type=jnp.float32)
+            dq = dqj if dq is None else dq + dqj
+            dks[j] = dk if j not in dks else dks[j] + dk
+            dvs[j] = dv if j not in dvs else dvs[j] + dv
+        dqs.append(dq if dq is not None else jnp.zeros((b, block, kh, g, d), jnp.float32))
+    zero = jnp.zeros((b, block, kh, d), jnp.float32)
+    n_k = kb.shape[0]
+    dq = jnp.concatenate(dqs, axis=1)[:, :t] * scale
+    dk = jnp.concatenate([dks.get(j, zero) for j in range(n_k)], axis=1)[:, :s_len] * scale
+    dv = jnp.concatenate([dvs.get(j, zero) for j in range(n_k)], axis=1)[:, :s_len]
+    # rows with no allowed key spread their output gradient uniformly over the S values
+    empty = ~nonempty[:, :, None, None, None]
+    dv = dv + (jnp.sum(jnp.where(empty, do.astype(jnp.float32), 0.0), axis=(1, 3)) / s_len)[:, None]
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
+    """`attention_core` through `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
+
+    The boolean `allowed [B,T,S]` goes in as the kernel's mask; rows with no allowed key are then
+    replaced by the mean of the values (the uniform distribution of `attention_core`), so their
+    gradient reaches only `v`, as there.
+    """
+    b, t, kh, g, d = q.shape
+    o = jax.nn.dot_product_attention(q.reshape(b, t, kh * g, d), k, v, mask=allowed[:, None], scale=scale,
+                                     implementation="cudnn")
+    o = o.reshape(b, t, kh, g, d)
+    mean_v = jnp.mean(v.astype(jnp.float32), axis=1).astype(o.dtype)[:, None, :, None, :]
+    return jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None, None], o, mean_v)
+
+
+def resolve_attention_impl(config: ModelConfig, seq_len: int, platform: str | None = None) -> str:
+    """The implementation a full-sequence forward of `seq_len` query tokens uses: "xla", "blocked" or "cudnn".
+
+    `config.attention_impl` unless it is "auto": then "cudnn" on a GPU when the compute dtype is
+    bfloat16/float16 and the head dim a multiple of 8 up to 128 (what the cuDNN kernel takes),
+    "blocked" on CPU from `seq_len >= 2 * attention_block` (shorter rows are one or two tiles, where
+    the tiles only add overhead), else "xla". "cudnn" off a GPU raises `ConfigError` naming the key.
+    `platform` defaults to `jax.default_backend()` (the platform the program is traced for).
+    """
+    platform = platform or jax.default_backend()
+    impl = config.attention_impl
+    if impl == "cudnn" and platform != "gpu":
+        raise ConfigError(f"ModelConfig.attention_impl='cudnn' (config key model.attention_impl / "
+                          f"policy.attention_impl) needs a GPU, but this program is traced for {platform!r}; use "
+                          f"'auto' (picks per platform), 'blocked' or 'xla'")
+    if impl != "auto":
+        return impl
+    if platform == "gpu":
+        ok = config.dtype in ("bfloat16", "float16") and config.head_dim % 8 == 0 and config.head_dim <= 128
+        return "cudnn" if ok else "xla"
+    if platform == "cpu" and seq_len >= 2 * config.attention_block:
+        return "blocked"
+    return "xla"
+
+
+def attention(q: Array, k: Array, v: Array, allowed: Array, scale: float, *, config: ModelConfig,
+              causal: bool = False, window: int | None = None) -> Array:
+    """Full-sequence attention by `config.attention_impl` (`resolve_attention_impl`); all equal `attention_core`.
+
+    `causal=True` promises that `allowed` implies key slot <= query slot with T = S, and `window`
+    that it implies `query slot - key slot < window`: the blocked implementation then skips the
+    tiles those rule out.
+    """
+    impl = resolve_attention_impl(config, q.shape[1])
+    if impl == "blocked":
+        return blocked_attention(q, k, v, allowed, scale, config.attention_block, causal, window)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, allowed, scale)
+    return attention_core(q, k, v, allowed, scale)
+
+
 def _activation(name: str):
     if name in ("gelu_new", "gelu_pytorch_tanh"):
         return lambda x: jax.nn.gelu(x, approximate=True)
@@ -347,8 +558,8 @@ class Attention(nn.Module):
             k = apply_rope(k, positions, inv_freq)
         g = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
-        if cache_k is None:  # training / scoring: the custom-VJP core
-            out = attention_core(qg, k, v, allowed, c.head_dim ** -0.5)
+        if cache_k is None:  # training / scoring: `allowed` is causal (+ window) over T = S slots
+            out = attention(qg, k, v, allowed, c.head_dim ** -0.5, config=c, causal=True, window=c.sliding_window)
         else:
             # this layer's cache [B, K, S, Dh] is its own buffer: the T new keys are written in place
             # and the score/value matmuls read it as it lies (no per-step slice or transpose copies)

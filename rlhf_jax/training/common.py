@@ -102,7 +102,8 @@ def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng
         model, params = models.from_pretrained(
             section.path, dtype=jnp.dtype(section.dtype), param_dtype=jnp.dtype(section.param_dtype),
             head=head, rng=rng, remat=section.remat, remat_policy=section.remat_policy,
-            logits_chunk=section.logits_chunk)
+            logits_chunk=section.logits_chunk, attention_impl=section.attention_impl,
+            attention_block=section.attention_block)
         mconfig = model.config
     else:
         sizes = section.size_overrides()

@@ -39,6 +39,8 @@ class ModelSection:
     remat: bool = False           # rematerialise each layer's activations in the backward pass (saves memory)
     remat_policy: Literal["full", "dots_saveable"] = "full"  # with remat: keep nothing (full) or the matmul outputs
     logits_chunk: int = 0         # RL policy log-probs over the response in chunks of this many tokens (0 = whole)
+    attention_impl: Literal["xla", "blocked", "cudnn", "auto"] = "xla"  # xla einsum|blocked tiles|cuDNN (GPU)|auto
+    attention_block: int = 64     # query/key tile of the blocked attention (>= 8)
     lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
     lora_alpha: float = 16.0      # LoRA scale numerator: s = lora_alpha / lora_rank (rsLoRA: / sqrt(rank))
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths (model/layers_i/attn/q_proj/kernel)
@@ -61,6 +63,11 @@ class ModelSection:
                               f"{self.remat_policy!r} (remat=false turns rematerialisation off)")
         if self.logits_chunk < 0:
             raise ConfigError(f"config key {prefix + 'logits_chunk'!r}: must be >= 0 (0 = whole), got {self.logits_chunk}")
+        if self.attention_impl not in ("xla", "blocked", "cudnn", "auto"):
+            raise ConfigError(f"config key {prefix + 'attention_impl'!r}: expected xla|blocked|cudnn|auto, got "
+                              f"{self.attention_impl!r}")
+        if self.attention_block < 8:
+            raise ConfigError(f"config key {prefix + 'attention_block'!r}: must be >= 8, got {self.attention_block}")
         for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "intermediate_size", "max_position_embeddings"):
             if getattr(self, f) < 0:
@@ -100,7 +107,8 @@ class ModelSection:
         if self.tie_word_embeddings:  # (False keeps the family's default: gpt2 ties)
             out["tie_word_embeddings"] = True
         out.update(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy,
-                   logits_chunk=self.logits_chunk)
+                   logits_chunk=self.logits_chunk, attention_impl=self.attention_impl,
+                   attention_block=self.attention_block)
         return out
 
 
