@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import devices as devices_lib
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.architecture import ModelConfig
 
@@ -463,9 +464,10 @@ def resolve_attention_impl(config: ModelConfig, seq_len: int, platform: str | No
     bfloat16/float16 and the head dim a multiple of 8 up to 128 (what the cuDNN kernel takes),
     "blocked" on CPU from `seq_len >= 2 * attention_block` (shorter rows are one or two tiles, where
     the tiles only add overhead), else "xla". "cudnn" off a GPU raises `ConfigError` naming the key.
-    `platform` defaults to `jax.default_backend()` (the platform the program is traced for).
+    `platform` defaults to `rlhf_jax.devices.platform()` (the platform the program is built for: the
+    host's, or a plan's target).
     """
-    platform = platform or jax.default_backend()
+    platform = platform or devices_lib.platform()
     impl = config.attention_impl
     if impl == "cudnn" and platform != "gpu":
         raise ConfigError(f"ModelConfig.attention_impl='cudnn' (config key model.attention_impl / "
