@@ -6,6 +6,8 @@ compiled program with its runs spread over a ``runs`` mesh axis (plan: ``--topol
     rlhf-jax sweep experiments/grpo_sweep_llama1b.py --vmap --grid grpo.lr=5e-7,1e-6,2e-6,4e-6 --seeds 4 \
         --mesh runs=16,fsdp=4 --out runs/grpo_sweep_llama1b policy.path=runs/sft_llama1b/export
 
+One run of the sweep alone (on 4 chips): ``rlhf-jax grpo --config experiments/grpo_sweep_llama1b.py mesh.runs=1``.
+
 Each run: 16 prompts × 8 samples of 256 tokens after prompts of up to 256, 2 minibatches, its own policy
 (bf16 compute, float32 master weights, bf16 Adam moments) and reference (bf16); the reward (the sentiment
 task's gold reward here; a reward model is shared by all runs) is computed inside the program. Each run's

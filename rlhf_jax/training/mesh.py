@@ -65,7 +65,11 @@ def make_mesh(runs: int = 1, data: int = -1, fsdp: int = 1, *, devices=None) -> 
     if n == len(jax.devices()) and devices == list(jax.devices()):
         return jax.make_mesh((runs, data, fsdp), MESH_AXES, axis_types=auto)
     if devices[0].platform == "tpu":  # the physical torus order (a plan's topology devices, a sub-slice)
-        return Mesh(mesh_utils.create_device_mesh((runs, data, fsdp), devices=devices), MESH_AXES, axis_types=auto)
+        try:
+            grid = mesh_utils.create_device_mesh((runs, data, fsdp), devices=devices)
+        except (NotImplementedError, ValueError):  # e.g. fsdp=4 on an 8x8 torus: split a physical axis
+            grid = mesh_utils.create_device_mesh((runs, data, fsdp), devices=devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(runs, data, fsdp), MESH_AXES, axis_types=auto)
 
 
