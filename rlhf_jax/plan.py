@@ -208,9 +208,9 @@ def _abstract(x, mesh):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding or mesh_lib.replicated(mesh))
 
 
-def trace_programs(cfg, trainer: str, topo: Topology, *, sweep: dict | None = None) -> tuple[Any, list[loop.Program]]:
-    """Runs trainer ``trainer``'s own set-up of ``cfg`` for ``topo`` (abstract, traced) up to the loop;
-    its programs with abstract sharded inputs. Must be called inside ``devices.targeting``."""
+def trace_programs(cfg, trainer: str, *, sweep: dict | None = None) -> tuple[Any, list[loop.Program]]:
+    """Runs trainer ``trainer``'s own set-up of ``cfg`` (abstract, traced) up to the loop; ``(mesh, its
+    programs with abstract sharded inputs)``. Call it inside ``devices.targeting(..., abstract=True)``."""
     train_fn = load(TRAINERS[trainer][1])
     caught: list[loop.Planned] = []
 
@@ -358,7 +358,7 @@ def plan(cfg, topo: Topology, *, trainer: str | None = None, sweep: dict | None 
         with devices_lib.targeting(topo.devices, abstract=True, name=topo.name):
             if note:
                 _reward_config_like_policy(cfg, work / "reward")
-            mesh, progs = trace_programs(cfg, trainer, topo, sweep=sweep)
+            mesh, progs = trace_programs(cfg, trainer, sweep=sweep)
             reports = [program_report(p, topo) for p in progs]
     finally:
         shutil.rmtree(work, ignore_errors=True)
