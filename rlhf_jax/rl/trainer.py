@@ -336,8 +336,8 @@ def _value_model(cfg: RLRunConfig, mconfig, policy_params, reward_model, reward_
     return vm, _fresh_head_on(policy_params, vm, rng)
 
 
-def _build(cfg: RLRunConfig) -> _Built:
-    validate_rl_config(cfg)
+def _build(cfg: RLRunConfig, *, devices_per_run: int | None = None) -> _Built:
+    validate_rl_config(cfg, devices_per_run=devices_per_run)
     task = get_task_or_none(cfg.task)
     tok_dir = require_tokenizer_dir(cfg.data.tokenizer, cfg.policy.path, task, "policy")
     tokenizer = load_tokenizer(tok_dir)
@@ -410,13 +410,13 @@ def _prompt_iterator(cfg: RLRunConfig, built: _Built, *, num_epochs: int | None 
                          num_epochs=num_epochs)
 
 
-def build_setup(cfg: RLRunConfig, *, num_prompts: int = 0) -> core.RLSetup:
+def build_setup(cfg: RLRunConfig, *, num_prompts: int = 0, devices_per_run: int | None = None) -> core.RLSetup:
     """The :class:`~rlhf_jax.rl.core.RLSetup` of a trainer config, with a prompt POOL (for ``make_train``).
 
     The pool holds the first ``num_prompts`` prompts of the data (default: 16 batches' worth) as
     ``[N, P]`` arrays; each iteration of a ``make_train`` run draws its batch from it on device.
     """
-    built = _build(cfg)
+    built = _build(cfg, devices_per_run=devices_per_run)
     it = _prompt_iterator(cfg, built, whole=True)
     want = num_prompts or 16 * core.prompt_batch(built.algo)
     ids, masks = [], []
@@ -447,13 +447,14 @@ def state_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), 10)
 
 
-def run_inputs(cfg: RLRunConfig, seed: int, *, built: _Built | None = None) -> dict[str, Any]:
+def run_inputs(cfg: RLRunConfig, seed: int, *, built: _Built | None = None,
+               devices_per_run: int | None = None) -> dict[str, Any]:
     """What the trainer's run of ``cfg`` with ``seed`` starts from, as arrays: its initial policy and
     value params, its reference params and its prompt batches of every iteration in order (from the
     same data iterator), for ``core.make_train``'s ``run`` argument: a vmapped sweep then runs exactly
     the experiment that ``train_rl`` runs point by point (pair it with ``state_key(seed)``)."""
     cfg = dataclasses.replace(cfg, seed=seed)
-    built = _build(cfg) if built is None else built
+    built = _build(cfg, devices_per_run=devices_per_run) if built is None else built
     it = _prompt_iterator(cfg, built, whole=True)  # the global batches, the same on every process
     batches = [next(it) for _ in range(cfg.iterations)]
     prompts = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("prompt_ids", "prompt_mask")}

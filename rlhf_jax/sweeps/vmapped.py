@@ -129,10 +129,11 @@ def seed_values(base_cfg: Any, seed_index: Sequence[int], seeds: int) -> list[in
     return [int(s) for s in seed_index] if seeds > 1 else [int(base_cfg.seed)] * len(seed_index)
 
 
-def stacked_run_inputs(base_cfg: Any, seeds: Sequence[int]) -> tuple[Any, Any]:
+def stacked_run_inputs(base_cfg: Any, seeds: Sequence[int], *, devices_per_run: int | None = None
+                       ) -> tuple[Any, Any]:
     """``(keys [R], run inputs with a leading R axis)`` of runs with these seeds (each distinct seed's
     set-up is built once): exactly what ``train_rl`` starts each run from (``rl.trainer.run_inputs``)."""
-    by_seed = {s: run_inputs(base_cfg, s) for s in sorted(set(seeds))}
+    by_seed = {s: run_inputs(base_cfg, s, devices_per_run=devices_per_run) for s in sorted(set(seeds))}
     inputs = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
                                     *[by_seed[s] for s in seeds])
     return jnp.stack([state_key(s) for s in seeds]), inputs
@@ -197,19 +198,20 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     points = expand_points(grid, seeds=seeds)
     device_mesh = sweep_mesh(base_cfg, mesh, num_runs=len(points), seeds=seeds)
     # the trainers' checks, on one run's layout (its data x fsdp devices; mesh.runs is the sweep's business)
-    per_run = 1 if device_mesh is None else mesh_lib.batch_size_multiple(device_mesh)
-    validate_rl_config(dataclasses.replace(base_cfg, mesh=MeshConfig()), devices_per_run=per_run)
-    algo = resolved_algorithm(base_cfg)
-    setup = build_setup(base_cfg) if setup is None else setup
+    run_devices = 1 if device_mesh is None else mesh_lib.batch_size_multiple(device_mesh)
+    run_cfg = dataclasses.replace(base_cfg, mesh=MeshConfig())  # one run's view: the sweep owns the mesh
+    validate_rl_config(run_cfg, devices_per_run=run_devices)
+    algo = resolved_algorithm(run_cfg)
+    setup = build_setup(run_cfg, devices_per_run=run_devices) if setup is None else setup
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
     run_seeds = seed_values(base_cfg, np.asarray(seed_index), seeds)
-    keys, inputs = stacked_run_inputs(base_cfg, run_seeds)
+    keys, inputs = stacked_run_inputs(run_cfg, run_seeds, devices_per_run=run_devices)
     if devices_lib.abstract() and device_mesh is None:
         raise ConfigError("plan of a vmapped sweep: give its mesh (--mesh runs=R,data=D,fsdp=F, or the config's "
                           "mesh section)")
     final, history, compile_seconds, run_seconds = _compile_and_run(
         _train_with_frozen(algo, setup, base_cfg.iterations), hp, keys, inputs, _shared_frozen(setup, inputs),
-        device_mesh, model_flops=len(points) * run_flops(base_cfg, setup))
+        device_mesh, model_flops=len(points) * run_flops(run_cfg, setup))
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
     seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
