@@ -11,17 +11,14 @@ Without ``policy.path`` the base is built at the 8B shape from random weights.
 from rlhf_jax.data import DataConfig
 from rlhf_jax.rl import RL_OPTIM, PPOConfig, PPOHParams, PPOTrainConfig, RewardSection
 from rlhf_jax.training.checkpoint import CheckpointConfig
-from rlhf_jax.training.configs import MeshConfig, ModelSection
+from rlhf_jax.training.configs import MeshConfig, model_shape
 from rlhf_jax.training.metrics import LogConfig
-
-LLAMA_31_8B = dict(name="tiny", arch="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
-                   num_kv_heads=8, head_dim=128, intermediate_size=14336, max_position_embeddings=8192)
 
 
 def get_config() -> PPOTrainConfig:
     return PPOTrainConfig(
         task="sentiment",
-        policy=ModelSection(**LLAMA_31_8B, dtype="bfloat16", param_dtype="bfloat16", remat=True,
+        policy=model_shape("llama3.1-8b", dtype="bfloat16", param_dtype="bfloat16", remat=True,
                             lora_rank=16, lora_alpha=32.0),
         reward=RewardSection(kind="model", path="runs/reward_llama8b/export"),
         data=DataConfig(batch_size=64, max_length=512),
