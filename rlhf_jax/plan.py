@@ -366,8 +366,7 @@ def plan(cfg, topo: Topology, *, trainer: str | None = None, sweep: dict | None 
         r["advice"] = advice(cfg, trainer, r)
     return {
         "topology": topo.name, "platform": topo.platform, "device_kind": topo.device_kind,
-        "num_devices": topo.num_devices, "num_processes": len({int(getattr(d, "process_index", 0))
-                                                              for d in topo.devices}),
+        "num_devices": topo.num_devices, "num_processes": devices_lib.Target(topo.devices).num_processes,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "hbm_bytes_per_device": topo.hbm_bytes_per_device, "peak_flops_per_device": topo.peak_flops_per_device,
         "hbm_bandwidth_per_device": topo.hbm_bandwidth_per_device, "device_figures": topo.source,
