@@ -38,7 +38,7 @@ class ModelSection:
     param_dtype: str = "float32"  # parameter storage dtype (float32|bfloat16|float16)
     remat: bool = False           # rematerialise each layer's activations in the backward pass (saves memory)
     remat_policy: Literal["full", "dots_saveable"] = "full"  # with remat: keep nothing (full) or the matmul outputs
-    logits_chunk: int = 0         # RL policy log-probs over the response in chunks of this many tokens (0 = whole)
+    logits_chunk: int = 0         # the loss's logits this many tokens at a time: SFT, DPO, RL policy (0 = whole)
     attention_impl: Literal["xla", "blocked", "cudnn", "auto"] = "xla"  # xla einsum|blocked tiles|cuDNN (GPU)|auto
     attention_block: int = 64     # query/key tile of the blocked attention (>= 8)
     lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
