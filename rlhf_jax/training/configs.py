@@ -47,6 +47,7 @@ class ModelSection:
     lora_dropout: float = 0.0     # LoRA dropout: must be 0 (adapters are merged into the kernels each forward)
     lora_rslora: bool = False     # rank-stabilised LoRA scaling lora_alpha / sqrt(lora_rank)
     lora_path: str = ""           # a PEFT LoRA adapter directory to start from (its rank/alpha/targets are used)
+    lora_modules_to_save: tuple[str, ...] = ()  # also train in full (as a copy): embed_tokens (tied head too), lm_head
 
     def validate(self, prefix: str = "model.") -> None:
         if self.path and not os.path.isdir(self.path):
@@ -80,7 +81,7 @@ class ModelSection:
     def lora_config(self) -> LoraConfig:
         """The adapters' settings (``lora_rank`` > 0)."""
         return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=tuple(self.lora_targets),
-                          rslora=self.lora_rslora)
+                          rslora=self.lora_rslora, modules_to_save=tuple(self.lora_modules_to_save))
 
     def validate_lora(self, prefix: str = "model.") -> None:
         if self.lora_rank < 0:
