@@ -81,43 +81,75 @@ def _jitted_step(step_fn, cfg):
     return jax.jit(functools.partial(step_fn, cfg=cfg), donate_argnums=(0,))
 
 
-def sft_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,
-                  warmup: int = 1, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
-    """Seconds per ``rlhf_jax.training.sft_step`` (forward, backward, AdamW), jitted, state donated."""
-    import jax.numpy as jnp
+def resolved_attention(shape: dict[str, Any], dtype: str, attention_impl: str, seq_len: int) -> str:
+    """What ``attention_impl`` resolves to for a ``seq_len`` forward on this platform ("auto": cudnn on a GPU)."""
+    resolve = need("rlhf_jax.models.transformer", "resolve_attention_impl")
+    return resolve(model_config(shape, dtype, attention_impl), seq_len)
 
-    sft_step, SFTStepConfig = need("rlhf_jax.training", "sft_step", "SFTStepConfig")
-    module, params = build(shape, dtype=dtype, attention_impl=attention_impl)
-    holder = {"state": _train_state(module, params)}
-    step = _jitted_step(sft_step, SFTStepConfig())
-    # Unpacked rows, like the PyTorch loop: no segment ids, default positions (plain causal mask).
-    dev_batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
+
+def _timed_step(step, state, dev_batch, *, reps: int, warmup: int) -> dict[str, Any]:
+    """Compiles ``step`` for ``(state, dev_batch)`` ahead of time, then times it with the state donated.
+
+    Returns the timing (compilation excluded), ``compile_s`` and ``temp_bytes``: XLA's memory analysis
+    of the compiled program (activations, logits and other scratch live at its peak; None where the
+    backend reports none).
+    """
+    holder = {"state": state}
+    t0 = time.perf_counter()
+    compiled = step.lower(state, dev_batch).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    temp = None if ma is None else int(ma.temp_size_in_bytes)
 
     def call():
-        holder["state"], metrics = step(holder["state"], dev_batch)
+        holder["state"], metrics = compiled(holder["state"], dev_batch)
         return metrics
 
     timing = time_calls(call, reps=reps, warmup=warmup, sync=block)
-    return {"timing": timing}
+    return {"timing": timing, "compile_s": compile_s, "temp_bytes": temp}
+
+
+def sft_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,
+                  warmup: int = 1, attention_impl: str = ATTENTION_IMPL, logits_chunk: int = 0) -> dict[str, Any]:
+    """Seconds per ``rlhf_jax.training.sft_step`` (forward, backward, AdamW), jitted, state donated.
+
+    ``logits_chunk > 0``: ``SFTStepConfig(logits_chunk=...)`` (the loss's head and cross-entropy that many
+    positions at a time, never the whole ``[B, T, V]`` logits); NotAvailable where this tree's
+    ``SFTStepConfig`` has no such field. Also returns ``compile_s``, ``temp_bytes`` (see ``_timed_step``)
+    and ``attention`` (what ``attention_impl`` resolved to).
+    """
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    sft_step, SFTStepConfig = need("rlhf_jax.training", "sft_step", "SFTStepConfig")
+    step_kw = {}
+    if logits_chunk:
+        if "logits_chunk" not in {f.name for f in dataclasses.fields(SFTStepConfig)}:
+            raise NotAvailable("rlhf_jax.training.SFTStepConfig has no logits_chunk field in this tree")
+        step_kw["logits_chunk"] = logits_chunk
+    module, params = build(shape, dtype=dtype, attention_impl=attention_impl)
+    step = _jitted_step(sft_step, SFTStepConfig(**step_kw))
+    # Unpacked rows, like the PyTorch loop: no segment ids, default positions (plain causal mask).
+    dev_batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
+    out = _timed_step(step, _train_state(module, params), dev_batch, reps=reps, warmup=warmup)
+    out["attention"] = resolved_attention(shape, dtype, attention_impl, batch["input_ids"].shape[1])
+    return out
 
 
 def reward_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,
                      warmup: int = 1, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
-    """Seconds per ``rlhf_jax.training.reward_step`` (Bradley-Terry pairs), jitted, state donated."""
+    """Seconds per ``rlhf_jax.training.reward_step`` (Bradley-Terry pairs), jitted, state donated
+    (with ``compile_s``, ``temp_bytes`` and ``attention`` as :func:`sft_step_time`)."""
     import jax.numpy as jnp
 
     reward_step, RewardStepConfig = need("rlhf_jax.training", "reward_step", "RewardStepConfig")
     module, params = build(shape, head="scalar", dtype=dtype, attention_impl=attention_impl)
-    holder = {"state": _train_state(module, params)}
     step = _jitted_step(reward_step, RewardStepConfig())
     dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    def call():
-        holder["state"], metrics = step(holder["state"], dev_batch)
-        return metrics
-
-    timing = time_calls(call, reps=reps, warmup=warmup, sync=block)
-    return {"timing": timing}
+    out = _timed_step(step, _train_state(module, params), dev_batch, reps=reps, warmup=warmup)
+    out["attention"] = resolved_attention(shape, dtype, attention_impl, batch["chosen_ids"].shape[1])
+    return out
 
 
 def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_tokens: int, greedy: bool,
@@ -249,3 +281,91 @@ def sweep_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, n_runs:
         "vmapped_iters_per_s": total / t_vm.median,
         "speedup": t_seq.median / t_vm.median,
     }
+
+
+def _grpo_setup(shape: dict[str, Any], prompts: int, *, group_size: int, response_length: int, epochs: int,
+                minibatches: int, dtype: str, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
+    """Random policy (reference = its weights) and reward model with ``rlhf_jax.rl.GRPOConfig``
+    (``prompts`` x ``group_size`` full-length responses, no value model); same keys as ``_ppo_setup``."""
+    GRPOConfig, GRPOHParams, RLFrozen = need("rlhf_jax.rl", "GRPOConfig", "GRPOHParams", "RLFrozen")
+    cfg = GRPOConfig(batch_size=prompts, group_size=group_size, max_new_tokens=response_length, epochs=epochs,
+                     minibatches=minibatches, stop_token_ids=(), pad_token_id=shape["pad_token_id"],
+                     hparams=GRPOHParams(temperature=1.0, kl_coef=0.04))
+    policy, policy_params = build(shape, dtype=dtype, seed=0, attention_impl=attention_impl)
+    reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1, attention_impl=attention_impl)
+    frozen = RLFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
+                      reward_model=reward)
+    return dict(cfg=cfg, frozen=frozen, policy_model=policy, policy_params=policy_params,
+                policy_tx=_optimizer(policy_params, weight_decay=0.0), value_model=None, value_params=None,
+                value_tx=None)
+
+
+# metrics of an iteration that must be finite (the trainer's own check, rl.trainer's finite_keys)
+RL_FINITE_KEYS = ("loss", "policy_grad_norm", "value_grad_norm", "score", "kl")
+
+
+def rl_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, algo: str, response_length: int,
+                      epochs: int, minibatches: int, group_size: int = 1, iterations: int = 3,
+                      rollout_reps: int = 2, dtype: str, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
+    """The fused RL iteration (``rlhf_jax.rl.iteration``: one compiled program) and its rollout alone.
+
+    ``algo``: "ppo" (policy, reference = the policy's weights, reward model, separate value model:
+    ``_ppo_setup``) or "grpo" (policy, reference, reward model; ``prompts`` x ``group_size`` responses).
+    ``iterations`` calls of the iteration with the state donated (the first compiles and is reported
+    apart), then ``rollout_reps`` timed calls of ``rlhf_jax.rl.rollout`` (sampling + the policy,
+    reference and value forwards; one untimed call compiles it) on the state reached.
+    ``flops``: model FLOPs of one iteration as the trainers count them (``rlhf_jax.rl.trainer.run_flops``
+    of a one-iteration run: sampling and every forward of the rollout, ``epochs`` training passes).
+    ``rollout_share``: rollout seconds / iteration seconds (medians); the rest of the iteration is the
+    reward-model forward, the advantages and the epochs x minibatches of updates.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    init_state, iteration, rollout, RLSetup = need("rlhf_jax.rl", "init_state", "iteration", "rollout", "RLSetup")
+    run_flops, PPOTrainConfig, GRPOTrainConfig = need("rlhf_jax.rl.trainer", "run_flops", "PPOTrainConfig",
+                                                      "GRPOTrainConfig")
+    DataConfig = need("rlhf_jax.data", "DataConfig")
+    if iterations < 2:
+        raise ValueError(f"iterations must be >= 2 (the first compiles), got {iterations}")
+    n, prompt_len = prompts["prompt_ids"].shape
+    if algo == "ppo":
+        s = _ppo_setup(shape, n, response_length=response_length, epochs=epochs, minibatches=minibatches,
+                       dtype=dtype, attention_impl=attention_impl)
+        train_cfg = PPOTrainConfig
+    elif algo == "grpo":
+        s = _grpo_setup(shape, n, group_size=group_size, response_length=response_length, epochs=epochs,
+                        minibatches=minibatches, dtype=dtype, attention_impl=attention_impl)
+        train_cfg = GRPOTrainConfig
+    else:
+        raise ValueError(f"rl_iteration_time: algo must be 'ppo' or 'grpo', got {algo!r}")
+    cfg, frozen = s["cfg"], s["frozen"]
+    # init_state copies every leaf (the state is donated); the value model's initial params are not
+    # needed after that (the policy's are: they are the frozen reference)
+    state = init_state(policy_model=s["policy_model"], policy_params=s["policy_params"], policy_tx=s["policy_tx"],
+                       value_model=s["value_model"], value_params=s.pop("value_params"), value_tx=s["value_tx"],
+                       cfg=cfg, rng=0)
+    dev_prompts = {k: jnp.asarray(v) for k, v in prompts.items()}
+    setup = RLSetup(frozen=frozen, policy_model=s["policy_model"], policy_params=s["policy_params"],
+                    policy_tx=s["policy_tx"], prompts=dev_prompts, value_model=s["value_model"],
+                    value_tx=s["value_tx"], algo=cfg)
+    run_cfg = train_cfg(task="", iterations=1, data=DataConfig(batch_size=n, max_length=prompt_len + response_length,
+                                                                  max_prompt_length=prompt_len), **{algo: cfg})
+    flops = float(run_flops(run_cfg, setup))
+    times = []
+    for _ in range(iterations):
+        t = time.perf_counter()
+        state, metrics = iteration(state, frozen, dev_prompts, cfg=cfg)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    values = {k: float(v) for k, v in metrics.items()}
+    bad = {k: values[k] for k in RL_FINITE_KEYS if k in values and not np.isfinite(values[k])}
+    if bad:
+        raise RuntimeError(f"{algo} iteration at this shape gave non-finite metrics {bad}")
+    roll = time_calls(lambda: rollout(state, frozen, dev_prompts, cfg=cfg), reps=rollout_reps, warmup=1, sync=block)
+    median = float(np.median(times[1:]))
+    return {"algo": algo, "median_s": median, "best_s": float(np.min(times[1:])), "times_s": times,
+            "first_call_s": times[0], "rollout": roll, "rollout_s": roll.median,
+            "rollout_share": roll.median / median, "flops": flops, "rollout_rows": cfg.rollout_size,
+            "seq_len": prompt_len + response_length, "updates": cfg.epochs * cfg.minibatches,
+            "metrics": {k: values[k] for k in ("loss", "score", "kl", "entropy") if k in values}}
