@@ -1,18 +1,63 @@
 #!/usr/bin/env bash
-# One-shot accelerator check: model/generation parity tests on the GPU, then the benchmark suite's
-# GPU rows (bf16 compute: SFT tokens/s + MFU and decode vs the HBM floor at GPT-2 124M and ~1B Llama).
-# Usage (on a GPU machine with jax[cuda], flax, optax, torch, transformers installed):
+# The one accelerator script (issue 22): model/generation parity tests on the GPU, then every GPU row of
+# the benchmark suite in one run of benchmarks.run, and one table at the end ($OUT/latest.md, with
+# every figure and timing in $OUT/latest.json). bf16 compute, float32 params (generation: bf16-stored
+# weights), MFU over the data-sheet dense bf16 peak (benchmarks/probes.py GPU_PEAKS).
+#
+# Usage (on a GPU machine with jax[cuda], flax and optax; torch + transformers for the parity tests):
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+# Knobs: PY (python, default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ITEMS,
+# XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.92 here: the 1B PPO iteration holds four 1B models, two of
+# them with Adam moments, ~40 GB before its temporaries), JAX_COMPILATION_CACHE_DIR (a second run on the
+# same machine reuses the compiled programs: only the changed ones compile again).
+#
+# Rows (benchmarks/README.md, "GPU script"):
+#   sft, mfu   SFT step tokens/s and MFU at GPT-2 124M and the 1B Llama shape (batch 8 x 512)
+#   rl         fused PPO and GRPO iterations at 1B: s/iteration, rollout share, MFU (workload of
+#              experiments/ppo_llama1b.py and grpo_llama1b.py: 64 prompts / 16 x G 8, 64 + 64 tokens)
+#   gen        1B generation, bf16 weights: new tokens/s at batch 16, 64, 256; decode step vs HBM floor at 16
+#   rm         reward-model step pairs/s at GPT-2 and 1B (8 pairs x 512)
+#   attn       1B SFT step: attention_impl=auto (cuDNN) vs xla, and the first step's loss of both
+#   chunk      1B SFT step with SFTStepConfig(logits_chunk=128) vs whole logits (+ XLA temp bytes)
+#
+# Time budget, one H100 (989 TFLOP/s dense bf16, assumed 40% = 396 TFLOP/s; 3.35 TB/s HBM). Model FLOPs
+# of the timed work (warm-up call + reps; rlhf_jax.models.flops_per_token, rl.trainer.run_flops):
+#   sft  gpt2 3.2 TFLOP/step, 1B 30.8 TFLOP/step; 4 calls each            ->  0.4 s
+#   rm   gpt2 4.4, 1B 48.7 TFLOP/step (8,192 tokens); 4 calls each        ->  0.6 s
+#   attn/chunk 1B 30.8 TFLOP/step, 4 calls each (xla attention ~1.5x)     ->  0.8 s
+#   gen  1B decode is bandwidth-bound: 2.47 GB bf16 weights/step = 0.74 ms floor; 128 steps x 3 calls
+#        x ~2 ms at batch 16 and 64, compute-bound ~3 ms/step at 256 (0.63 TFLOP/step)  ->  ~5 s
+#   rl   PPO 587 TFLOP/iteration (8,192 tokens: 5 forwards + 4 epochs x 2 trained models),
+#        GRPO 287 TFLOP (16,384 tokens: 4 forwards + 1 epoch); 3 iterations + 3 rollouts each  -> ~8 s
+# so the compute is ~15 s; the rest is compilation (about 20 programs, 10-60 s each on one GPU:
+# the fused RL iterations are the largest) and model initialisation: ~5-6 min estimated. The caps:
+# tests 100 s, benchmarks 330 s, ~8 min in all with the start-up. A capped run still leaves every item
+# finished before the cap in $OUT/latest.{md,json} (marked partial); item_seconds in latest.json says
+# what each item took, compilation included.
 set -u
 OUT=${OUT:-/tmp/rlhf_jax_gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/rlhf_jax_gpu_jit_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 PY=${PY:-python3}
+BENCH_ITEMS=${BENCH_ITEMS:-sft,mfu,rl,gen,rm,attn,chunk}
+start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 echo "== GPU tests (f32 at highest matmul precision: parity tolerances are f32's) =="
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-170}" $PY -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -p no:cacheprovider \
   tests/test_models.py tests/test_generation.py -k "not 8_devices" 2>&1 | tail -n 25 | tee "$OUT/gpu_tests.log"
-echo "== GPU benchmarks =="
-timeout "${BENCH_TIMEOUT:-360}" $PY -m benchmarks.run --only sft,gen,mfu --shapes gpt2,llama1b --no-install \
-  --out "$OUT" 2>&1 | tail -n 60
+echo "== GPU benchmarks: $BENCH_ITEMS ($(( $(date +%s) - start )) s so far) =="
+timeout "${BENCH_TIMEOUT:-330}" $PY -m benchmarks.run --only "$BENCH_ITEMS" --shapes gpt2,llama1b \
+  --item-shapes rl=llama1b,gen=llama1b,attn=llama1b,chunk=llama1b --gen-batches 16,64,256 --logits-chunk 128 \
+  --no-install --out "$OUT" > "$OUT/bench.log" 2>&1
+rc=$?
+grep -E '^\[bench' "$OUT/bench.log" | tail -n 60
+if [ "$rc" -ne 0 ]; then
+  echo "benchmarks.run exited $rc (124: BENCH_TIMEOUT reached; 1: a side raised). Errors from $OUT/bench.log:"
+  grep -E -B2 -A12 '^Traceback' "$OUT/bench.log" | tail -n 60
+fi
+echo "== table ($OUT/latest.md; $(( $(date +%s) - start )) s in all) =="
+cat "$OUT/latest.md" 2>/dev/null || echo "no table: the benchmark wrote nothing (see $OUT/bench.log)"

@@ -90,10 +90,13 @@ def resolved_attention(shape: dict[str, Any], dtype: str, attention_impl: str, s
 def _timed_step(step, state, dev_batch, *, reps: int, warmup: int) -> dict[str, Any]:
     """Compiles ``step`` for ``(state, dev_batch)`` ahead of time, then times it with the state donated.
 
-    Returns the timing (compilation excluded), ``compile_s`` and ``temp_bytes``: XLA's memory analysis
+    Returns the timing (compilation excluded), ``compile_s``, ``temp_bytes``: XLA's memory analysis
     of the compiled program (activations, logits and other scratch live at its peak; None where the
-    backend reports none).
+    backend reports none), and ``first_loss``: the loss of the first call (the initial weights on
+    ``dev_batch``: equal across options that must not change the numbers, up to rounding).
     """
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1 (the first call's loss is recorded), got {warmup}")
     holder = {"state": state}
     t0 = time.perf_counter()
     compiled = step.lower(state, dev_batch).compile()
@@ -105,8 +108,11 @@ def _timed_step(step, state, dev_batch, *, reps: int, warmup: int) -> dict[str, 
         holder["state"], metrics = compiled(holder["state"], dev_batch)
         return metrics
 
-    timing = time_calls(call, reps=reps, warmup=warmup, sync=block)
-    return {"timing": timing, "compile_s": compile_s, "temp_bytes": temp}
+    first_loss = float(block(call())["loss"])
+    if not np.isfinite(first_loss):
+        raise RuntimeError(f"the step's first loss is {first_loss}")
+    timing = time_calls(call, reps=reps, warmup=warmup - 1, sync=block)
+    return {"timing": timing, "compile_s": compile_s, "temp_bytes": temp, "first_loss": first_loss}
 
 
 def sft_step_time(shape: dict[str, Any], batch: dict[str, np.ndarray], *, dtype: str, reps: int,

@@ -608,13 +608,16 @@ def _sft_variant_row(ctx: Context, name: str, *, item: str, label: str, peer_nam
     tok = m["tokens"]
     rate = lambda x: tok / x["timing"].median if x else None  # noqa: E731
     mine, other = (v, base) if variant_is_ours else (base, v)
-    gib = lambda x: f"{x['temp_bytes'] / 2**30:.2f} GiB" if x and x.get("temp_bytes") is not None else "?"  # noqa: E731
+    gib = lambda x: f"{x['temp_bytes'] / 2**30:.2f} GiB" if x.get("temp_bytes") is not None else "?"  # noqa: E731
+    details = {"ours": mine, "peer": other}
+    if status == "ok":
+        details["first_loss_abs_diff"] = abs(mine["first_loss"] - other["first_loss"])
+        note = (f"{note}; first-step loss {mine['first_loss']:.6g} vs {other['first_loss']:.6g} (same weights and "
+                f"batch; |diff| {details['first_loss_abs_diff']:.2g}); XLA temp buffers {gib(mine)} vs {gib(other)}; "
+                f"batch {ctx.workload.sft_batch}x{ctx.workload.sft_seq}, {ctx.dtype}")
     return Row(
         item=item, shape=name, metric="SFT train tokens/s", higher_is_better=True, ours=rate(mine), peer=rate(other),
-        peer_name=peer_name, status=status,
-        note=err or (f"{note}; XLA temp buffers {gib(mine)} vs {gib(other)}; "
-                     f"batch {ctx.workload.sft_batch}x{ctx.workload.sft_seq}, {ctx.dtype}"),
-        probe_gflops=probe, details={"ours": mine, "peer": other},
+        peer_name=peer_name, status=status, note=err or note, probe_gflops=probe, details=details,
     )
 
 
