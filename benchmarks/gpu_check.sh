@@ -12,11 +12,12 @@
 # same machine reuses the compiled programs: only the changed ones compile again).
 #
 # Rows (benchmarks/README.md, "GPU script"):
-#   sft, mfu   SFT step tokens/s and MFU at GPT-2 124M and the 1B Llama shape (batch 8 x 512)
+#   sft, rm    SFT step tokens/s (batch 8 x 512), reward-model step pairs/s (8 pairs x 512), at GPT-2
+#              124M and the 1B Llama shape
+#   mfu        SFT-step and RM-step MFU at both shapes (targets: 0.35 at GPT-2, 0.50 at 1B)
 #   rl         fused PPO and GRPO iterations at 1B: s/iteration, rollout share, MFU (workload of
 #              experiments/ppo_llama1b.py and grpo_llama1b.py: 64 prompts / 16 x G 8, 64 + 64 tokens)
 #   gen        1B generation, bf16 weights: new tokens/s at batch 16, 64, 256; decode step vs HBM floor at 16
-#   rm         reward-model step pairs/s at GPT-2 and 1B (8 pairs x 512)
 #   attn       1B SFT step: attention_impl=auto (cuDNN) vs xla, and the first step's loss of both
 #   chunk      1B SFT step with SFTStepConfig(logits_chunk=128) vs whole logits (+ XLA temp bytes)
 #
@@ -42,7 +43,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/rlhf_jax_gpu_jit_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 PY=${PY:-python3}
-BENCH_ITEMS=${BENCH_ITEMS:-sft,mfu,rl,gen,rm,attn,chunk}
+BENCH_ITEMS=${BENCH_ITEMS:-sft,rm,mfu,rl,gen,attn,chunk}
 start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"

@@ -62,6 +62,15 @@ def flops_per_token(shape: dict[str, Any], seq_len: int, *, training: bool = Tru
     return fpt(model_config(shape, "float32"), seq_len, training=training)
 
 
+def reward_flops_per_token(shape: dict[str, Any], seq_len: int, *, training: bool = True) -> float:
+    """Model FLOPs per token of a ``ScalarHeadModel`` at ``shape``: :func:`flops_per_token` less the LM head
+    (``2·d·V`` a forward, ``6·d·V`` with the backward), which a scalar-head model does not run; its
+    ``d x 1`` score head is negligible."""
+    cfg = model_config(shape, "float32")
+    head = (6.0 if training else 2.0) * cfg.hidden_size * cfg.vocab_size
+    return flops_per_token(shape, seq_len, training=training) - head
+
+
 def _optimizer(params, *, weight_decay: float = 0.01):
     OptimConfig, make_optimizer = need("rlhf_jax.training.optim", "OptimConfig", "make_optimizer")
     cfg = OptimConfig(learning_rate=1e-5, schedule="constant", weight_decay=weight_decay, max_grad_norm=1.0)

@@ -114,7 +114,8 @@ def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
     rows = result["rows"]
     assert [(r["item"], r["shape"], r["peer_name"]) for r in rows] == [
         ("sft", "micro", "PyTorch loop"), ("sft", "micro", f"trl {run.TRL_VERSION} SFTTrainer"),
-        ("rm", "micro", "PyTorch loop"), ("mfu", "micro", "PyTorch loop")]
+        ("rm", "micro", "PyTorch loop"), ("mfu", "micro", "PyTorch loop"), ("mfu", "micro", "PyTorch loop")]
+    assert [r["metric"] for r in rows[-2:]] == ["SFT-step MFU", "RM-step MFU"]
     for r in rows:
         assert r["status"] in report.STATUSES
         assert r["peer"] is not None and r["peer"] > 0  # the PyTorch peers always run on CPU
@@ -123,7 +124,7 @@ def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
         else:
             assert r["ours"] is None and r["note"]
     md = (tmp_path / "latest.md").read_text()
-    assert md.count("| micro |") == 4 and "matmul peak" in md
+    assert md.count("| micro |") == 5 and "matmul peak" in md
     assert "| item | shape | metric |" in capsys.readouterr().out
 
 
@@ -289,7 +290,7 @@ def test_gpu_check_script_is_valid_bash_and_its_benchmark_options_parse():
     parser = argparse.ArgumentParser()
     run.add_arguments(parser)
     args = parser.parse_args(argv)
-    assert run._items(args.only) == ["sft", "mfu", "rl", "gen", "rm", "attn", "chunk"]
+    assert run._items(args.only) == ["sft", "rm", "mfu", "rl", "gen", "attn", "chunk"]
     assert run._item_shapes(args.item_shapes) == {k: ["llama1b"] for k in ("rl", "gen", "attn", "chunk")}
     assert [s for s in args.shapes.split(",")] == ["gpt2", "llama1b"] and all(
         shapes.get_shape(s) for s in args.shapes.split(","))
