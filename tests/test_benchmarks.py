@@ -116,6 +116,13 @@ def test_quick_suite_on_micro_shape_writes_table_and_json(tmp_path, capsys):
         ("sft", "micro", "PyTorch loop"), ("sft", "micro", f"trl {run.TRL_VERSION} SFTTrainer"),
         ("rm", "micro", "PyTorch loop"), ("mfu", "micro", "PyTorch loop"), ("mfu", "micro", "PyTorch loop")]
     assert [r["metric"] for r in rows[-2:]] == ["SFT-step MFU", "RM-step MFU"]
+    # the reward model's FLOPs: chosen and rejected rows, no LM head (6 d V a token with the backward)
+    from benchmarks import jax_side
+
+    shape, wl = shapes.get_shape("micro"), shapes.get_workload("micro")
+    lm_head = 6 * shape["hidden_size"] * shape["vocab_size"]
+    assert rows[-1]["details"]["flops_per_step"] == pytest.approx(
+        (jax_side.flops_per_token(shape, wl.rm_seq) - lm_head) * 2 * wl.rm_pairs * wl.rm_seq)
     for r in rows:
         assert r["status"] in report.STATUSES
         assert r["peer"] is not None and r["peer"] > 0  # the PyTorch peers always run on CPU
