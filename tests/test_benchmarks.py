@@ -291,9 +291,11 @@ def test_gpu_check_script_is_valid_bash_and_its_benchmark_options_parse():
     script = Path(run.__file__).resolve().parent / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    items = re.search(r'BENCH_ITEMS=\$\{BENCH_ITEMS:-([a-z,]+)\}', text).group(1)
+    defaults = dict(re.findall(r"^(\w+)=\$\{\1:-([^}]*)\}$", text, re.M))  # NAME=${NAME:-default}
+    assert {"BENCH_ITEMS", "SHAPES", "LARGE", "GEN_BATCHES", "BENCH_ARGS", "OUT"} <= set(defaults)
     line = re.search(r"-m benchmarks\.run (.*?)\s*>", text.replace("\\\n", " "), re.S).group(1)
-    argv = shlex.split(line.replace('"$BENCH_ITEMS"', items).replace('"$OUT"', "/tmp/x"))
+    line = re.sub(r"\$(\w+)", lambda m: defaults[m.group(1)], line)
+    argv = shlex.split(line)
     parser = argparse.ArgumentParser()
     run.add_arguments(parser)
     args = parser.parse_args(argv)
