@@ -704,8 +704,10 @@ def _rl_rows(ctx: Context, name: str, algo: str, n_prompts: int, group: int, epo
     up = algo.upper()
     rows_n = n_prompts * group
     models = "policy, reference, reward model, value model" if algo == "ppo" else "policy, reference, reward model"
+    forwards = "policy/reference/value" if algo == "ppo" else "policy/reference"
+    n_epochs = f"{epochs} epoch{'' if epochs == 1 else 's'}"
     what = (f"{n_prompts} prompts" + (f" x G {group}" if group > 1 else "") + f" = {rows_n} rows of "
-            f"{wl.rl_prompt} + {wl.rl_response} sampled tokens, {epochs} epochs x {wl.rl_minibatches} minibatches; "
+            f"{wl.rl_prompt} + {wl.rl_response} sampled tokens, {n_epochs} x {wl.rl_minibatches} minibatches; "
             f"{models}; {ctx.dtype} compute, float32 params, attention_impl={ctx.attention_impl}")
     sec = res["median_s"] if res else None
     share = res["rollout_share"] if res else None
@@ -718,7 +720,7 @@ def _rl_rows(ctx: Context, name: str, algo: str, n_prompts: int, group: int, epo
     out.append(Row(
         item="rl", shape=name, metric=f"{up} rollout share", ours=share, peer=None, peer_name="",
         higher_is_better=False, status=status, probe_gflops=probe,
-        note=note or (f"rl.rollout alone (sampling + policy/reference/value forwards) {res['rollout_s']:.3g} s of the "
+        note=note or (f"rl.rollout alone (sampling + {forwards} forwards) {res['rollout_s']:.3g} s of the "
                       f"iteration's {sec:.3g} s; the other {sec - res['rollout_s']:.3g} s: reward forward, advantages, "
                       f"{res['updates']} updates")))
     out.append(Row(
@@ -726,7 +728,7 @@ def _rl_rows(ctx: Context, name: str, algo: str, n_prompts: int, group: int, epo
         higher_is_better=True, target=TARGETS["rl_mfu_grpo"] if algo == "grpo" and ctx.platform != "cpu" else None,
         target_on="ours", status=status, probe_gflops=probe,
         note=note or (f"model FLOPs/iteration {res['flops'] / 1e12:,.2f} T (rl.trainer.run_flops: sampling, "
-                      f"every rollout forward, {epochs} training passes) over the peak "
+                      f"every rollout forward, {n_epochs} of training) over the peak "
                       f"{ctx.peak_flops / 1e9:,.0f} GFLOP/s ({ctx.peak_source})")))
     return out
 
