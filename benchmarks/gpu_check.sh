@@ -8,7 +8,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # Knobs: PY (python, default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ITEMS, SHAPES
 # (sft/rm/mfu), LARGE (rl/gen/attn/chunk), GEN_BATCHES, BENCH_ARGS (extra benchmarks.run options),
-# RUN_TESTS=0 (skip the parity tests). A smoke run of this script on a CPU, minuscule shapes, not a result:
+# RUN_TESTS=0 (skip the parity tests), ATTENTION_IMPL (default auto: cuDNN's kernel on a GPU, after
+# benchmarks/attention_check.py has compared it with xla; xla if that check fails). A smoke run of this script on a CPU, minuscule shapes, not a result:
 #   RUN_TESTS=0 SHAPES=micro LARGE=micro GEN_BATCHES=2,3 BENCH_ARGS="--workload micro --reps 1" \
 #     OUT=/tmp/gpu_smoke bash benchmarks/gpu_check.sh
 # XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.92 here: the 1B PPO iteration holds four 1B models, two of
@@ -66,11 +67,21 @@ if [ "$RUN_TESTS" = 1 ]; then
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -p no:cacheprovider \
     tests/test_models.py tests/test_generation.py -k "not 8_devices" 2>&1 | tail -n 25 | tee "$OUT/gpu_tests.log"
 fi
-echo "== GPU benchmarks: $BENCH_ITEMS ($(( $(date +%s) - start )) s so far) =="
+ATTENTION_IMPL=${ATTENTION_IMPL:-auto}
+if [ "$ATTENTION_IMPL" = auto ]; then
+  # cuDNN's kernel (what auto is on a GPU) against xla, loss and gradients, before every row depends on it
+  echo "== attention check (auto vs xla, bf16) =="
+  if ! timeout "${CHECK_TIMEOUT:-120}" $PY -m benchmarks.attention_check > "$OUT/attention_check.log" 2>&1; then
+    ATTENTION_IMPL=xla
+    echo "attention_impl=auto FAILED the check: the benchmarks run with --attention-impl xla ($OUT/attention_check.log)"
+  fi
+  tail -n 12 "$OUT/attention_check.log"
+fi
+echo "== GPU benchmarks: $BENCH_ITEMS, attention_impl=$ATTENTION_IMPL ($(( $(date +%s) - start )) s so far) =="
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 timeout "${BENCH_TIMEOUT:-330}" $PY -m benchmarks.run --only "$BENCH_ITEMS" --shapes "$SHAPES" \
   --item-shapes "rl=$LARGE,gen=$LARGE,attn=$LARGE,chunk=$LARGE" --gen-batches "$GEN_BATCHES" --logits-chunk 128 \
-  --no-install --out "$OUT" $BENCH_ARGS > "$OUT/bench.log" 2>&1
+  --attention-impl "$ATTENTION_IMPL" --no-install --out "$OUT" $BENCH_ARGS > "$OUT/bench.log" 2>&1
 rc=$?
 grep -E '^\[bench' "$OUT/bench.log" | tail -n 60
 if [ "$rc" -ne 0 ]; then

@@ -292,6 +292,7 @@ def test_gpu_check_script_is_valid_bash_and_its_benchmark_options_parse():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     defaults = dict(re.findall(r"^(\w+)=\$\{\1:-([^}]*)\}$", text, re.M))  # NAME=${NAME:-default}
+    assert "-m benchmarks.attention_check" in text and defaults["ATTENTION_IMPL"] == "auto"
     assert {"BENCH_ITEMS", "SHAPES", "LARGE", "GEN_BATCHES", "BENCH_ARGS", "OUT"} <= set(defaults)
     line = re.search(r"-m benchmarks\.run (.*?)\s*>", text.replace("\\\n", " "), re.S).group(1)
     line = re.sub(r"\$(\w+)", lambda m: defaults[m.group(1)], line)
@@ -303,6 +304,19 @@ def test_gpu_check_script_is_valid_bash_and_its_benchmark_options_parse():
     assert run._item_shapes(args.item_shapes) == {k: ["llama1b"] for k in ("rl", "gen", "attn", "chunk")}
     assert [s for s in args.shapes.split(",")] == ["gpt2", "llama1b"] and all(
         shapes.get_shape(s) for s in args.shapes.split(","))
-    assert run._batches(args.gen_batches, 16) == (16, 64, 256) and args.no_install
+    assert run._batches(args.gen_batches, 16) == (16, 64, 256) and args.no_install and args.attention_impl == "auto"
     for test_file in re.findall(r"tests/test_\w+\.py", text):
         assert (script.parent.parent / test_file).is_file(), test_file
+
+
+def test_attention_check_compares_auto_with_xla_in_bf16(capsys):
+    """The script's gate before the benchmark (on CPU "auto" is the blocked attention at its T = 128)."""
+    from benchmarks import attention_check
+
+    import re
+
+    assert attention_check.main([]) == 0
+    out = capsys.readouterr().out
+    assert "auto = blocked" in out and out.rstrip().endswith(": ok")
+    dist = float(re.search(r"relative distance ([0-9.e+-]+)", out).group(1))
+    assert 0 < dist <= attention_check.GRAD_RTOL  # bf16 rounding: two implementations, not one program twice
