@@ -6,7 +6,8 @@
 #
 # Usage (on a GPU machine with jax[cuda], flax and optax; torch + transformers for the parity tests):
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# Knobs: PY (python, default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ITEMS, SHAPES
+# Knobs: PY (python, default python3), TEST_TIMEOUT / CHECK_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ITEMS,
+# SHAPES
 # (sft/rm/mfu), LARGE (rl/gen/attn/chunk), GEN_BATCHES, BENCH_ARGS (extra benchmarks.run options),
 # RUN_TESTS=0 (skip the parity tests), ATTENTION_IMPL (default auto: cuDNN's kernel on a GPU, after
 # benchmarks/attention_check.py has compared it with xla; xla if that check fails). A smoke run of this script on a CPU, minuscule shapes, not a result:
@@ -38,9 +39,9 @@
 #        GRPO 284 TFLOP (16,384 tokens: 4 forwards + 1 epoch); 3 iterations + 3 rollouts each  -> ~8 s
 # so the compute is ~15 s; the rest is compilation (about 20 programs, 10-60 s each on one GPU:
 # the fused RL iterations are the largest) and model initialisation: ~5-6 min estimated. The caps:
-# tests 100 s, benchmarks 330 s, ~8 min in all with the start-up. A capped run still leaves every item
-# finished before the cap in $OUT/latest.{md,json} (marked partial); item_seconds in latest.json says
-# what each item took, compilation included.
+# tests 100 s, attention check 60 s, benchmarks 320 s: 8 min in all at most, plus the start-up. A
+# capped run still leaves every item finished before the cap in $OUT/latest.{md,json} (marked
+# partial); item_seconds in latest.json says what each item took, compilation included.
 set -u
 OUT=${OUT:-/tmp/rlhf_jax_gpu}
 mkdir -p "$OUT"
@@ -71,7 +72,7 @@ ATTENTION_IMPL=${ATTENTION_IMPL:-auto}
 if [ "$ATTENTION_IMPL" = auto ]; then
   # cuDNN's kernel (what auto is on a GPU) against xla, loss and gradients, before every row depends on it
   echo "== attention check (auto vs xla, bf16) =="
-  if ! timeout "${CHECK_TIMEOUT:-120}" $PY -m benchmarks.attention_check > "$OUT/attention_check.log" 2>&1; then
+  if ! timeout "${CHECK_TIMEOUT:-60}" $PY -m benchmarks.attention_check > "$OUT/attention_check.log" 2>&1; then
     ATTENTION_IMPL=xla
     echo "attention_impl=auto FAILED the check: the benchmarks run with --attention-impl xla ($OUT/attention_check.log)"
   fi
@@ -79,7 +80,7 @@ if [ "$ATTENTION_IMPL" = auto ]; then
 fi
 echo "== GPU benchmarks: $BENCH_ITEMS, attention_impl=$ATTENTION_IMPL ($(( $(date +%s) - start )) s so far) =="
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout "${BENCH_TIMEOUT:-330}" $PY -m benchmarks.run --only "$BENCH_ITEMS" --shapes "$SHAPES" \
+timeout "${BENCH_TIMEOUT:-320}" $PY -m benchmarks.run --only "$BENCH_ITEMS" --shapes "$SHAPES" \
   --item-shapes "rl=$LARGE,gen=$LARGE,attn=$LARGE,chunk=$LARGE" --gen-batches "$GEN_BATCHES" --logits-chunk 128 \
   --attention-impl "$ATTENTION_IMPL" --no-install --out "$OUT" $BENCH_ARGS > "$OUT/bench.log" 2>&1
 rc=$?
