@@ -6,11 +6,11 @@
 #
 # Usage (on a GPU machine with jax[cuda], flax and optax; torch + transformers for the parity tests):
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# Knobs: PY (python, default python3), TEST_TIMEOUT / CHECK_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ITEMS,
-# SHAPES
-# (sft/rm/mfu), LARGE (rl/gen/attn/chunk), GEN_BATCHES, BENCH_ARGS (extra benchmarks.run options),
-# RUN_TESTS=0 (skip the parity tests), ATTENTION_IMPL (default auto: cuDNN's kernel on a GPU, after
-# benchmarks/attention_check.py has compared it with xla; xla if that check fails). A smoke run of this script on a CPU, minuscule shapes, not a result:
+# Knobs: PY (python, default python3), TEST_TIMEOUT / CHECK_TIMEOUT / BENCH_TIMEOUT (seconds),
+# BENCH_ITEMS, SHAPES (sft/rm/mfu), LARGE (rl/gen/attn/chunk), GEN_BATCHES, BENCH_ARGS (extra
+# benchmarks.run options), RUN_TESTS=0 (skip the parity tests), ATTENTION_IMPL (default auto: cuDNN's
+# kernel on a GPU, once benchmarks/attention_check.py has compared it with xla; xla if that check fails).
+# A smoke run of this script on a CPU, minuscule shapes, not a result:
 #   RUN_TESTS=0 SHAPES=micro LARGE=micro GEN_BATCHES=2,3 BENCH_ARGS="--workload micro --reps 1" \
 #     OUT=/tmp/gpu_smoke bash benchmarks/gpu_check.sh
 # XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.92 here: the 1B PPO iteration holds four 1B models, two of
