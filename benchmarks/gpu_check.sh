@@ -10,8 +10,9 @@
 # BENCH_ITEMS, SHAPES (sft/rm/mfu), LARGE (rl/gen/attn/chunk), GEN_BATCHES, BENCH_ARGS (extra
 # benchmarks.run options), RUN_TESTS=0 (skip the parity tests), ATTENTION_IMPL (default auto: cuDNN's
 # kernel on a GPU, once benchmarks/attention_check.py has compared it with xla; xla if that check fails).
-# XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.92 here: the 1B PPO iteration holds four 1B models, two of
-# them with Adam moments, ~40 GB before its temporaries), JAX_COMPILATION_CACHE_DIR (a second run on the
+# XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.92 here: the 1B PPO iteration holds four 1B models, policy and
+# value with float32 weights and Adam moments, reference and reward model in bf16: ~35 GB before its
+# temporaries), JAX_COMPILATION_CACHE_DIR (a second run on the
 # same machine reuses the compiled programs: only the changed ones compile again).
 # A smoke run of this script on a CPU, minuscule shapes, not a result:
 #   RUN_TESTS=0 SHAPES=micro LARGE=micro GEN_BATCHES=2,3 BENCH_ARGS="--workload micro --reps 1" \

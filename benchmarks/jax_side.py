@@ -39,18 +39,19 @@ def block(tree: Any) -> Any:
 ATTENTION_IMPL = "auto"
 
 
-def model_config(shape: dict[str, Any], dtype: str, attention_impl: str = ATTENTION_IMPL):
-    """``ModelConfig.from_hf(shape)`` with compute ``dtype`` (params stay float32) and ``attention_impl``."""
+def model_config(shape: dict[str, Any], dtype: str, attention_impl: str = ATTENTION_IMPL,
+                 param_dtype: str = "float32"):
+    """``ModelConfig.from_hf(shape)`` with compute ``dtype``, ``attention_impl`` and storage ``param_dtype``."""
     ModelConfig = need("rlhf_jax.models", "ModelConfig")
-    return ModelConfig.from_hf(shape, dtype=dtype, attention_impl=attention_impl)
+    return ModelConfig.from_hf(shape, dtype=dtype, attention_impl=attention_impl, param_dtype=param_dtype)
 
 
 def build(shape: dict[str, Any], *, head: str = "causal", dtype: str = "float32", seed: int = 0,
-          attention_impl: str = ATTENTION_IMPL):
+          attention_impl: str = ATTENTION_IMPL, param_dtype: str = "float32"):
     """``(module, params)`` with random weights: ``CausalLM`` or ``ScalarHeadModel`` (head="scalar")."""
     import jax
 
-    cfg = model_config(shape, dtype, attention_impl)
+    cfg = model_config(shape, dtype, attention_impl, param_dtype)
     CausalLM, ScalarHeadModel, init_params = need("rlhf_jax.models", "CausalLM", "ScalarHeadModel", "init_params")
     module = CausalLM(cfg) if head == "causal" else ScalarHeadModel(cfg)
     return module, init_params(module, jax.random.PRNGKey(seed))
@@ -191,21 +192,39 @@ def generate_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, new_
     return {"timing": timing}
 
 
+def _frozen_models(shape: dict[str, Any], *, dtype: str, attention_impl: str, frozen_param_dtype: str):
+    """Policy (float32 params), its reference and a reward model; the frozen two stored in
+    ``frozen_param_dtype`` (what the trainers' ``ref_param_dtype`` / ``reward.param_dtype`` do: the
+    reference is the policy's weights cast, the reward model is built in that dtype).
+    Returns ``(policy, policy_params, ref_params, reward, reward_params)``."""
+    import jax
+    import jax.numpy as jnp
+
+    policy, policy_params = build(shape, dtype=dtype, seed=0, attention_impl=attention_impl)
+    reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1, attention_impl=attention_impl,
+                                  param_dtype=frozen_param_dtype)
+    ref_params = policy_params
+    if jnp.dtype(frozen_param_dtype) != jnp.float32:
+        ref_params = jax.tree_util.tree_map(lambda x: x.astype(frozen_param_dtype), policy_params)
+    return policy, policy_params, ref_params, reward, reward_params
+
+
 def _ppo_setup(shape: dict[str, Any], batch: int, *, response_length: int, epochs: int, minibatches: int,
-               dtype: str, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
+               dtype: str, attention_impl: str = ATTENTION_IMPL, frozen_param_dtype: str = "float32") -> dict[str, Any]:
     """Four random models (policy, reference = the policy's weights, reward, value) and the config.
 
     Returns ``cfg`` (``rlhf_jax.rl.PPOConfig``: full-length responses, separate value model), the
-    ``RLFrozen`` and the modules/params/optimizers of policy and value.
+    ``RLFrozen`` and the modules/params/optimizers of policy and value. ``frozen_param_dtype``: the
+    storage dtype of the reference and reward weights (``_frozen_models``).
     """
     PPOConfig, PPOHParams, RLFrozen = need("rlhf_jax.rl", "PPOConfig", "PPOHParams", "RLFrozen")
     cfg = PPOConfig(batch_size=batch, max_new_tokens=response_length, ppo_epochs=epochs, minibatches=minibatches,
                     value_model="separate", stop_token_ids=(), pad_token_id=shape["pad_token_id"],
                     hparams=PPOHParams(temperature=1.0, kl_coef=0.05))
-    policy, policy_params = build(shape, dtype=dtype, seed=0, attention_impl=attention_impl)
-    reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1, attention_impl=attention_impl)
+    policy, policy_params, ref_params, reward, reward_params = _frozen_models(
+        shape, dtype=dtype, attention_impl=attention_impl, frozen_param_dtype=frozen_param_dtype)
     value, value_params = build(shape, head="scalar", dtype=dtype, seed=2, attention_impl=attention_impl)
-    frozen = RLFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
+    frozen = RLFrozen(ref_params=ref_params, reward_params=reward_params, policy_model=policy,
                        value_model=value, reward_model=reward)
     return dict(cfg=cfg, frozen=frozen, policy_model=policy, policy_params=policy_params,
                 policy_tx=_optimizer(policy_params, weight_decay=0.0), value_model=value,
@@ -299,16 +318,17 @@ def sweep_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, n_runs:
 
 
 def _grpo_setup(shape: dict[str, Any], prompts: int, *, group_size: int, response_length: int, epochs: int,
-                minibatches: int, dtype: str, attention_impl: str = ATTENTION_IMPL) -> dict[str, Any]:
+                minibatches: int, dtype: str, attention_impl: str = ATTENTION_IMPL,
+                frozen_param_dtype: str = "float32") -> dict[str, Any]:
     """Random policy (reference = its weights) and reward model with ``rlhf_jax.rl.GRPOConfig``
     (``prompts`` x ``group_size`` full-length responses, no value model); same keys as ``_ppo_setup``."""
     GRPOConfig, GRPOHParams, RLFrozen = need("rlhf_jax.rl", "GRPOConfig", "GRPOHParams", "RLFrozen")
     cfg = GRPOConfig(batch_size=prompts, group_size=group_size, max_new_tokens=response_length, epochs=epochs,
                      minibatches=minibatches, stop_token_ids=(), pad_token_id=shape["pad_token_id"],
                      hparams=GRPOHParams(temperature=1.0, kl_coef=0.04))
-    policy, policy_params = build(shape, dtype=dtype, seed=0, attention_impl=attention_impl)
-    reward, reward_params = build(shape, head="scalar", dtype=dtype, seed=1, attention_impl=attention_impl)
-    frozen = RLFrozen(ref_params=policy_params, reward_params=reward_params, policy_model=policy,
+    policy, policy_params, ref_params, reward, reward_params = _frozen_models(
+        shape, dtype=dtype, attention_impl=attention_impl, frozen_param_dtype=frozen_param_dtype)
+    frozen = RLFrozen(ref_params=ref_params, reward_params=reward_params, policy_model=policy,
                       reward_model=reward)
     return dict(cfg=cfg, frozen=frozen, policy_model=policy, policy_params=policy_params,
                 policy_tx=_optimizer(policy_params, weight_decay=0.0), value_model=None, value_params=None,
@@ -326,6 +346,9 @@ def rl_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, 
 
     ``algo``: "ppo" (policy, reference = the policy's weights, reward model, separate value model:
     ``_ppo_setup``) or "grpo" (policy, reference, reward model; ``prompts`` x ``group_size`` responses).
+    The trained models keep float32 params; the frozen reference and reward model are stored in the
+    compute ``dtype`` (bf16 on an accelerator: the trainers' ``ref_param_dtype`` / ``reward.param_dtype``,
+    what a user sets to fit PPO's four 1B models on one GPU).
     ``iterations`` calls of the iteration with the state donated (the first compiles and is reported
     apart), then ``rollout_reps`` timed calls of ``rlhf_jax.rl.rollout`` (sampling + the policy,
     reference and value forwards; one untimed call compiles it) on the state reached.
@@ -346,20 +369,22 @@ def rl_iteration_time(shape: dict[str, Any], prompts: dict[str, np.ndarray], *, 
     n, prompt_len = prompts["prompt_ids"].shape
     if algo == "ppo":
         s = _ppo_setup(shape, n, response_length=response_length, epochs=epochs, minibatches=minibatches,
-                       dtype=dtype, attention_impl=attention_impl)
+                       dtype=dtype, attention_impl=attention_impl, frozen_param_dtype=dtype)
         train_cfg = PPOTrainConfig
     elif algo == "grpo":
         s = _grpo_setup(shape, n, group_size=group_size, response_length=response_length, epochs=epochs,
-                        minibatches=minibatches, dtype=dtype, attention_impl=attention_impl)
+                        minibatches=minibatches, dtype=dtype, attention_impl=attention_impl, frozen_param_dtype=dtype)
         train_cfg = GRPOTrainConfig
     else:
         raise ValueError(f"rl_iteration_time: algo must be 'ppo' or 'grpo', got {algo!r}")
     cfg, frozen = s["cfg"], s["frozen"]
-    # init_state copies every leaf (the state is donated); the value model's initial params are not
-    # needed after that (the policy's are: they are the frozen reference)
+    # init_state copies every leaf (the state is donated); the initial params are not needed after that
+    # unless they are the frozen reference itself (float32 compute)
     state = init_state(policy_model=s["policy_model"], policy_params=s["policy_params"], policy_tx=s["policy_tx"],
                        value_model=s["value_model"], value_params=s.pop("value_params"), value_tx=s["value_tx"],
                        cfg=cfg, rng=0)
+    if frozen.ref_params is not s["policy_params"]:
+        s["policy_params"] = None
     dev_prompts = {k: jnp.asarray(v) for k, v in prompts.items()}
     setup = RLSetup(frozen=frozen, policy_model=s["policy_model"], policy_params=s["policy_params"],
                     policy_tx=s["policy_tx"], prompts=dev_prompts, value_model=s["value_model"],

@@ -708,7 +708,8 @@ def _rl_rows(ctx: Context, name: str, algo: str, n_prompts: int, group: int, epo
     n_epochs = f"{epochs} epoch{'' if epochs == 1 else 's'}"
     what = (f"{n_prompts} prompts" + (f" x G {group}" if group > 1 else "") + f" = {rows_n} rows of "
             f"{wl.rl_prompt} + {wl.rl_response} sampled tokens, {n_epochs} x {wl.rl_minibatches} minibatches; "
-            f"{models}; {ctx.dtype} compute, float32 params, attention_impl={ctx.attention_impl}")
+            f"{models}; {ctx.dtype} compute, float32 params for the trained models, reference and reward model "
+            f"stored in {ctx.dtype}, attention_impl={ctx.attention_impl}")
     sec = res["median_s"] if res else None
     share = res["rollout_share"] if res else None
     mfu = res["flops"] / res["median_s"] / ctx.peak_flops if res else None
