@@ -46,6 +46,7 @@
 set -u
 OUT=${OUT:-/tmp/rlhf_jax_gpu}
 mkdir -p "$OUT"
+rm -f "$OUT/latest.md" "$OUT/latest.json"  # a table at the end is this run's or none
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/rlhf_jax_gpu_jit_cache}
