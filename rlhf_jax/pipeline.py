@@ -426,7 +426,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", default=None, help="Hugging Face model directory to start SFT from")
     parser.add_argument("--lora-rank", type=int, default=None,
                         help="train the PPO policy (and critic) as LoRA adapters of this rank on the SFT model "
-                             "(= ppo.policy.lora_rank; default 0: full fine-tune)")
+                             "(= ppo.policy.lora_rank; default 0: full fine-tune), with the task model's tied "
+                             "embedding (its LM head) trained as a copy unless ppo.policy.lora_modules_to_save is "
+                             "given (= ppo.policy.lora_modules_to_save=[\"embed_tokens\"]; [] for adapters only)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it holds an earlier pipeline run")
     parser.add_argument("--print-config", action="store_true",
@@ -450,6 +452,11 @@ def config_from_args(args) -> PipelineConfig:
         cfg = dataclasses.replace(cfg, overwrite=True)
     if getattr(args, "lora_rank", None) is not None:
         cfg = apply_overrides(cfg, [f"ppo.policy.lora_rank={args.lora_rank}"])
+        given = any(o.split("=", 1)[0].strip() == "ppo.policy.lora_modules_to_save" for o in args.overrides or [])
+        if args.lora_rank and not given and not cfg.init_from:
+            # the task models tie a small embedding that is also the LM head; adapters on the projections
+            # alone cannot move it, and PPO then drifts (stops emitting EOS): README, "LoRA"
+            cfg = apply_overrides(cfg, ['ppo.policy.lora_modules_to_save=["embed_tokens"]'])
     return cfg.validate()
 
 

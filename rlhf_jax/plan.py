@@ -328,7 +328,9 @@ def advice(cfg, trainer: str, report: dict) -> list[str]:
             tips.append(f"store the weights in bf16: {key}.param_dtype=bfloat16")
         if not sec.uses_lora:
             tips.append(f"train LoRA adapters on a frozen base: {key}.lora_rank=16")
-        if key == "policy" and not sec.logits_chunk:
+        if not sec.logits_chunk and trainer in ("sft", "dpo"):
+            tips.append(f"compute the loss's logits in chunks: {key}.logits_chunk=512")
+        elif key == "policy" and not sec.logits_chunk and trainer != "reward":
             tips.append("compute the policy's log-probs in chunks: policy.logits_chunk=<divisor of max_new_tokens>")
     if getattr(cfg.optim, "state_dtype", "float32") == "float32":
         tips.append("keep Adam's moments in bf16: optim.state_dtype=bfloat16")

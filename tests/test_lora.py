@@ -127,6 +127,70 @@ def test_peft_round_trip_logits(tmp_path, family):
     np.testing.assert_allclose(ours2[m], hf_logits(pm2, ids, mask)[m], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_modules_to_save_train_a_copy_and_round_trip_through_peft(tmp_path, tied):
+    """lora_modules_to_save: the embedding (and an untied LM head) train as copies in the adapter tree; the base
+    keeps the originals (adapters off = the starting model); PEFT's modules_to_save files both ways."""
+    import peft
+
+    base_dir = make_hf_model("llama", tmp_path / "base", tie_word_embeddings=tied)
+    model, params = models.from_pretrained(base_dir)
+    mods = ("embed_tokens",) if tied else ("embed_tokens", "lm_head")
+    cfg = lora.LoraConfig(rank=2, alpha=4.0, modules_to_save=mods)
+    ad = lora.init_adapters(params, cfg, jax.random.PRNGKey(5))
+    assert set(ad["modules"]) == ({"model"} if tied else {"model", "lm_head"})
+    assert lora.missing_modules(params, lora.LoraConfig(modules_to_save=("lm_head",))) == (["lm_head"] if tied else [])
+    ids, mask = left_padded_batch(np.random.default_rng(1), [7, 5], 8, 128)
+    lm = lora.wrap(model, cfg)
+    base_logits = np.asarray(model.apply(params, ids, attention_mask=mask))
+    np.testing.assert_allclose(np.asarray(lm.apply({"params": params["params"], "lora": ad}, ids, attention_mask=mask)),
+                               base_logits, atol=1e-6)  # fresh copies + zero B: the base model
+
+    # the copies get gradients and optimiser state; the base originals get neither
+    var = {"params": params["params"], "lora": ad}
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), var, total_steps=2)
+    st = TrainState.create(apply_fn=lm.apply, params=var, tx=tx)
+    g = jax.grad(lambda v: jnp.sum(lm.apply(v, ids, attention_mask=mask)[:, -1, :5]))(var)
+    assert float(jnp.abs(g["lora"]["modules"]["model"]["embed"]["embedding"]).max()) > 0
+    assert float(jnp.abs(g["params"]["model"]["embed"]["embedding"]).max()) == 0
+    st2 = st.apply_gradients(grads=g)
+    np.testing.assert_array_equal(st2.params["params"]["model"]["embed"]["embedding"],
+                                  params["params"]["model"]["embed"]["embedding"])
+    trained = _random_b(st2.params["lora"], jax.random.PRNGKey(6))
+    trained["modules"] = jax.tree_util.tree_map(lambda x: x + 0.05, st2.params["lora"]["modules"])
+    ours = np.asarray(lm.apply({"params": params["params"], "lora": trained}, ids, attention_mask=mask))
+    m = mask.astype(bool)
+    assert np.abs(ours - base_logits)[m].max() > 1e-3
+
+    out = lora.save_peft_adapter(tmp_path / "adapter", model.config, cfg, trained)
+    meta = json.loads(open(os.path.join(out, "adapter_config.json")).read())
+    assert sorted(meta["modules_to_save"]) == sorted(mods) and meta["ensure_weight_tying"] == tied
+    pm = peft.PeftModel.from_pretrained(load_hf_model(base_dir), out)
+    pm.eval()
+    np.testing.assert_allclose(ours[m], hf_logits(pm, ids, mask)[m], atol=1e-4, rtol=0)
+    lcfg, back = lora.load_peft_adapter(out, model.config)
+    assert lcfg.modules_to_save == mods
+    again = np.asarray(lora.wrap(model, lcfg).apply({"params": params["params"], "lora": back}, ids, attention_mask=mask))
+    np.testing.assert_allclose(again, ours, atol=1e-5)
+
+    # a PEFT-made adapter with modules_to_save loads too
+    pcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=list(mods),
+                           ensure_weight_tying=tied, init_lora_weights=False)
+    pm2 = peft.get_peft_model(load_hf_model(base_dir), pcfg)
+    import torch
+    with torch.no_grad():
+        pm2.base_model.model.model.embed_tokens.modules_to_save["default"].weight.mul_(1.1)
+    pm2.eval()
+    pm2.save_pretrained(tmp_path / "peft_made")
+    lcfg2, ad2 = lora.load_peft_adapter(tmp_path / "peft_made", model.config)
+    assert set(lcfg2.modules_to_save) == set(mods)
+    ours2 = np.asarray(lora.wrap(model, lcfg2).apply({"params": params["params"], "lora": ad2}, ids,
+                                                     attention_mask=mask))
+    np.testing.assert_allclose(ours2[m], hf_logits(pm2, ids, mask)[m], atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="lora_modules_to_save"):
+        lora.LoraConfig(modules_to_save=("norm",))
+
+
 def test_peft_errors_name_the_file(tmp_path):
     cfg = models.tiny_config()
     with pytest.raises(models.CheckpointError, match="adapter_config.json"):

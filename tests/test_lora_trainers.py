@@ -136,6 +136,24 @@ def test_ppo_lora_critic_has_its_own_adapters(tmp_path):
                          ).max()) > 0
 
 
+def test_ppo_lora_policy_with_a_fully_trained_critic(tmp_path):
+    # value_lora=full: the policy trains adapters, the critic all its weights (a plain tree, every leaf moves)
+    cfg = apply_overrides(load_config_file(ROOT / "experiments" / "ppo_lora_sort_tiny.py"), [
+        f"out_dir={tmp_path}", "iterations=2", "log.every=1", "value_lora=full"])
+    built = rl_trainer._build(cfg)
+    assert isinstance(built.setup.policy_model, lora.LoraModel)
+    assert not isinstance(built.setup.value_model, lora.LoraModel) and not lora.is_lora_params(built.setup.value_params)
+    res = rl_trainer.train_ppo(cfg)
+    _assert_frozen_base(res.state.policy.params, built.setup.policy_params, res.state.policy.opt_state)
+    v = res.state.value
+    q = v.params["params"]["model"]["layers_0"]["attn"]["q_proj"]["kernel"]
+    q0 = built.setup.value_params["params"]["model"]["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert float(jnp.abs(q - q0).max()) > 0
+    assert _array_sizes(v.opt_state) >= 2 * _array_sizes(v.params)
+    with pytest.raises(ConfigError, match="value_lora"):
+        rl_trainer._build(apply_overrides(cfg, ["value_lora=some"]))
+
+
 def test_lora_config_errors_name_the_key(tmp_path):
     cfg = load_config_file(ROOT / "experiments" / "grpo_lora_sort_tiny.py")
     for override, key in ((["policy.lora_dropout=0.1"], "policy.lora_dropout"),

@@ -142,3 +142,110 @@ def test_per_model_param_dtypes_reach_the_models(tmp_path):
         rl_trainer.validate_rl_config(apply_overrides(cfg, ["policy.logits_chunk=3"]))
     with pytest.raises(ConfigError, match="ref_param_dtype"):
         rl_trainer.validate_rl_config(apply_overrides(cfg, ["ref_param_dtype=int8"]))
+
+
+# ------------------------------------------------------------------ the loss's logits in chunks: SFT and DPO
+
+def _sft_batch(b=3, t=11, vocab=None, seed=4):
+    vocab = vocab or models.tiny_config().vocab_size
+    r = np.random.default_rng(seed)
+    ids = jnp.asarray(r.integers(3, vocab, (b, t)), jnp.int32)
+    attn = jnp.ones((b, t), jnp.int32).at[2, 8:].set(0)
+    loss_mask = attn.at[:, :3].set(0).at[0, -1].set(0)
+    return {"input_ids": ids, "targets": jnp.roll(ids, -1, axis=1), "loss_mask": loss_mask, "attention_mask": attn}
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 11, 32])  # 4 and 32 do not divide T = 11: the tail is padded
+@pytest.mark.parametrize("reduction", ["token", "sequence", "sum"])
+def test_sft_loss_chunked_equals_sft_loss_values_metrics_and_gradients(chunk, reduction):
+    from rlhf_jax.losses import sft_loss, sft_loss_chunked
+
+    r = np.random.default_rng(5)
+    hidden = jnp.asarray(r.normal(size=(3, 11, 16)), jnp.float32)
+    w = jnp.asarray(r.normal(size=(16, 50)) * 0.3, jnp.float32)
+    targets = jnp.asarray(r.integers(0, 50, (3, 11)), jnp.int32)
+    mask = jnp.asarray(r.integers(0, 2, (3, 11)), jnp.float32).at[:, 0].set(1.0)
+
+    def whole(h, w):
+        return sft_loss(h @ w, targets, mask, reduction=reduction)
+
+    def parts(h, w):
+        return sft_loss_chunked(lambda x: x @ w, h, targets, mask, chunk=chunk, reduction=reduction)
+
+    (l0, m0), g0 = jax.value_and_grad(whole, argnums=(0, 1), has_aux=True)(hidden, w)
+    (l1, m1), g1 = jax.value_and_grad(parts, argnums=(0, 1), has_aux=True)(hidden, w)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for k in m0:
+        np.testing.assert_allclose(m1[k], m0[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_token_logprobs_refuses_a_bad_chunk_and_shapes():
+    from rlhf_jax.losses import chunked_token_logprobs
+
+    h, t, m = jnp.zeros((2, 4, 3)), jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4))
+    with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+        chunked_token_logprobs(lambda x: x, h, t, m, chunk=0)
+    with pytest.raises(ValueError, match="targets"):
+        chunked_token_logprobs(lambda x: x, h, t[:, :3], m, chunk=2)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_sft_step_with_logits_chunk_matches_the_whole_logits(use_lora):
+    from rlhf_jax.training.sft import SFTStepConfig, sft_step, sft_sums
+
+    cfg = models.tiny_config()
+    params = models.init_params(models.CausalLM(cfg), jax.random.PRNGKey(6))
+    model = models.CausalLM(cfg)
+    if use_lora:
+        lcfg = lora.LoraConfig(rank=2)
+        ad = jax.tree_util.tree_map(lambda x: x + 0.01, lora.init_adapters(params, lcfg, jax.random.PRNGKey(7)))
+        model, params = lora.wrap(model, lcfg), {"params": params["params"], "lora": ad}
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), params, total_steps=4)
+    batch = _sft_batch()
+    mets, grads = [], []
+    for chunk in (0, 4):
+        st = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        _, met = jax.jit(sft_step, static_argnames="cfg")(st, batch, cfg=SFTStepConfig(logits_chunk=chunk))
+        mets.append(met)
+        num = lambda p: sft_sums(p, batch, None, apply_fn=model.apply, logits_chunk=chunk)[0]  # noqa: E731
+        grads.append(jax.grad(num)(params))
+    for k in ("loss", "nll", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(mets[1][k], mets[0][k], rtol=1e-5, err_msg=k)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads[1], grads[0])
+
+
+def test_sft_step_logits_chunk_lowers_the_compiled_temporaries():
+    from rlhf_jax.training.sft import SFTStepConfig, sft_step
+
+    cfg = models.tiny_config().replace(vocab_size=8192)
+    model = models.CausalLM(cfg)
+    params = models.init_params(model, jax.random.PRNGKey(8))
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3), params, total_steps=4)
+    st = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    batch = _sft_batch(b=4, t=64, vocab=8192)
+    temp = {}
+    for chunk in (0, 16):
+        c = jax.jit(sft_step, static_argnames="cfg").lower(st, batch, cfg=SFTStepConfig(logits_chunk=chunk)).compile()
+        temp[chunk] = c.memory_analysis().temp_size_in_bytes
+    logits_bytes = 4 * 64 * 8192 * 4
+    assert temp[16] < temp[0] - logits_bytes, temp  # at least one whole [B, T, V] f32 buffer saved
+
+
+def test_dpo_completion_logps_with_logits_chunk_match():
+    from rlhf_jax.rl.dpo import completion_logps
+
+    cfg = models.tiny_config()
+    params = models.init_params(models.CausalLM(cfg), jax.random.PRNGKey(9))
+    b = _sft_batch(seed=10)
+    ids, mask, lmask = b["input_ids"], b["attention_mask"], b["loss_mask"]
+
+    def f(c):
+        return lambda p: completion_logps(models.CausalLM(c), p, ids, mask, lmask)[0]
+
+    l0, g0 = jax.value_and_grad(lambda p: jnp.sum(f(cfg)(p)))(params)
+    l1, g1 = jax.value_and_grad(lambda p: jnp.sum(f(cfg.replace(logits_chunk=3))(p)))(params)
+    np.testing.assert_allclose(f(cfg.replace(logits_chunk=3))(params), f(cfg)(params), rtol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)

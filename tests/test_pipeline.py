@@ -161,6 +161,10 @@ def test_config_overrides_and_cli_flags(tmp_path):
     assert sft.out_dir.endswith("x/sft") and rm.out_dir.endswith("x/reward") and ppo.out_dir.endswith("x/ppo")
     assert rm.model.path == "/s" and ppo.policy.path == "/s" and ppo.reward.path == "/r"
     assert ppo.reward.kind == "model" and ppo.ppo.max_new_tokens == get_task("sort").response_length
+    lo = P.config_from_args(parser.parse_args(["--lora-rank", "8"]))
+    assert lo.ppo.policy.lora_rank == 8 and lo.ppo.policy.lora_modules_to_save == ("embed_tokens",)
+    lo = P.config_from_args(parser.parse_args(["--lora-rank", "8", "ppo.policy.lora_modules_to_save=[]"]))
+    assert lo.ppo.policy.lora_modules_to_save == () and P.config_from_args(parser.parse_args([])).ppo.policy.lora_rank == 0
     with pytest.raises(ConfigError, match="sft.nope"):
         P.config_from_args(parser.parse_args(["sft.nope=1"]))
     with pytest.raises(ConfigError, match="unknown task"):

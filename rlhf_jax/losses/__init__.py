@@ -16,7 +16,7 @@ from rlhf_jax.losses.policy import cispo_policy_loss, gspo_policy_loss
 from rlhf_jax.losses.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses.preference import kto_loss, orpo_loss, simpo_loss
 from rlhf_jax.losses.reward import bradley_terry_loss, ranking_loss
-from rlhf_jax.losses.sft import sequence_logprobs, sft_loss
+from rlhf_jax.losses.sft import chunked_token_logprobs, sequence_logprobs, sft_loss, sft_loss_chunked
 
 __all__ = [
     "AGGREGATIONS",
@@ -24,6 +24,7 @@ __all__ = [
     "AdaptiveKLController",
     "apply_missing_eos_penalty",
     "bradley_terry_loss",
+    "chunked_token_logprobs",
     "cispo_policy_loss",
     "dpo_loss",
     "entropy_from_logits",
@@ -50,6 +51,7 @@ __all__ = [
     "rloo_advantages",
     "sequence_logprobs",
     "sft_loss",
+    "sft_loss_chunked",
     "simpo_loss",
     "update",
     "update_kl_controller",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -95,9 +95,13 @@ def sft_loss(logits: Array, targets: Array, mask: Array, *, reduction: str = "to
     check_choice(fn, "reduction", reduction, ("token", "sequence", "sum"))
     logits, targets, m = _check_logits_targets(fn, logits, targets, mask, "targets")
     nll = -_masked_token_logprobs(logits, targets, m)
+    correct = (jnp.argmax(jnp.where(m[..., None] > 0, logits, 0.0), axis=-1) == targets).astype(jnp.float32)
+    return _sft_from_nll(nll, correct, m, reduction, normalizer)
+
+
+def _sft_from_nll(nll: Array, correct: Array, m: Array, reduction: str, normalizer) -> Tuple[Array, Dict[str, Array]]:
     loss, num, den = reduce_loss(nll, m, reduction, normalizer=normalizer)
     n_tok = jnp.sum(m)
-    correct = (jnp.argmax(jnp.where(m[..., None] > 0, logits, 0.0), axis=-1) == targets).astype(jnp.float32)
     metrics = {
         "loss": loss,
         "nll": jnp.sum(jnp.where(m > 0, nll * m, 0.0)) / jnp.maximum(n_tok, 1.0),
@@ -107,3 +111,57 @@ def sft_loss(logits: Array, targets: Array, mask: Array, *, reduction: str = "to
         "loss_denominator": den,
     }
     return loss, metrics
+
+
+def chunked_token_logprobs(head: Callable[[Array], Array], hidden: Array, targets: Array, mask: Array, *,
+                           chunk: int, temperature: Any = 1.0) -> Tuple[Array, Array]:
+    """``(logp, correct)``, both ``[B, T]`` float32, of ``logits = head(hidden)`` computed ``chunk`` positions
+    at a time, so the ``[B, T, V]`` logits are never materialised whole (vocabulary 128k makes them the
+    largest buffer of a language-model step).
+
+    ``head``: ``[B, c, D] -> [B, c, V]`` (a model's ``logits_from_hidden``). ``logp[b, t] = log
+    softmax(head(hidden)[b, t] / τ)[targets[b, t]]`` and ``correct[b, t] = argmax == targets`` on masked
+    positions, 0 elsewhere: the same numbers as :func:`sequence_logprobs` on the whole logits (tested).
+    Each chunk's logits live inside one rematerialised ``lax.map`` step (the backward pass recomputes
+    them from the chunk's hidden states); ``T`` need not divide by ``chunk`` (the tail is padded and
+    masked). Shapes: ``hidden [B, T, D]``, ``targets [B, T]`` int, ``mask [B, T]``.
+    """
+    fn = "chunked_token_logprobs"
+    check_ndim(fn, "hidden", hidden, 3, "[B, T, D]")
+    targets = check_int(fn, "targets", targets)
+    check_shape(fn, "targets", targets, hidden.shape[:2], "`hidden` without its feature axis")
+    m = check_mask(fn, "mask", mask, hidden.shape[:2], "`hidden` without its feature axis")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"{fn}: chunk must be an int >= 1, got {chunk!r}")
+    b, t = targets.shape
+    k = -(-t // chunk)
+    pad = k * chunk - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        m = jnp.pad(m, ((0, 0), (0, pad)))
+    tau = as_float(temperature)
+
+    @jax.checkpoint
+    def one(xs):
+        h_c, t_c, m_c = xs
+        logits = head(h_c).astype(jnp.float32) / tau
+        logp = _masked_token_logprobs(logits, t_c, m_c)
+        correct = jnp.argmax(jnp.where(m_c[..., None] > 0, logits, 0.0), axis=-1) == t_c
+        return jnp.where(m_c > 0, logp, 0.0), jnp.where(m_c > 0, correct, False).astype(jnp.float32)
+
+    split = lambda x: jnp.swapaxes(x.reshape((b, k, chunk) + x.shape[2:]), 0, 1)  # noqa: E731  [k, B, c, ...]
+    logp, correct = jax.lax.map(one, (split(hidden), split(targets), split(m)))
+    back = lambda x: jnp.swapaxes(x, 0, 1).reshape(b, k * chunk)[:, :t]  # noqa: E731
+    return back(logp), back(correct)
+
+
+def sft_loss_chunked(head: Callable[[Array], Array], hidden: Array, targets: Array, mask: Array, *, chunk: int,
+                     reduction: str = "token", normalizer: Optional[Any] = None) -> Tuple[Array, Dict[str, Array]]:
+    """:func:`sft_loss` of ``logits = head(hidden)`` without the whole ``[B, T, V]`` logits: the token
+    log-probabilities come from :func:`chunked_token_logprobs` (``chunk`` positions at a time). Same
+    loss, metrics and gradients as ``sft_loss(head(hidden), ...)`` (tested in f32)."""
+    check_choice("sft_loss_chunked", "reduction", reduction, ("token", "sequence", "sum"))
+    logp, correct = chunked_token_logprobs(head, hidden, targets, mask, chunk=chunk)
+    m = as_float(mask)
+    return _sft_from_nll(-logp, correct, m, reduction, normalizer)

@@ -18,6 +18,11 @@ state. ``b`` starts at zero (PEFT's init): a fresh adapter does not change the m
 Targets are regexes searched in the '/'-joined kernel path below ``params`` (for example
 ``model/layers_3/attn/q_proj/kernel``); only leaves named ``kernel`` under ``model/`` can be targeted.
 
+``modules_to_save`` (PEFT's name; config key ``lora_modules_to_save``): ``embed_tokens`` (the input embedding,
+which is also the LM head of a tied model) and/or ``lm_head`` are trained in full as a COPY held in the
+adapter tree (``lora/modules/...``) that replaces the frozen original in ``merge``; the base keeps the
+original, so the reference (adapters off) is still the starting model.
+
 PEFT interop (llama, mistral, qwen2, qwen3): ``save_peft_adapter`` writes ``adapter_config.json`` +
 ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(base, dir)`` loads, and
 ``load_peft_adapter`` reads such a directory back into an adapter tree. LoRA dropout is not
@@ -46,6 +51,8 @@ ATTN_TARGETS = (r"attn/(q|k|v|o)_proj/kernel$",)
 MLP_TARGETS = (r"mlp/(gate|up|down)_proj/kernel$",)
 DEFAULT_TARGETS = ATTN_TARGETS + MLP_TARGETS
 HEAD_KEYS = ("score", "value_head")  # scalar heads: trained with the adapters, never frozen
+# PEFT's modules_to_save names -> the full weight's path below params (trained as a copy under lora/modules)
+SAVE_MODULES = {"embed_tokens": ("model", "embed", "embedding"), "lm_head": ("lm_head", "kernel")}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -57,6 +64,7 @@ class LoraConfig:
     alpha: float = 16.0  # scale numerator: s = alpha / r (rsLoRA: alpha / sqrt(r))
     targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths below params
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    modules_to_save: tuple[str, ...] = ()  # base modules trained in full as a copy: embed_tokens, lm_head (PEFT's)
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -64,6 +72,11 @@ class LoraConfig:
         if not self.alpha > 0:
             raise ConfigError(f"config key 'lora_alpha': must be > 0, got {self.alpha!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+        bad = [m for m in self.modules_to_save if m not in SAVE_MODULES]
+        if bad:
+            raise ConfigError(f"config key 'lora_modules_to_save': {bad} unknown; choose from {sorted(SAVE_MODULES)} "
+                              f"(the input embedding / tied LM head, and an untied LM head)")
         if not self.targets:
             raise ConfigError("config key 'lora_targets': empty; give at least one regex over kernel paths")
         for t in self.targets:
@@ -136,12 +149,30 @@ def init_adapters(params: dict, cfg: LoraConfig, rng: Array, dtype=jnp.float32) 
         bound = 1.0 / math.sqrt(n_in)
         a = jax.random.uniform(jax.random.fold_in(rng, i), (n_in, cfg.rank), dtype, -bound, bound)
         _set(out, p[:-1], {"a": a, "b": jnp.zeros((cfg.rank, n_out), dtype)})
+    for name in cfg.modules_to_save:  # a trainable copy; the base keeps the original (the reference's)
+        p = SAVE_MODULES[name]
+        if _has(inner, p):
+            _set(out, ("modules",) + p, jnp.array(_get(inner, p), dtype))
     return out
+
+
+def _has(tree: dict, path: tuple) -> bool:
+    for k in path:
+        if not hasattr(tree, "keys") or k not in tree:
+            return False
+        tree = tree[k]
+    return True
+
+
+def missing_modules(params: dict, cfg: LoraConfig) -> list[str]:
+    """The ``modules_to_save`` this model does not have (a tied model has no ``lm_head``)."""
+    inner = params["params"] if "params" in params else params
+    return [m for m in cfg.modules_to_save if not _has(inner, SAVE_MODULES[m])]
 
 
 def adapter_paths(adapters: dict) -> list[tuple]:
     """The kernel paths an adapter tree modifies (``.../q_proj/kernel``)."""
-    return sorted({p[:-1] + ("kernel",) for p in _flat(adapters) if p[-1] in ("a", "b")})
+    return sorted({p[:-1] + ("kernel",) for p in _flat(adapters) if p[-1] in ("a", "b") and p[0] != "modules"})
 
 
 def merge(params: dict, adapters: dict, cfg: LoraConfig, *, dtype=None, freeze_base: bool = True) -> dict:
@@ -158,6 +189,8 @@ def merge(params: dict, adapters: dict, cfg: LoraConfig, *, dtype=None, freeze_b
         delta = (ad["a"] @ ad["b"]) * jnp.asarray(cfg.scale, ad["a"].dtype)
         odt = w.dtype if dtype is None else dtype
         _set(out, p, (w.astype(jnp.promote_types(odt, delta.dtype)) + delta.reshape(w.shape)).astype(odt))
+    for p, w in _flat(adapters.get("modules", {})).items():  # trained copies replace the frozen originals
+        _set(out, p, w.astype(_get(inner, p).dtype))
     return {"params": out}
 
 
@@ -269,12 +302,26 @@ def save_peft_adapter(path, config: ModelConfig, cfg: LoraConfig, adapters: dict
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ad["a"], np.float32).T)
         tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(ad["b"], np.float32).T)
         names.append(name)
+    saved = []
+    for name in cfg.modules_to_save:  # PEFT's modules_to_save: the full trained weight, HF layout [out, in]
+        p = SAVE_MODULES[name]
+        if not _has(adapters.get("modules", {}), p):
+            continue
+        w = np.asarray(jax.device_get(_get(adapters["modules"], p)), np.float32)
+        if name == "embed_tokens":
+            tensors["base_model.model.model.embed_tokens.weight"] = np.ascontiguousarray(w)
+            if config.tie_word_embeddings:  # PEFT ties lm_head to the trained copy (ensure_weight_tying)
+                tensors["base_model.model.lm_head.weight"] = np.ascontiguousarray(w)
+        else:
+            tensors["base_model.model.lm_head.weight"] = np.ascontiguousarray(w.T)
+        saved.append(name)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     meta = {"peft_type": "LORA", "task_type": task_type, "r": cfg.rank, "lora_alpha": cfg.alpha,
             "lora_dropout": 0.0, "use_rslora": bool(cfg.rslora), "target_modules": sorted(names),
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path,
+            "modules_to_save": saved or None, "base_model_name_or_path": base_model_name_or_path,
+            "ensure_weight_tying": bool(config.tie_word_embeddings and "embed_tokens" in saved),
             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True)
@@ -307,12 +354,33 @@ def load_peft_adapter(path, config: ModelConfig, *, dtype=jnp.float32) -> tuple[
     if meta.get("use_dora"):
         raise CheckpointError(f"{cfg_file}: DoRA adapters are not supported")
     r, alpha = int(meta.get("r", 8)), float(meta.get("lora_alpha", 8))
+    save = []
+    for m in meta.get("modules_to_save") or ():
+        m = m.split(".")[-1]  # PEFT also lists "model.embed_tokens"
+        if m not in SAVE_MODULES:
+            raise CheckpointError(f"{cfg_file}: modules_to_save {m!r} is not supported (only {sorted(SAVE_MODULES)})")
+        if m not in save:
+            save.append(m)
     by_name = {name: (p, shape) for p, (name, shape) in _peft_modules(config).items()}
+    full_keys = {"base_model.model.model.embed_tokens.weight": "embed_tokens",
+                 "base_model.model.lm_head.weight": "lm_head"}
     adapters: dict = {}
     found = []
     with safe_open(w_file, framework="np") as fh:
         keys = list(fh.keys())
         for key in keys:
+            if key in full_keys and save:
+                name = full_keys[key]
+                if name == "lm_head" and config.tie_word_embeddings:
+                    continue  # the tied head is the trained embedding copy itself
+                if name not in save:
+                    raise CheckpointError(f"{w_file}: tensor {key!r} but {name!r} is not in modules_to_save of {cfg_file}")
+                x = np.asarray(fh.get_tensor(key), np.float32)
+                want = (config.vocab_size, config.hidden_size)
+                if tuple(x.shape) != want:
+                    raise CheckpointError(f"{w_file}: {key!r} has shape {list(x.shape)}, expected {list(want)}")
+                _set(adapters, ("modules",) + SAVE_MODULES[name], jnp.asarray(x if name == "embed_tokens" else x.T, dtype))
+                continue
             if not key.endswith((".lora_A.weight", ".lora_B.weight")):
                 raise CheckpointError(f"{w_file}: unexpected tensor {key!r} (only lora_A/lora_B weights load)")
             mod = key[: -len(".lora_A.weight")]
@@ -336,6 +404,13 @@ def load_peft_adapter(path, config: ModelConfig, *, dtype=jnp.float32) -> tuple[
             raise CheckpointError(f"{w_file}: module of {'/'.join(p)} has only one of lora_A / lora_B")
     if not found:
         raise CheckpointError(f"{w_file}: no lora_A / lora_B tensors")
+    for m in save:
+        if m == "lm_head" and config.tie_word_embeddings:
+            raise CheckpointError(f"{cfg_file}: modules_to_save 'lm_head' but the model ties its LM head to the "
+                                  f"embedding (list 'embed_tokens')")
+        if not _has(adapters.get("modules", {}), SAVE_MODULES[m]):
+            raise CheckpointError(f"{w_file}: modules_to_save {m!r} listed in {cfg_file} but its weight is missing")
     targets = tuple("^" + re.escape("/".join(p)) + "$" for p in sorted(set(found)))
-    return LoraConfig(rank=r, alpha=alpha, targets=targets, rslora=bool(meta.get("use_rslora", False))), adapters
+    return LoraConfig(rank=r, alpha=alpha, targets=targets, rslora=bool(meta.get("use_rslora", False)),
+                      modules_to_save=tuple(save)), adapters
 

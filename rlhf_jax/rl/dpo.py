@@ -145,12 +145,24 @@ def check_preference_batch(batch: dict, where: str = "dpo") -> None:
 
 
 def completion_logps(model, params, ids: Array, mask: Array, loss_mask: Array) -> tuple[Array, Array]:
-    """``(Σ_t logπ(y_t | y_<t, x) [B], completion length [B])`` of right-padded sequences."""
-    logits = model.apply(params, ids.astype(jnp.int32), attention_mask=mask.astype(jnp.int32))
-    if isinstance(logits, tuple):
-        logits = logits[0]
+    """``(Σ_t logπ(y_t | y_<t, x) [B], completion length [B])`` of right-padded sequences.
+
+    With ``model.config.logits_chunk > 0`` the LM head runs that many positions at a time
+    (``losses.chunked_token_logprobs``): the same numbers without a whole ``[B, L, V]`` buffer."""
     tgt_mask = loss_mask[:, 1:]
-    logp = losses.sequence_logprobs(logits[:, :-1].astype(jnp.float32), ids[:, 1:].astype(jnp.int32), tgt_mask)
+    targets = ids[:, 1:].astype(jnp.int32)
+    chunk = int(getattr(model.config, "logits_chunk", 0) or 0)
+    cls = type(model)
+    if chunk and hasattr(cls, "hidden_states") and hasattr(cls, "logits_from_hidden"):
+        hidden = model.apply(params, ids.astype(jnp.int32), attention_mask=mask.astype(jnp.int32),
+                             method=cls.hidden_states)
+        head = lambda h: model.apply(params, h, method=cls.logits_from_hidden)  # noqa: E731
+        logp, _ = losses.chunked_token_logprobs(head, hidden[:, :-1], targets, tgt_mask, chunk=chunk)
+    else:
+        logits = model.apply(params, ids.astype(jnp.int32), attention_mask=mask.astype(jnp.int32))
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        logp = losses.sequence_logprobs(logits[:, :-1].astype(jnp.float32), targets, tgt_mask)
     return jnp.sum(logp, axis=1), jnp.sum(tgt_mask.astype(jnp.float32), axis=1)
 
 

@@ -110,11 +110,13 @@ class RLRunConfig(RunConfig):
 class PPOTrainConfig(RLRunConfig):
     """A PPO run. ``value_init``: the value model's trunk comes from the policy ("policy") or the reward
     model ("reward"), with a fresh head (``ppo.value_model="shared"`` instead puts a value head on the
-    policy's trunk)."""
+    policy's trunk). ``value_lora``: with a LoRA policy, the separate value model trains its own adapters of
+    the policy's LoRA settings on a frozen trunk ("adapters") or all its weights ("full")."""
     data: DataConfig = DataConfig(batch_size=16, max_length=64)
     out_dir: str = "runs/ppo"
     value_init: Literal["policy", "reward"] = "policy"
     value_param_dtype: str = ""  # storage dtype of the separate value model's weights ("" = policy.param_dtype)
+    value_lora: Literal["adapters", "full"] = "adapters"  # LoRA policy: the critic's own adapters, or full fine-tune
     ppo: PPOConfig = PPOConfig()
 
     section: ClassVar[str] = "ppo"
@@ -215,6 +217,8 @@ def validate_rl_config(cfg: RLRunConfig, *, devices_per_run: int | None = None) 
     if chunk and algo.max_new_tokens % chunk:
         raise ConfigError(f"config key 'policy.logits_chunk': {chunk} does not divide "
                           f"{cfg.section}.max_new_tokens={algo.max_new_tokens}")
+    if isinstance(cfg, PPOTrainConfig) and cfg.value_lora not in ("adapters", "full"):
+        raise ConfigError(f"config key 'value_lora': expected adapters|full, got {cfg.value_lora!r}")
     if isinstance(cfg, PPOTrainConfig) and cfg.value_init == "reward" and cfg.reward.kind != "model":
         raise ConfigError("config key 'value_init': 'reward' needs reward.kind='model' (a reward model trunk)")
 
@@ -365,7 +369,8 @@ def _build(cfg: RLRunConfig, *, devices_per_run: int | None = None) -> _Built:
                                              jax.random.fold_in(rng, 3))
     if value_params is not None and getattr(cfg, "value_param_dtype", ""):
         value_params = _cast(value_params, cfg.value_param_dtype)
-    if value_model is not None and isinstance(policy_model, lora.LoraModel):  # the critic gets its own adapters
+    if (value_model is not None and isinstance(policy_model, lora.LoraModel)
+            and getattr(cfg, "value_lora", "adapters") == "adapters"):  # the critic gets its own adapters
         value_model = lora.wrap(value_model, policy_model.lora)
         value_params = {"params": value_params["params"],
                         "lora": lora.init_adapters(value_params, policy_model.lora, jax.random.fold_in(rng, 4))}

@@ -147,6 +147,10 @@ def add_lora(section: ModelSection, model, params, rng: jax.Array, *, prefix: st
                               f"r={cfg.rank} in {section.lora_path!r} (set 0 to take the adapter's)")
     else:
         cfg = section.lora_config()
+        missing = lora.missing_modules(params, cfg)
+        if missing:
+            raise ConfigError(f"config key {prefix + 'lora_modules_to_save'!r}: the model has no {missing} "
+                              f"(a model with tied embeddings trains its LM head through 'embed_tokens')")
         try:
             adapters = lora.init_adapters(params, cfg, rng)
         except ConfigError as e:

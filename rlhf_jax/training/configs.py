@@ -38,7 +38,7 @@ class ModelSection:
     param_dtype: str = "float32"  # parameter storage dtype (float32|bfloat16|float16)
     remat: bool = False           # rematerialise each layer's activations in the backward pass (saves memory)
     remat_policy: Literal["full", "dots_saveable"] = "full"  # with remat: keep nothing (full) or the matmul outputs
-    logits_chunk: int = 0         # RL policy log-probs over the response in chunks of this many tokens (0 = whole)
+    logits_chunk: int = 0         # the loss's logits this many tokens at a time: SFT, DPO, RL policy (0 = whole)
     attention_impl: Literal["xla", "blocked", "cudnn", "auto"] = "xla"  # xla einsum|blocked tiles|cuDNN (GPU)|auto
     attention_block: int = 64     # query/key tile of the blocked attention (>= 8)
     lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
@@ -47,6 +47,7 @@ class ModelSection:
     lora_dropout: float = 0.0     # LoRA dropout: must be 0 (adapters are merged into the kernels each forward)
     lora_rslora: bool = False     # rank-stabilised LoRA scaling lora_alpha / sqrt(lora_rank)
     lora_path: str = ""           # a PEFT LoRA adapter directory to start from (its rank/alpha/targets are used)
+    lora_modules_to_save: tuple[str, ...] = ()  # also train in full (as a copy): embed_tokens (tied head too), lm_head
 
     def validate(self, prefix: str = "model.") -> None:
         if self.path and not os.path.isdir(self.path):
@@ -80,7 +81,7 @@ class ModelSection:
     def lora_config(self) -> LoraConfig:
         """The adapters' settings (``lora_rank`` > 0)."""
         return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=tuple(self.lora_targets),
-                          rslora=self.lora_rslora)
+                          rslora=self.lora_rslora, modules_to_save=tuple(self.lora_modules_to_save))
 
     def validate_lora(self, prefix: str = "model.") -> None:
         if self.lora_rank < 0:

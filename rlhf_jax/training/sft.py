@@ -19,7 +19,7 @@ import jax
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
-from rlhf_jax.losses import sft_loss
+from rlhf_jax.losses import sft_loss, sft_loss_chunked
 from rlhf_jax.training import loop, steps
 from rlhf_jax.training.common import (build_model, get_task_or_none, resolve_tokenizer_dir, run_supervised,
                                       validate_supervised)
@@ -55,17 +55,27 @@ class SFTStepConfig:
     """Static step options (hashable: part of the compiled program's identity)."""
     micro_batches: int = 1
     reduction: Literal["token", "sequence"] = "token"
+    logits_chunk: int = 0  # > 0: the loss's logits this many positions at a time (never [B, L, V] whole)
 
 
-def sft_sums(params, batch: dict, rng, *, apply_fn, reduction: str = "token"):
+def sft_sums(params, batch: dict, rng, *, apply_fn, reduction: str = "token", logits_chunk: int = 0):
     """``(loss_numerator, sums)`` of one (micro-)batch; see ``steps`` for the contract.
 
     ``batch``: ``input_ids, targets, loss_mask, attention_mask [B, L]`` and, for packed
     rows, ``positions, segment_ids [B, L]``. ``logits[b, t]`` predicts ``targets[b, t]``.
+    ``logits_chunk > 0`` (``model.logits_chunk``): the head and the loss run ``logits_chunk``
+    positions at a time (``losses.sft_loss_chunked``; same numbers, no whole ``[B, L, V]`` buffer).
     """
-    logits = apply_fn(params, batch["input_ids"], attention_mask=batch["attention_mask"],
-                      positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-    _, met = sft_loss(logits, batch["targets"], batch["loss_mask"], reduction=reduction)
+    kw = dict(attention_mask=batch["attention_mask"], positions=batch.get("positions"),
+              segment_ids=batch.get("segment_ids"))
+    if logits_chunk:
+        hidden = apply_fn(params, batch["input_ids"], method="hidden_states", **kw)
+        head = lambda h: apply_fn(params, h, method="logits_from_hidden")  # noqa: E731
+        _, met = sft_loss_chunked(head, hidden, batch["targets"], batch["loss_mask"], chunk=logits_chunk,
+                                  reduction=reduction)
+    else:
+        logits = apply_fn(params, batch["input_ids"], **kw)
+        _, met = sft_loss(logits, batch["targets"], batch["loss_mask"], reduction=reduction)
     num, den = met["loss_numerator"], met["loss_denominator"]
     ntok = met["num_tokens"]
     return num, {"loss": (num, den), "nll": (met["nll"] * ntok, ntok),
@@ -79,13 +89,22 @@ def sft_step(state: TrainState, batch: dict, *, cfg: SFTStepConfig = SFTStepConf
     ``SFTStepConfig`` or the trainer's ``SFTConfig``; it must be hashable to be static).
     Metrics: ``loss``, ``nll``, ``accuracy`` (token means), ``count`` (loss tokens),
     ``grad_norm`` (before clipping)."""
-    fn = functools.partial(sft_sums, apply_fn=state.apply_fn, reduction=cfg.reduction)
+    fn = functools.partial(sft_sums, apply_fn=state.apply_fn, reduction=cfg.reduction,
+                           logits_chunk=_logits_chunk(cfg))
     return steps.update_step(state, batch, fn, micro_batches=cfg.micro_batches, axis_name=axis_name)
 
 
-def sft_eval_sums(params, batch: dict, *, apply_fn, reduction: str = "token") -> dict:
+def _logits_chunk(cfg) -> int:
+    """``logits_chunk`` of a step config, or ``model.logits_chunk`` of the trainer's config."""
+    if hasattr(cfg, "logits_chunk"):
+        return int(cfg.logits_chunk)
+    model = getattr(cfg, "model", None)
+    return int(getattr(model, "logits_chunk", 0) or 0)
+
+
+def sft_eval_sums(params, batch: dict, *, apply_fn, reduction: str = "token", logits_chunk: int = 0) -> dict:
     """Held-out ``sums`` of one batch (add them on the host, divide once)."""
-    _, sums = sft_sums(params, batch, None, apply_fn=apply_fn, reduction=reduction)
+    _, sums = sft_sums(params, batch, None, apply_fn=apply_fn, reduction=reduction, logits_chunk=logits_chunk)
     return sums
 
 
@@ -155,12 +174,13 @@ def train_sft(cfg: SFTConfig) -> loop.TrainResult:
         (lambda split: task.sft_records(split)) if task else None,
         (lambda split: task.sft_records(split)) if task else None)
 
-    eval_jit = jax.jit(functools.partial(sft_eval_sums, apply_fn=model.apply, reduction=cfg.reduction))
+    eval_jit = jax.jit(functools.partial(sft_eval_sums, apply_fn=model.apply, reduction=cfg.reduction,
+                                         logits_chunk=cfg.model.logits_chunk))
 
     def eval_fn(st):
         return run_eval(placement, st.params, eval_iter_fn, eval_jit, SFT_BATCH_KEYS, cfg.eval_batches)
 
     return run_supervised(cfg, name="sft", model=model, mconfig=mconfig, params=params, placement=placement,
-                          step_fn=sft_step, step_cfg=SFTStepConfig(cfg.micro_batches, cfg.reduction),
+                          step_fn=sft_step, step_cfg=SFTStepConfig(cfg.micro_batches, cfg.reduction, cfg.model.logits_chunk),
                           batches=train_it, batch_keys=SFT_BATCH_KEYS, eval_fn=eval_fn, tokenizer_dir=tok_dir,
                           tokens=lambda b: float(b["input_ids"].size))
