@@ -140,32 +140,57 @@ def bench_shape(
     new_tokens: int = 128,
     reps: int = 3,
     dtype: str = "float32",
+    param_dtype: str = "float32",
     with_peer: bool = True,
     copy_bandwidth_bytes_per_s: float | None = None,
     seed: int = 0,
+    modes: Sequence[str] = MODES,
+    decode_step: bool = True,
+    attention_impl: str = "xla",
 ) -> dict[str, Any]:
-    """Ours vs transformers on one HF config dict; returns ``{"modes": {mode: {...}}, ...}``."""
+    """Ours vs transformers on one HF config dict; returns ``{"modes": {mode: {...}}, ...}``.
+
+    ``dtype``: our compute dtype; ``param_dtype``: the dtype our weights are stored in (what a
+    user sets as ``param_dtype``; "bfloat16" halves the bytes every decode step reads). With a peer
+    the weights are transformers' random float32 ones, loaded by ``from_pretrained``; without one
+    (accelerators) ``rlhf_jax.models.init_params`` makes them directly (no PyTorch needed).
+    ``modes``: a subset of ``MODES``. ``decode_step``: also time a 1-token call and report the decode
+    step against the bandwidth floor (needs "greedy" in ``modes``). ``attention_impl``: our
+    ``ModelConfig.attention_impl`` (the prefill's full-sequence forward; the decode steps read the cache).
+    """
     import jax
     import jax.numpy as jnp
-    import torch
-    import transformers
 
     from rlhf_jax.generation import generate
-    from rlhf_jax.models import count_params, from_pretrained
+    from rlhf_jax.models import CausalLM, ModelConfig, count_params, from_pretrained, init_params
 
-    hf_cfg = transformers.AutoConfig.for_model(**shape)
-    torch.manual_seed(seed)
-    hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        model, params = from_pretrained(tmp, dtype=jnp.dtype(dtype))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"bench_shape: modes must be a non-empty subset of {MODES}, got {tuple(modes)}")
+    if decode_step and "greedy" not in modes:
+        raise ValueError("bench_shape: decode_step=True times the greedy call; add 'greedy' to modes")
+    if with_peer:
+        import torch
+        import transformers
+
+        hf_cfg = transformers.AutoConfig.for_model(**shape)
+        torch.manual_seed(seed)
+        hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model.save_pretrained(tmp, safe_serialization=True)
+            model, params = from_pretrained(tmp, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
+                                            attention_impl=attention_impl)
+    else:
+        model = CausalLM(ModelConfig.from_hf(shape, dtype=dtype, param_dtype=param_dtype,
+                                             attention_impl=attention_impl))
+        params = init_params(model, jax.random.PRNGKey(seed))
     vocab = model.config.vocab_size
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab, size=(batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(ids)
     ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
     result: dict[str, Any] = {"shape": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                              "dtype": dtype, "reps": reps, "modes": {}}
+                              "dtype": dtype, "param_dtype": param_dtype, "reps": reps, "modes": {}}
 
     def ours(mode: str, n: int, key):
         out = generate(model, params, ids_j, mask_j, rng=key, max_new_tokens=n, greedy=mode == "greedy",
@@ -183,9 +208,9 @@ def bench_shape(
                                      generation_config=gen_cfg)
 
     greedy_tokens = {}
-    for mode in MODES:
+    for mode in modes:
         row: dict[str, Any] = {}
-        row["probe_gflops_ours"] = probes.quick_probe("cpu") / 1e9
+        row["probe_gflops_ours"] = probes.quick_probe(jax.default_backend()) / 1e9
         t0 = time.perf_counter()
         out = ours(mode, new_tokens, jax.random.key(0))  # compile + first run
         row["ours_compile_and_first_s"] = time.perf_counter() - t0
@@ -216,6 +241,9 @@ def bench_shape(
         agree = np.cumprod(greedy_tokens["ours"] == greedy_tokens["peer"], axis=1)
         result["greedy_prefix_agreement"] = float(agree.mean())
 
+    if not decode_step:
+        result.update(params=count_params(params))
+        return result
     # decode step vs the bandwidth floor
     sec_one, _ = _median_time(lambda: ours("greedy", 1, jax.random.key(0)), 1)  # compile
     sec_one, _ = _median_time(lambda: ours("greedy", 1, jax.random.key(0)), max(reps, 3))
@@ -253,6 +281,10 @@ def run(
     with_peer: bool = True,
     copy_bandwidth: float | None = None,
     hbm_bytes_per_s: float | None = None,
+    param_dtype: str = "float32",
+    modes: Sequence[str] = MODES,
+    decode_step: bool = True,
+    attention_impl: str = "xla",
     **kwargs: Any,
 ):
     """Benchmark entry point.
@@ -264,6 +296,7 @@ def run(
     ``run(shape=<HF config dict>, batch=..., ...) -> dict``: the full result of that one shape
     (``{"modes": {"greedy": {...}, "sampling": {...}}, ...}``), as ``benchmarks/run.py`` calls it.
     ``hbm_bytes_per_s`` (accelerators) replaces the measured copy bandwidth in the floor.
+    ``param_dtype``, ``modes``, ``decode_step``, ``attention_impl``: as in :func:`bench_shape`.
     """
     if kwargs:
         raise TypeError(f"bench_generate.run: unexpected arguments {sorted(kwargs)}")
@@ -271,14 +304,16 @@ def run(
     if shape is not None:
         return bench_shape(shape, name=str(shape.get("name", shape.get("model_type", ""))), batch=batch,
                            prompt_len=prompt_len, new_tokens=new_tokens, reps=reps or (1 if quick else 3),
-                           dtype=dtype, with_peer=with_peer, copy_bandwidth_bytes_per_s=bw)
+                           dtype=dtype, param_dtype=param_dtype, with_peer=with_peer, copy_bandwidth_bytes_per_s=bw,
+                           modes=modes, decode_step=decode_step, attention_impl=attention_impl)
     names = list(shapes or (("tiny",) if quick else ("tiny", "gpt2")))
     bw = bw or measure_copy_bandwidth()
     rows = []
     for name in names:
         res = bench_shape(shape_table.get_shape(name), name=name, batch=batch, prompt_len=prompt_len,
                           new_tokens=new_tokens, reps=reps or (1 if quick else 3), dtype=dtype,
-                          with_peer=with_peer, copy_bandwidth_bytes_per_s=bw)
+                          param_dtype=param_dtype, with_peer=with_peer, copy_bandwidth_bytes_per_s=bw, modes=modes,
+                          decode_step=decode_step, attention_impl=attention_impl)
         for mode, r in res["modes"].items():
             flat = {k: v for k, v in res.items() if k != "modes"}
             flat.update(mode=mode, **r)

@@ -5,8 +5,12 @@ For each item it builds the same shapes with random weights in rlhf_jax and in t
 tree (Tunix in a child process), and prints a Markdown table with absolute figures and speed-up
 ratios; ``latest.json`` and ``latest.md`` go to ``--out`` (default ``benchmarks/results``).
 
-Items (``--only``): sft, rm, gen, ppo, sweep, mfu, tunix. Shapes: tiny and gpt2 on CPU
-(``--quick``: tiny only, fewer repetitions); on a GPU (bf16) gpt2 and llama1b.
+Items (``--only``): sft, rm, gen, ppo, sweep, mfu, tunix (the default set), and the accelerator items
+rl (the fused PPO and GRPO iterations: seconds, rollout share, MFU), attn (the SFT step with
+``attention_impl=xla`` against ours) and chunk (the SFT step with chunked logits against whole logits),
+run only when named. Shapes: tiny and gpt2 on CPU (``--quick``: tiny only, fewer repetitions); on a GPU
+(bf16) gpt2 and llama1b; ``--item-shapes`` gives an item its own. ``benchmarks/gpu_check.sh`` is the
+one accelerator run.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import platform as _platform
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +33,8 @@ from benchmarks import data, probes, report, shapes
 from benchmarks.errors import NotAvailable
 from benchmarks.report import Row
 
-ITEMS = ("sft", "rm", "gen", "ppo", "sweep", "mfu", "tunix")
+DEFAULT_ITEMS = ("sft", "rm", "gen", "ppo", "sweep", "mfu", "tunix")
+ITEMS = DEFAULT_ITEMS + ("rl", "attn", "chunk")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 TRL_VERSION = "1.12.0"
 # Issue 10's targets (speed-up over the peer unless said otherwise).
@@ -42,7 +48,17 @@ TARGETS = {
     "sweep_fraction": 0.7,  # N vmapped runs >= 0.7 * N x the throughput of one
     "mfu_cpu": 0.5,
     "mfu_gpu": 0.45,
+    # issue 22, one H200, bf16 compute: SFT and reward-model step MFU per shape
+    ("mfu_gpu", "gpt2"): 0.35,
+    ("mfu_gpu", "llama1b"): 0.50,
+    # issue 22: decode step <= 1.5x the HBM floor on a GPU (issue 10: <= 2x the copy-bandwidth floor on
+    # CPU), written as floor / step >= 1 / x (the table's ratio is a speed-up: floor over ours)
+    "decode_floor_gpu": 1.5,
+    "decode_floor_cpu": 2.0,
+    "rl_mfu_grpo": 0.30,  # issue 22: the fused GRPO iteration's MFU at the 1B shape on one GPU
 }
+# chunk item: the SFT loss's logits this many positions at a time (SFTStepConfig.logits_chunk)
+DEFAULT_LOGITS_CHUNK = 128
 
 
 @dataclasses.dataclass
@@ -61,18 +77,25 @@ class Context:
     tunix_venv: Path
     copy_bandwidth: float = 0.0
     attention_impl: str = "auto"
+    gen_batches: tuple[int, ...] = ()
+    logits_chunk: int = DEFAULT_LOGITS_CHUNK
     sft_cache: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    rm_cache: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     errors: int = 0
 
     def probe(self) -> float:
-        return probes.quick_probe(self.platform) / 1e9
+        """GFLOP/s of the short matmul probe on the device the items run on (``jax.default_backend()``)."""
+        import jax
+
+        return probes.quick_probe(jax.default_backend()) / 1e9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's options (shared by ``python -m benchmarks.run`` and ``rlhf-jax bench``)."""
     parser.add_argument("--quick", action="store_true", help="tiny shape only, few repetitions")
     parser.add_argument(
-        "--only", default=",".join(ITEMS), help=f"comma-separated items to run, from: {','.join(ITEMS)}"
+        "--only", default=",".join(DEFAULT_ITEMS),
+        help=f"comma-separated items to run (in this order), from: {','.join(ITEMS)}; default {','.join(DEFAULT_ITEMS)}",
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="directory for latest.json and latest.md")
     parser.add_argument(
@@ -80,6 +103,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated shapes for sft/rm/gen/mfu (default: tiny,gpt2 on CPU, gpt2,llama1b on GPU; "
         "--quick: tiny); ppo, sweep and tunix always use the first shape that is tiny or micro",
     )
+    parser.add_argument(
+        "--item-shapes", default="",
+        help="per-item shapes replacing --shapes for that item: ITEM=SHAPE[+SHAPE],... "
+        "(e.g. rl=llama1b,gen=llama1b,attn=llama1b)",
+    )
+    parser.add_argument(
+        "--gen-batches", default="",
+        help="gen: comma-separated batch sizes (default: the workload's, 16); the first also gets the sampling "
+        "row and the decode step vs the bandwidth floor, the others greedy new tokens/s only",
+    )
+    parser.add_argument("--logits-chunk", type=int, default=DEFAULT_LOGITS_CHUNK,
+                        help="chunk: SFTStepConfig.logits_chunk of the chunked SFT step (positions per chunk)")
     parser.add_argument(
         "--workload", default="issue", choices=sorted(shapes.WORKLOADS),
         help="batch sizes and lengths: 'issue' (the issue's numbers) or 'micro' (smoke test only)",
@@ -105,6 +140,37 @@ def _items(text: str) -> list[str]:
     if bad or not items:
         raise SystemExit(f"--only: unknown item(s) {bad or text!r}; expected a comma-separated subset of {ITEMS}")
     return items
+
+
+def _item_shapes(text: str) -> dict[str, list[str]]:
+    """``--item-shapes`` ``"rl=llama1b,gen=gpt2+llama1b"`` -> ``{"rl": ["llama1b"], "gen": ["gpt2", "llama1b"]}``."""
+    out: dict[str, list[str]] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        item, eq, names = part.partition("=")
+        item = item.strip()
+        shape_names = [n.strip() for n in names.split("+") if n.strip()]
+        if not eq or item not in ITEMS or not shape_names:
+            raise SystemExit(f"--item-shapes: bad entry {part!r}; expected ITEM=SHAPE[+SHAPE] with ITEM from {ITEMS}")
+        if item in out:
+            raise SystemExit(f"--item-shapes: item {item!r} given twice")
+        for n in shape_names:
+            if n not in shapes.SHAPES:
+                raise SystemExit(f"--item-shapes: unknown shape {n!r} for {item}; expected one of {sorted(shapes.SHAPES)}")
+        out[item] = shape_names
+    return out
+
+
+def _batches(text: str, default: int) -> tuple[int, ...]:
+    """``--gen-batches`` ``"16,64,256"`` -> ``(16, 64, 256)``; empty: ``(default,)``."""
+    if not text.strip():
+        return (default,)
+    try:
+        out = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        out = ()
+    if not out or any(b < 1 for b in out) or len(set(out)) != len(out):
+        raise SystemExit(f"--gen-batches: expected distinct positive integers separated by commas, got {text!r}")
+    return out
 
 
 def _machine(platform: str) -> dict[str, Any]:
@@ -223,10 +289,17 @@ def _sft_measure(ctx: Context, shape_name: str) -> dict[str, Any]:
     peer, s2, n2 = _side(
         ctx, "pytorch loop", lambda: (_peer_cpu_only(ctx), in_child(torch_side.sft_step_time, shape, batch, reps=reps))[1]
     )
-    out = dict(shape=shape, ours=ours, peer=peer, status=_row_status((s1, n1), (s2, n2)), probe=probe,
-               tokens=wl.sft_batch * wl.sft_seq)
+    out = dict(shape=shape, ours=ours, peer=peer, status=_row_status((s1, n1), (s2, n2)), ours_status=(s1, n1),
+               probe=probe, tokens=wl.sft_batch * wl.sft_seq)
     ctx.sft_cache[shape_name] = out
     return out
+
+
+def _attention_note(ctx: Context, ours: dict[str, Any] | None) -> str:
+    """``attention_impl=auto (cudnn)``: the option and what it resolved to for this step."""
+    resolved = (ours or {}).get("attention")
+    return f"attention_impl={ctx.attention_impl}" + (f" ({resolved})" if resolved and resolved != ctx.attention_impl
+                                                      else "")
 
 
 def _reps(ctx: Context, shape_name: str) -> int:
@@ -249,7 +322,7 @@ def item_sft(ctx: Context, shape_names: list[str]) -> list[Row]:
             item="sft", shape=name, metric="train tokens/s", ours=ours, peer=peer, peer_name="PyTorch loop",
             higher_is_better=True, target=TARGETS["sft"], status=status,
             note=note or (f"batch {ctx.workload.sft_batch}x{ctx.workload.sft_seq}, fwd+bwd+AdamW, {ctx.dtype}, "
-                         f"attention_impl={ctx.attention_impl}"),
+                         f"{_attention_note(ctx, m['ours'])}"),
             probe_gflops=m["probe"],
             details={"ours": m["ours"], "peer": m["peer"]},
         ))
@@ -283,62 +356,91 @@ def _sft_trainer_row(ctx: Context, name: str, m: dict[str, Any]) -> Row:
     )
 
 
-def item_rm(ctx: Context, shape_names: list[str]) -> list[Row]:
+def _rm_measure(ctx: Context, shape_name: str) -> dict[str, Any]:
+    """Our reward-model step and the PyTorch loop's on the same pairs (measured once per shape: ``rm`` and
+    ``mfu`` both read it)."""
+    if shape_name in ctx.rm_cache:
+        return ctx.rm_cache[shape_name]
     from benchmarks import torch_side
 
+    wl = ctx.workload
+    shape = shapes.get_shape(shape_name)
+    batch = data.preference_batch(shape["vocab_size"], wl.rm_pairs, wl.rm_seq)
+    probe = ctx.probe()
+    reps = _reps(ctx, shape_name)
+    ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours("reward_step_time")(shape, batch, dtype=ctx.dtype, reps=reps,
+                                                                          attention_impl=ctx.attention_impl))
+    peer, s2, n2 = _side(
+        ctx, "pytorch loop",
+        lambda: (_peer_cpu_only(ctx), in_child(torch_side.reward_step_time, shape, batch, reps=reps))[1],
+    )
+    out = dict(shape=shape, ours=ours, peer=peer, status=_row_status((s1, n1), (s2, n2)), probe=probe,
+               tokens=2 * wl.rm_pairs * wl.rm_seq)
+    ctx.rm_cache[shape_name] = out
+    return out
+
+
+def item_rm(ctx: Context, shape_names: list[str]) -> list[Row]:
     rows = []
     wl = ctx.workload
     for name in shape_names:
-        shape = shapes.get_shape(name)
-        batch = data.preference_batch(shape["vocab_size"], wl.rm_pairs, wl.rm_seq)
-        probe = ctx.probe()
-        reps = _reps(ctx, name)
-        ours, s1, n1 = _side(ctx, "rlhf_jax",
-                             lambda: _ours("reward_step_time")(shape, batch, dtype=ctx.dtype, reps=reps,
-                                                               attention_impl=ctx.attention_impl))
-        peer, s2, n2 = _side(
-            ctx, "pytorch loop",
-            lambda: (_peer_cpu_only(ctx), in_child(torch_side.reward_step_time, shape, batch, reps=reps))[1],
-        )
-        status, note = _row_status((s1, n1), (s2, n2))
+        m = _rm_measure(ctx, name)
+        ours, peer = m["ours"], m["peer"]
+        status, note = m["status"]
         rows.append(Row(
             item="rm", shape=name, metric="pairs/s", higher_is_better=True,
             ours=wl.rm_pairs / ours["timing"].median if ours else None,
             peer=wl.rm_pairs / peer["timing"].median if peer else None,
             peer_name="PyTorch loop", target=TARGETS["rm"], status=status,
             note=note or (f"{wl.rm_pairs} pairs x {wl.rm_seq}, Bradley-Terry, fwd+bwd+AdamW, {ctx.dtype}, "
-                          f"attention_impl={ctx.attention_impl}"),
-            probe_gflops=probe, details={"ours": ours, "peer": peer},
+                          f"{_attention_note(ctx, ours)}"),
+            probe_gflops=m["probe"], details={"ours": ours, "peer": peer},
         ))
     return rows
 
 
+def _mfu_target(ctx: Context, name: str) -> float:
+    if ctx.platform == "cpu":
+        return TARGETS["mfu_cpu"]
+    return TARGETS.get(("mfu_gpu", name), TARGETS["mfu_gpu"])
+
+
 def item_mfu(ctx: Context, shape_names: list[str]) -> list[Row]:
+    """SFT-step and reward-model-step MFU: model FLOPs of the step / its time / the peak, ours and the
+    PyTorch loop's (the steps measured by ``sft`` and ``rm``, or here if those did not run)."""
     rows = []
     for name in shape_names:
-        m = _sft_measure(ctx, name)
-        status, note = m["status"]
-        fpt, s0, n0 = _side(ctx, "FLOP count", lambda: _ours("flops_per_token")(m["shape"], ctx.workload.sft_seq))
-        if s0 != "ok":
-            status, note = _row_status((status, note), (s0, n0))
-        flops = fpt * m["tokens"] if fpt else None
-        ours = flops / m["ours"]["timing"].median / ctx.peak_flops if m["ours"] and flops else None
-        peer = flops / m["peer"]["timing"].median / ctx.peak_flops if m["peer"] and flops else None
-        target = TARGETS["mfu_cpu"] if ctx.platform == "cpu" else TARGETS["mfu_gpu"]
-        rows.append(Row(
-            item="mfu", shape=name, metric="SFT-step MFU", ours=ours, peer=peer, peer_name="PyTorch loop",
-            higher_is_better=True, target=target, target_on="ours", status=status,
-            note=note or (f"FLOPs/step {flops / 1e9:,.1f} G (rlhf_jax.models.flops_per_token) over the peak "
-                          f"{ctx.peak_flops / 1e9:,.0f} GFLOP/s ({ctx.peak_source})"),
-            probe_gflops=m["probe"],
-            details={"flops_per_step": flops, "peak_flops": ctx.peak_flops, "peak_source": ctx.peak_source},
-        ))
+        for metric, m, count, seq in (
+                ("SFT-step MFU", _sft_measure(ctx, name), "flops_per_token", ctx.workload.sft_seq),
+                ("RM-step MFU", _rm_measure(ctx, name), "reward_flops_per_token", ctx.workload.rm_seq)):
+            status, note = m["status"]
+            fpt, s0, n0 = _side(ctx, "FLOP count", lambda: _ours(count)(m["shape"], seq))
+            if s0 != "ok":
+                status, note = _row_status((status, note), (s0, n0))
+            flops = fpt * m["tokens"] if fpt else None
+            ours = flops / m["ours"]["timing"].median / ctx.peak_flops if m["ours"] and flops else None
+            peer = flops / m["peer"]["timing"].median / ctx.peak_flops if m["peer"] and flops else None
+            source = ("rlhf_jax.models.flops_per_token" if count == "flops_per_token" else
+                      "rlhf_jax.models.flops_per_token less the LM head a scalar-head model does not have")
+            rows.append(Row(
+                item="mfu", shape=name, metric=metric, ours=ours, peer=peer, peer_name="PyTorch loop",
+                higher_is_better=True, target=_mfu_target(ctx, name), target_on="ours", status=status,
+                note=note or (f"FLOPs/step {flops / 1e9:,.1f} G ({source}) over the peak "
+                              f"{ctx.peak_flops / 1e9:,.0f} GFLOP/s ({ctx.peak_source})"),
+                probe_gflops=m["probe"],
+                details={"flops_per_step": flops, "peak_flops": ctx.peak_flops, "peak_source": ctx.peak_source},
+            ))
     return rows
 
 
 def item_gen(ctx: Context, shape_names: list[str]) -> list[Row]:
+    """New tokens/s of ``generation.generate`` per shape and batch (``ctx.gen_batches``), and its decode step
+    against the bandwidth floor at the first batch. Our weights are stored in the compute dtype (bf16
+    on a GPU: ``param_dtype="bfloat16"``, so the floor counts bf16 weight bytes); on CPU in float32, the
+    same weights as transformers'."""
     rows = []
     wl = ctx.workload
+    batches = ctx.gen_batches or (wl.gen_batch,)
     if importlib.util.find_spec("benchmarks.bench_generate") is None:
         for name in shape_names:
             rows.append(Row(item="gen", shape=name, metric="new tokens/s", ours=None, peer=None,
@@ -349,33 +451,60 @@ def item_gen(ctx: Context, shape_names: list[str]) -> list[Row]:
     from benchmarks import bench_generate
 
     for name in shape_names:
-        probe = ctx.probe()
-        res, status, note = _side(ctx, "generation benchmark", lambda: bench_generate.run(
-            shape=shapes.get_shape(name), batch=wl.gen_batch, prompt_len=wl.gen_prompt, new_tokens=wl.gen_new,
-            reps=_reps(ctx, name), dtype=ctx.dtype, with_peer=ctx.platform == "cpu",
-            copy_bandwidth=ctx.copy_bandwidth, hbm_bytes_per_s=ctx.hbm_bytes_per_s,
-        ))
-        modes = res["modes"] if res else {"greedy": None, "sampling": None}
-        for mode, r in modes.items():
-            r = r or {}
-            row_status, row_note = status, note
-            if status == "ok" and ctx.platform != "cpu":
-                row_status, row_note = "not available", "transformers peer: the PyTorch here is a CPU build"
-            desc = f"batch {wl.gen_batch}, prompt {wl.gen_prompt}, {wl.gen_new} new tokens, full length"
-            if res and mode == "greedy" and "decode_step_s" in res:
-                desc += (f"; decode step {res['decode_step_s'] * 1e3:.2f} ms vs bandwidth floor "
-                         f"{res['floor_step_s'] * 1e3:.2f} ms ({res['step_over_floor']:.2f}x the floor)")
-                if "matmul_step_s_ours" in res:
-                    desc += (f"; its weight matmuls alone, one after the other, take "
-                             f"{res['matmul_step_s_ours'] * 1e3:.2f} ms in XLA, "
-                             f"{res['matmul_step_s_torch'] * 1e3:.2f} ms in PyTorch")
-            rows.append(Row(
-                item="gen", shape=name, metric=f"new tokens/s ({mode})", higher_is_better=True,
-                ours=r.get("ours_tokens_per_s"), peer=r.get("peer_tokens_per_s"),
-                peer_name="transformers generate", target=TARGETS.get(("gen", name)), status=row_status,
-                note=row_note or desc, probe_gflops=probe,
-                details={**r, **{k: v for k, v in (res or {}).items() if k != "modes"}},
+        for i, batch in enumerate(batches):
+            first = i == 0
+            probe = ctx.probe()
+            modes = bench_generate.MODES if first else ("greedy",)
+            res, status, note = _side(ctx, "generation benchmark", lambda: bench_generate.run(
+                shape=shapes.get_shape(name), batch=batch, prompt_len=wl.gen_prompt, new_tokens=wl.gen_new,
+                reps=_reps(ctx, name), dtype=ctx.dtype, param_dtype=ctx.dtype, with_peer=ctx.platform == "cpu",
+                copy_bandwidth=ctx.copy_bandwidth, hbm_bytes_per_s=ctx.hbm_bytes_per_s, modes=modes,
+                decode_step=first, attention_impl=ctx.attention_impl,
             ))
+            rows.extend(_gen_rows(ctx, name, batch, modes, first, res, status, note, probe))
+    return rows
+
+
+def _gen_rows(ctx: Context, name: str, batch: int, modes, decode: bool, res, status: str, note: str,
+              probe: float) -> list[Row]:
+    """The rows of one ``bench_generate.run`` result: one per mode, and with ``decode`` the decode step."""
+    wl = ctx.workload
+    rows = []
+    for mode in modes:
+        r = (res or {}).get("modes", {}).get(mode) or {}
+        row_status, row_note = status, note
+        if status == "ok" and ctx.platform != "cpu":
+            row_status, row_note = "not available", "transformers peer: the PyTorch here is a CPU build"
+        desc = (f"batch {batch}, prompt {wl.gen_prompt}, {wl.gen_new} new tokens, full length, weights "
+                f"{ctx.dtype}")
+        if res and mode == "greedy" and "decode_step_s" in res:
+            desc += (f"; decode step {res['decode_step_s'] * 1e3:.2f} ms vs bandwidth floor "
+                     f"{res['floor_step_s'] * 1e3:.2f} ms ({res['step_over_floor']:.2f}x the floor)")
+            if "matmul_step_s_ours" in res:
+                desc += (f"; its weight matmuls alone, one after the other, take "
+                         f"{res['matmul_step_s_ours'] * 1e3:.2f} ms in XLA, "
+                         f"{res['matmul_step_s_torch'] * 1e3:.2f} ms in PyTorch")
+        metric = f"new tokens/s ({mode})" if batch == wl.gen_batch else f"new tokens/s ({mode}, batch {batch})"
+        rows.append(Row(
+            item="gen", shape=name, metric=metric, higher_is_better=True,
+            ours=r.get("ours_tokens_per_s"), peer=r.get("peer_tokens_per_s"),
+            peer_name="transformers generate", target=TARGETS.get(("gen", name)), status=row_status,
+            note=row_note or desc, probe_gflops=probe,
+            details={**r, **{k: v for k, v in (res or {}).items() if k != "modes"}},
+        ))
+    if decode:
+        floor_x = TARGETS["decode_floor_cpu" if ctx.platform == "cpu" else "decode_floor_gpu"]
+        bw = "HBM bandwidth (data sheet)" if ctx.hbm_bytes_per_s else "measured copy bandwidth"
+        rows.append(Row(
+            item="gen", shape=name, metric=f"decode step ms (batch {batch})", higher_is_better=False,
+            ours=res["decode_step_s"] * 1e3 if res else None, peer=res["floor_step_s"] * 1e3 if res else None,
+            peer_name="bandwidth floor", target=round(1.0 / floor_x, 3), status=status,
+            note=note or (f"(t({wl.gen_new} new) - t(1 new)) / {wl.gen_new - 1} per step vs the bytes it must read "
+                          f"(weights {res['weight_bytes'] / 1e9:.2f} GB in {ctx.dtype} + average KV cache "
+                          f"{res['kv_bytes_avg'] / 1e9:.3f} GB) / {bw}; ratio = floor / step, target: step "
+                          f"<= {floor_x:g}x the floor"),
+            probe_gflops=probe, details={k: v for k, v in (res or {}).items() if k != "modes"},
+        ))
     return rows
 
 
@@ -493,8 +622,120 @@ def item_tunix(ctx: Context, shape_names: list[str]) -> list[Row]:
     )]
 
 
+def _sft_variant_row(ctx: Context, name: str, *, item: str, label: str, peer_name: str, variant: dict,
+                     variant_is_ours: bool, note: str) -> Row:
+    """Our SFT step as measured by ``sft`` (``_sft_measure``) against the same step with one option changed.
+
+    ``variant_is_ours``: the changed step is the row's "rlhf_jax" side (chunk: chunked vs whole logits),
+    else its "peer" side (attn: ``attention_impl=xla`` vs ours), so the ratio is the option's speed-up.
+    """
+    m = _sft_measure(ctx, name)
+    probe = ctx.probe()
+    v, s2, n2 = _side(ctx, label, lambda: _ours("sft_step_time")(
+        m["shape"], data.sft_batch(m["shape"]["vocab_size"], ctx.workload.sft_batch, ctx.workload.sft_seq),
+        dtype=ctx.dtype, reps=_reps(ctx, name), **variant))
+    base = m["ours"]
+    status, err = _row_status(m["ours_status"], (s2, n2))
+    tok = m["tokens"]
+    rate = lambda x: tok / x["timing"].median if x else None  # noqa: E731
+    mine, other = (v, base) if variant_is_ours else (base, v)
+    gib = lambda x: f"{x['temp_bytes'] / 2**30:.2f} GiB" if x.get("temp_bytes") is not None else "?"  # noqa: E731
+    details = {"ours": mine, "peer": other}
+    if status == "ok":
+        details["first_loss_abs_diff"] = abs(mine["first_loss"] - other["first_loss"])
+        note = (f"{note}; first-step loss {mine['first_loss']:.6g} vs {other['first_loss']:.6g} (same weights and "
+                f"batch; |diff| {details['first_loss_abs_diff']:.2g}); XLA temp buffers {gib(mine)} vs {gib(other)}; "
+                f"batch {ctx.workload.sft_batch}x{ctx.workload.sft_seq}, {ctx.dtype}")
+    return Row(
+        item=item, shape=name, metric="SFT train tokens/s", higher_is_better=True, ours=rate(mine), peer=rate(other),
+        peer_name=peer_name, status=status, note=err or note, probe_gflops=probe, details=details,
+    )
+
+
+def item_attn(ctx: Context, shape_names: list[str]) -> list[Row]:
+    """What the attention option buys: our SFT step (``--attention-impl``, default auto = cuDNN on a GPU)
+    against the same step with ``attention_impl=xla`` (one masked einsum over ``[T, S]``)."""
+    rows = []
+    for name in shape_names:
+        rows.append(_sft_variant_row(
+            ctx, name, item="attn", label="rlhf_jax attention_impl=xla", peer_name="same step, attention_impl=xla",
+            variant={"attention_impl": "xla"}, variant_is_ours=False,
+            note=f"ours: {_attention_note(ctx, _sft_measure(ctx, name)['ours'])}"))
+    return rows
+
+
+def item_chunk(ctx: Context, shape_names: list[str]) -> list[Row]:
+    """What chunked logits cost or buy: the SFT step with ``SFTStepConfig(logits_chunk=--logits-chunk)``
+    (never the whole ``[B, T, V]`` logits) against our step with whole logits."""
+    c = ctx.logits_chunk
+    rows = []
+    for name in shape_names:
+        rows.append(_sft_variant_row(
+            ctx, name, item="chunk", label=f"rlhf_jax logits_chunk={c}", peer_name="same step, whole logits",
+            variant={"attention_impl": ctx.attention_impl, "logits_chunk": c}, variant_is_ours=True,
+            note=f"ours: logits_chunk={c} positions per chunk"))
+    return rows
+
+
+def item_rl(ctx: Context, shape_names: list[str]) -> list[Row]:
+    """The fused PPO and GRPO iterations (``rlhf_jax.rl.iteration``) at each shape, random weights, no peer:
+    seconds per iteration, the rollout's share of it, and the iteration's MFU (model FLOPs of all its
+    forwards and backwards, ``rl.trainer.run_flops``, over the peak)."""
+    wl = ctx.workload
+    rows = []
+    algos = (("ppo", wl.rl_ppo_prompts, 1, wl.rl_ppo_epochs), ("grpo", wl.rl_grpo_prompts, wl.rl_group, wl.rl_grpo_epochs))
+    iterations = (ctx.reps + 1) if ctx.reps else 3
+    for name in shape_names:
+        shape = shapes.get_shape(name)
+        for algo, n_prompts, group, epochs in algos:
+            p = data.prompts(shape["vocab_size"], n_prompts, wl.rl_prompt)
+            probe = ctx.probe()
+            res, status, note = _side(ctx, f"rlhf_jax {algo}", lambda: _ours("rl_iteration_time")(
+                shape, p, algo=algo, response_length=wl.rl_response, epochs=epochs, minibatches=wl.rl_minibatches,
+                group_size=group, iterations=max(iterations, 2), rollout_reps=max(1, iterations - 1),
+                dtype=ctx.dtype, attention_impl=ctx.attention_impl))
+            rows.extend(_rl_rows(ctx, name, algo, n_prompts, group, epochs, res, status, note, probe))
+    return rows
+
+
+def _rl_rows(ctx: Context, name: str, algo: str, n_prompts: int, group: int, epochs: int, res, status: str,
+             note: str, probe: float) -> list[Row]:
+    wl = ctx.workload
+    up = algo.upper()
+    rows_n = n_prompts * group
+    models = "policy, reference, reward model, value model" if algo == "ppo" else "policy, reference, reward model"
+    forwards = "policy/reference/value" if algo == "ppo" else "policy/reference"
+    n_epochs = f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    what = (f"{n_prompts} prompts" + (f" x G {group}" if group > 1 else "") + f" = {rows_n} rows of "
+            f"{wl.rl_prompt} + {wl.rl_response} sampled tokens, {n_epochs} x {wl.rl_minibatches} minibatches; "
+            f"{models}; {ctx.dtype} compute, float32 params for the trained models, reference and reward model "
+            f"stored in {ctx.dtype}, attention_impl={ctx.attention_impl}")
+    sec = res["median_s"] if res else None
+    share = res["rollout_share"] if res else None
+    mfu = res["flops"] / res["median_s"] / ctx.peak_flops if res else None
+    out = [Row(item="rl", shape=name, metric=f"{up} s/iteration", ours=sec, peer=None, peer_name="",
+               higher_is_better=False, status=status, probe_gflops=probe,
+               note=note or (f"one compiled program ({algo}_iteration), state donated, first call "
+                             f"{res['first_call_s']:.1f} s (compile) excluded; {what}"),
+               details=res or {})]
+    out.append(Row(
+        item="rl", shape=name, metric=f"{up} rollout share", ours=share, peer=None, peer_name="",
+        higher_is_better=False, status=status, probe_gflops=probe,
+        note=note or (f"rl.rollout alone (sampling + {forwards} forwards) {res['rollout_s']:.3g} s of the "
+                      f"iteration's {sec:.3g} s; the other {sec - res['rollout_s']:.3g} s: reward forward, advantages, "
+                      f"{res['updates']} updates")))
+    out.append(Row(
+        item="rl", shape=name, metric=f"{up} iteration MFU", ours=mfu, peer=None, peer_name="",
+        higher_is_better=True, target=TARGETS["rl_mfu_grpo"] if algo == "grpo" and ctx.platform != "cpu" else None,
+        target_on="ours", status=status, probe_gflops=probe,
+        note=note or (f"model FLOPs/iteration {res['flops'] / 1e12:,.2f} T (rl.trainer.run_flops: sampling, "
+                      f"every rollout forward, {n_epochs} of training) over the peak "
+                      f"{ctx.peak_flops / 1e9:,.0f} GFLOP/s ({ctx.peak_source})")))
+    return out
+
+
 ITEM_FNS = {"sft": item_sft, "rm": item_rm, "gen": item_gen, "ppo": item_ppo, "sweep": item_sweep,
-            "mfu": item_mfu, "tunix": item_tunix}
+            "mfu": item_mfu, "tunix": item_tunix, "rl": item_rl, "attn": item_attn, "chunk": item_chunk}
 
 
 def run(args: argparse.Namespace, *, command: str | None = None) -> int:
@@ -516,7 +757,11 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
     else:
         shape_names = ["tiny", "gpt2"] if platform == "cpu" else ["gpt2", "llama1b"]
     workload = shapes.get_workload(args.workload)
-    print(f"[bench] platform {platform}; items {items}; shapes {shape_names}; probing the machine ...",
+    item_shapes = {item: _item_shapes(args.item_shapes).get(item, shape_names) for item in items}
+    gen_batches = _batches(args.gen_batches, workload.gen_batch)
+    if args.logits_chunk < 1:
+        raise SystemExit(f"--logits-chunk: expected a positive number of positions, got {args.logits_chunk}")
+    print(f"[bench] platform {platform}; items {items}; shapes {item_shapes}; probing the machine ...",
           file=sys.stderr, flush=True)
     probe = probes.full_probe(platform, quick=args.quick)
     hbm = None
@@ -542,6 +787,7 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
         peak_flops=peak, peak_source=peak_source, hbm_bytes_per_s=hbm,
         allow_install=not args.no_install, tunix_venv=Path(args.tunix_venv),
         copy_bandwidth=probe["copy_bandwidth_bytes_per_s"], attention_impl=args.attention_impl,
+        gen_batches=gen_batches, logits_chunk=args.logits_chunk,
     )
     machine = _machine(platform)
     result = {
@@ -553,13 +799,21 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
         "dtype": ctx.dtype,
         "attention_impl": ctx.attention_impl,
         "workload": dataclasses.asdict(workload),
-        "shapes": {n: shapes.get_shape(n) for n in shape_names},
+        "shapes": {n: shapes.get_shape(n) for names in item_shapes.values() for n in names},
+        "item_shapes": item_shapes,
+        "gen_batches": list(gen_batches),
+        "logits_chunk": ctx.logits_chunk,
+        "item_seconds": {},
         "complete": False,
     }
     rows: list[Row] = []
     for item in items:
-        print(f"[bench] {item} ...", file=sys.stderr, flush=True)
-        new = ITEM_FNS[item](ctx, shape_names)
+        print(f"[bench] {item} ({', '.join(item_shapes[item])}) ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        new = ITEM_FNS[item](ctx, item_shapes[item])
+        result["item_seconds"][item] = round(time.perf_counter() - t0, 1)
+        print(f"[bench]   {item}: {result['item_seconds'][item]:.1f} s (compilation included)", file=sys.stderr,
+              flush=True)
         for r in new:
             print(f"[bench]   {r.item}/{r.shape} {r.metric}: ours {report.fmt_value(r.ours)} "
                   f"peer {report.fmt_value(r.peer)} ratio {report.fmt_value(r.ratio)} [{r.status}]",

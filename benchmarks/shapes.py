@@ -115,6 +115,17 @@ class Workload:
     ppo_minibatches: int = 1
     sweep_runs: int = 4
     sweep_iterations: int = 2
+    # The RL core at an accelerator shape (item "rl", no peer): the batch shapes of the repository's
+    # experiments/ppo_llama1b.py (64 prompts, 4 epochs x 4 minibatches) and grpo_llama1b.py (16 prompts
+    # x G = 8, 1 epoch x 4 minibatches), 64 new tokens each, here after 64-token prompts.
+    rl_ppo_prompts: int = 64
+    rl_grpo_prompts: int = 16
+    rl_group: int = 8
+    rl_prompt: int = 64
+    rl_response: int = 64
+    rl_ppo_epochs: int = 4
+    rl_grpo_epochs: int = 1
+    rl_minibatches: int = 4
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -134,6 +145,14 @@ WORKLOADS: dict[str, Workload] = {
         ppo_minibatches=1,
         sweep_runs=2,
         sweep_iterations=1,
+        rl_ppo_prompts=4,
+        rl_grpo_prompts=2,
+        rl_group=2,
+        rl_prompt=8,
+        rl_response=8,
+        rl_ppo_epochs=2,
+        rl_grpo_epochs=1,
+        rl_minibatches=2,
     ),
 }
 
