@@ -67,9 +67,8 @@ def reward_flops_per_token(shape: dict[str, Any], seq_len: int, *, training: boo
     """Model FLOPs per token of a ``ScalarHeadModel`` at ``shape``: :func:`flops_per_token` less the LM head
     (``2·d·V`` a forward, ``6·d·V`` with the backward), which a scalar-head model does not run; its
     ``d x 1`` score head is negligible."""
-    cfg = model_config(shape, "float32")
-    head = (6.0 if training else 2.0) * cfg.hidden_size * cfg.vocab_size
-    return flops_per_token(shape, seq_len, training=training) - head
+    fpt = need("rlhf_jax.models", "flops_per_token")
+    return fpt(model_config(shape, "float32"), seq_len, training=training, lm_head=False)
 
 
 def _optimizer(params, *, weight_decay: float = 0.01):

@@ -189,15 +189,18 @@ def _iteration_flops_by_hand(shape: dict, algo: str, wl) -> float:
     """Per token of the rollout's rows x (prompt + response): PPO samples, scores old log-probs and the
     reference (3 policy forwards), runs the value and reward models (2 forwards), then trains policy and
     value for its epochs; GRPO: 3 policy forwards + the reward model, then the policy's epochs. All four
-    models have the policy's shape (the trainers' count includes the LM head's width for scalar heads)."""
+    models have the policy's shape; the value and reward models are scalar-head models without the LM head
+    (2·d·V a forward, 6·d·V with the backward)."""
     from rlhf_jax.models import ModelConfig, flops_per_token
 
     seq = wl.rl_prompt + wl.rl_response
     lm = ModelConfig.from_hf(shape)
     fwd, train = flops_per_token(lm, seq, training=False), flops_per_token(lm, seq, training=True)
+    head = lm.hidden_size * lm.vocab_size
+    sfwd, strain = fwd - 2 * head, train - 6 * head
     if algo == "ppo":
-        return (5 * fwd + wl.rl_ppo_epochs * 2 * train) * wl.rl_ppo_prompts * seq
-    return (4 * fwd + wl.rl_grpo_epochs * train) * wl.rl_grpo_prompts * wl.rl_group * seq
+        return (3 * fwd + 2 * sfwd + wl.rl_ppo_epochs * (train + strain)) * wl.rl_ppo_prompts * seq
+    return (3 * fwd + sfwd + wl.rl_grpo_epochs * train) * wl.rl_grpo_prompts * wl.rl_group * seq
 
 
 def test_rl_item_times_fused_ppo_and_grpo_with_rollout_share_and_mfu():

@@ -268,6 +268,7 @@ def test_flops_per_token_hand_computed():
     n = 2 * (192 + 384) + 800
     assert flops_per_token(cfg, 10) == 6 * n + 6 * 2 * 2 * 4 * 10
     assert flops_per_token(cfg, 10, training=False) == 2 * n + 2 * 2 * 2 * 4 * 10
+    assert flops_per_token(cfg, 10, lm_head=False) == 6 * (n - 800) + 6 * 2 * 2 * 4 * 10  # a scalar-head model
     params = jax.eval_shape(lambda k: init_params(CausalLM(cfg), k), jax.random.PRNGKey(0))  # shapes only, no compile
     # matmul params = all params minus input embedding and norms (tied=False: lm_head counted once)
     norms = 2 * (2 * 8) + 8

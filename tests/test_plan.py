@@ -199,6 +199,6 @@ def test_a_plan_compiles_the_largest_bucket_not_the_first_batch(tmp_path):
     prog = rep["programs"][0]
     from rlhf_jax.tasks import get_task
     mconfig = get_task("sentiment").model_config(max_position_embeddings=128)
-    per_token = models.flops_per_token(mconfig, 128, training=True)
+    per_token = models.flops_per_token(mconfig, 128, training=True, lm_head=False)  # a scalar-head model
     assert prog["model_flops_per_device"] == pytest.approx(per_token * cfg.data.batch_size * 2 * 128, rel=1e-9)
     assert not (tmp_path / "run").exists()

@@ -428,11 +428,12 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True, lm_head: bool = True) -> float:
     """Model FLOPs per token (the MFU numerator): PaLM appendix B with the attention term halved for causality.
 
     With N the number of matmul parameters (excluding the input embedding table, including the
-    output projection even when tied) and a context of `seq_len`:
+    output projection even when tied; ``lm_head=False`` for a scalar-head model -- reward, value --
+    which does not run it: its ``d x 1`` head is negligible) and a context of `seq_len`:
 
         training:  6 N + 12 L H Dh T / 2   (forward + backward, causal attention scores and values)
         inference: 2 N +  4 L H Dh T / 2
@@ -445,7 +446,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True)
     d, hd = c.hidden_size, c.head_dim
     attn = d * hd * (c.num_heads + 2 * c.num_kv_heads) + c.num_heads * hd * d
     mlp = (3 if c.gated_mlp else 2) * d * c.intermediate_size
-    n_matmul = c.num_layers * (attn + mlp) + d * c.vocab_size
+    n_matmul = c.num_layers * (attn + mlp) + (d * c.vocab_size if lm_head else 0)
     attn_term = c.num_layers * c.num_heads * hd * seq_len / 2
     if training:
         return 6.0 * n_matmul + 12.0 * attn_term

@@ -599,16 +599,22 @@ def run_flops(cfg: RLRunConfig, setup: core.RLSetup) -> float:
     seq_len = _prompt_length(cfg, get_task_or_none(cfg.task)) + algo.max_new_tokens
     per_token = _iteration_flops(algo, configs, seq_len)
     if f.reward_ensemble:  # every member scores the rollout
-        per_token += (f.reward_ensemble - 1) * models.flops_per_token(configs["reward"], seq_len, training=False)
+        per_token += (f.reward_ensemble - 1) * models.flops_per_token(configs["reward"], seq_len, training=False,
+                                                                      lm_head=False)
     return float(cfg.iterations * algo.rollout_size * seq_len * per_token)
 
 
 def _iteration_flops(algo, cfgs: dict, seq_len: int) -> float:
-    fwd = lambda c: models.flops_per_token(c, seq_len, training=False) if c is not None else 0.0  # noqa: E731
-    train = lambda c: models.flops_per_token(c, seq_len, training=True) if c is not None else 0.0  # noqa: E731
-    rollout = 2 * fwd(cfgs["policy"]) + (fwd(cfgs["policy"]) if algo.uses_ref else 0.0) + fwd(cfgs["value"]) \
-        + fwd(cfgs["reward"])
-    return rollout + algo.epochs * (train(cfgs["policy"]) + train(cfgs["value"]))
+    def fwd(c, head=True):
+        return models.flops_per_token(c, seq_len, training=False, lm_head=head) if c is not None else 0.0
+
+    def train(c, head=True):
+        return models.flops_per_token(c, seq_len, training=True, lm_head=head) if c is not None else 0.0
+    # the value and reward models are scalar-head models: no LM head (a shared-trunk value head rides on the
+    # policy's forward, whose count has the head already)
+    rollout = 2 * fwd(cfgs["policy"]) + (fwd(cfgs["policy"]) if algo.uses_ref else 0.0) + fwd(cfgs["value"], False) \
+        + fwd(cfgs["reward"], False)
+    return rollout + algo.epochs * (train(cfgs["policy"]) + train(cfgs["value"], False))
 
 
 def train_rl(cfg: RLRunConfig) -> loop.TrainResult:

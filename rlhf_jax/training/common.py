@@ -231,7 +231,8 @@ def run_supervised(cfg, *, name: str, model, mconfig, params, placement: loop.Pl
         make_step=lambda placed: loop.compile_step(placement, step_fn, placed, cfg=step_cfg),
         prepare=lambda b: loop.put(placement, {k: b[k] for k in batch_keys if k in b}),
         eval_fn=eval_fn, eval_every=cfg.eval_every, tokens=lambda b, m: tokens(b),
-        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True),
+        flops_per_token=models.flops_per_token(mconfig, cfg.data.max_length, training=True,
+                                               lm_head=not isinstance(lora.base_model(model), models.ScalarHeadModel)),
         lr_fn=lambda i: cfg.optim.learning_rate * float(factor(i)), final_extra=final_extra,
         export=export if cfg.export else None)
     result = loop.run(job, out_dir=cfg.out_dir, ckpt_cfg=cfg.checkpoint, log_cfg=cfg.log, resume=cfg.resume)
