@@ -19,7 +19,7 @@ import dataclasses
 import time
 import types
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -306,9 +306,11 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     if devices_lib.abstract() and device_mesh is None:
         raise ConfigError("plan of a vmapped sweep: give its mesh (--mesh runs=R,data=D,fsdp=F, or the config's "
                           "mesh section)")
+    frozen = _shared_frozen(setup, inputs)
+    packed, unpack = _pack_shared(frozen, shared)
     final, history, compile_seconds, run_seconds = _compile_and_run(
-        _train_with_frozen(algo, setup, base_cfg.iterations), hp, keys, inputs, _shared_frozen(setup, inputs),
-        shared, device_mesh, model_flops=len(points) * run_flops(run_cfg, setup))
+        _train_with_frozen(algo, setup, base_cfg.iterations, unpack), hp, keys, inputs, frozen, packed,
+        device_mesh, model_flops=len(points) * run_flops(run_cfg, setup))
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
     seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
@@ -356,13 +358,35 @@ def _shared_frozen(setup: Any, inputs: dict) -> Any:
     return setup.frozen.replace(ref_params=None) if "ref_params" in inputs else setup.frozen
 
 
-def _train_with_frozen(algo: Any, setup: Any, iterations: int):
+def _pack_shared(frozen: Any, shared: dict) -> tuple[dict, Callable[[Any, dict], dict]]:
+    """``(shared as the program takes it, unpack)``: a critic's frozen leaves that ARE arrays the program
+    already takes -- the policy's base (a critic on the policy's trunk, ``value_init="policy"``) or the
+    reward model's trunk (``value_init="reward"``) -- are passed once; ``unpack(frozen, packed)`` puts them
+    back inside the program."""
+    if "value_params" not in shared:
+        return shared, lambda fz, s: s
+    source = {id(x): i for i, x in enumerate(jax.tree_util.tree_leaves((frozen, shared.get("policy_params"))))}
+    leaves, tree = jax.tree_util.tree_flatten(shared["value_params"])
+    alias = {j: source[id(x)] for j, x in enumerate(leaves) if id(x) in source}
+    if not alias:
+        return shared, lambda fz, s: s
+    packed = {**shared, "value_params": tree.unflatten([None if j in alias else x for j, x in enumerate(leaves)])}
+
+    def unpack(fz, s):
+        src = jax.tree_util.tree_leaves((fz, s.get("policy_params")))
+        own = tree.flatten_up_to(s["value_params"])
+        return {**s, "value_params": tree.unflatten([src[alias[j]] if j in alias else x for j, x in enumerate(own)])}
+    return packed, unpack
+
+
+def _train_with_frozen(algo: Any, setup: Any, iterations: int, unpack: Callable[[Any, dict], dict] | None = None):
     """``make_train``'s ``train(hp, key, run)`` with the setup's frozen params and the frozen params the
     runs share (``shared``: :func:`shared_frozen_params`) as arguments: a run's own params are joined with
     ``shared`` where its state is built, and its final state is handed back without them (so ``jax.vmap``
     neither batches them in the carry nor stacks them in the output: ``TrainState.apply_gradients``
-    passes frozen leaves through untouched)."""
+    passes frozen leaves through untouched). ``unpack``: :func:`_pack_shared`'s."""
     def train(hp, key, run, frozen, shared):
+        shared = shared if unpack is None else unpack(frozen, shared)
         run = {**run, **{k: join_frozen(v, run[k]) for k, v in shared.items()}}
         final, history = make_train(algo, dataclasses.replace(setup, frozen=frozen),
                                     num_iterations=iterations)(hp, key, run)
