@@ -110,32 +110,42 @@ def test_lora_sweep_holds_the_base_once_and_equals_separate_runs(lora_sweep):
     assert float(np.max(np.abs(b[0] - b[1]))) > 1e-6
 
 
-def _plan_sweep(cfg, runs: int) -> dict:
-    from rlhf_jax.plan import plan, topology
+def _compiled_sweep(cfg, runs: int) -> tuple[dict, str]:
+    """The vmapped sweep of ``runs`` kl_coef values as ``rlhf-jax plan`` compiles it (one CPU device, abstract
+    inputs: nothing runs): ``(memory bytes from its memory analysis, optimised HLO text)``."""
+    from rlhf_jax import devices as devices_lib
+    from rlhf_jax.plan import memory_bytes, trace_programs
     from rlhf_jax.training.configs import MeshConfig
     grid = {"grpo.kl_coef": [str(0.01 * (k + 1)) for k in range(runs)]}
-    rep = plan(cfg, topology("cpu:1"), sweep={"grid": grid, "seeds": 1, "mesh": MeshConfig(runs=1, data=1, fsdp=1)})
-    (prog,) = rep["programs"]
-    return prog
+    with devices_lib.targeting(jax.devices()[:1], abstract=True):
+        _, (prog,) = trace_programs(cfg, "grpo", sweep={"grid": grid, "seeds": 1,
+                                                         "mesh": MeshConfig(runs=1, data=1, fsdp=1)})
+    compiled = prog.fn.lower(*prog.args, **prog.kwargs).compile()
+    return memory_bytes(compiled), compiled.as_text()
 
 
 @pytest.mark.slow
 def test_compiled_lora_sweep_of_8_runs_takes_the_base_once():
-    """The compiled program's own memory analysis (``rlhf-jax plan``, one CPU device): a base-heavy LoRA GRPO
-    sweep's argument bytes grow from 1 to 8 runs by the runs' adapters, states and prompts only."""
+    """The compiled program's own memory analysis (as ``rlhf-jax plan`` compiles it, one CPU device): a
+    base-heavy LoRA GRPO sweep's argument bytes grow from 1 to 8 runs by the runs' adapters, states and
+    prompts only, and no buffer of the program is a frozen MLP kernel with a runs axis."""
     cfg = load_config_file(GRPO_LORA)
     cfg = dataclasses.replace(cfg, iterations=2, policy=dataclasses.replace(
         cfg.policy, hidden_size=64, intermediate_size=1024, lora_rank=1, lora_targets=(r"attn/q_proj/kernel$",)),
         grpo=dataclasses.replace(cfg.grpo, batch_size=4, max_new_tokens=4))
     from rlhf_jax.rl.trainer import build_setup
-    setup = build_setup(cfg)
-    base = _nbytes(shared_frozen_params(setup)["policy_params"])
-    one, eight = _plan_sweep(cfg, 1), _plan_sweep(cfg, 8)
-    print({"base_bytes": base, "runs1": {k: one[k] for k in ("argument_bytes", "temp_bytes", "output_bytes")},
-           "runs8": {k: eight[k] for k in ("argument_bytes", "temp_bytes", "output_bytes")}})
+    frozen = shared_frozen_params(build_setup(cfg))["policy_params"]
+    base = _nbytes(frozen)
+    (one, _), (eight, hlo) = _compiled_sweep(cfg, 1), _compiled_sweep(cfg, 8)
+    print({"base_bytes": base, "runs1": one, "runs8": eight})
     assert one["argument_bytes"] >= base  # the base is an argument of the program (not a constant)...
     assert eight["argument_bytes"] < 2 * base  # ...held once: 8 stacked bases would be 8x
     assert eight["argument_bytes"] - one["argument_bytes"] < 0.25 * base
+    mlp = {tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen["params"]["model"]["layers_0"]["mlp"])}
+    assert mlp == {(64, 1024), (1024, 64)}
+    for shape in mlp:  # the frozen MLP kernels are in the program, never with a leading runs axis
+        assert f"f32[{shape[0]},{shape[1]}]" in hlo
+        assert f"f32[8,{shape[0]},{shape[1]}]" not in hlo and f"f32[{shape[0]},8,{shape[1]}]" not in hlo
 
 
 MESH_LORA_SCRIPT = r"""
