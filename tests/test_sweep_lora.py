@@ -199,7 +199,7 @@ def test_lora_sweep_on_a_runs_by_fsdp_mesh_shares_the_base_and_matches_one_devic
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     script = MESH_LORA_SCRIPT.format(root=str(ROOT), cfg=str(GRPO_LORA), overrides=[
-        "iterations=2", "grpo.batch_size=4", "grpo.max_new_tokens=6", f"out_dir={tmp_path / 'm'}"])
+        "iterations=2", "grpo.batch_size=8", "grpo.max_new_tokens=6", f"out_dir={tmp_path / 'm'}"])
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
