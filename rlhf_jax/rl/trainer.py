@@ -459,7 +459,7 @@ def seeded_frozen_params(cfg: RLRunConfig) -> str:
     if not (cfg.policy.uses_lora or cfg.optim.freeze):
         return ""
     if not cfg.policy.path:
-        return ("config key 'policy.path' is empty, so each seed's frozen policy base is the task's model "
+        return ("config key 'policy.path' is empty: each seed's frozen policy base is the task's model "
                 "initialised from that seed")
     return ""
 
