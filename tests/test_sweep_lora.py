@@ -222,6 +222,14 @@ for i in range(4):
                     jax.tree_util.tree_leaves(jax.device_get(run_policy_params(one, i)))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
         diff = max(diff, float(np.max(np.abs(a - b))))
+# run 0's whole policy (its adapters joined with the shared base, both on the mesh) in a jitted forward
+assert all("runs" not in str(x.sharding.spec) for x in jax.tree_util.tree_leaves(res.shared))
+ids = np.arange(3, 13, dtype=np.int32).reshape(2, 5)
+fwd = lambda model: jax.jit(lambda p: model.apply(p, ids))
+got = jax.tree_util.tree_leaves(fwd(res.setup.policy_model)(run_policy_params(res, 0)))
+want = jax.tree_util.tree_leaves(fwd(one.setup.policy_model)(run_policy_params(one, 0)))
+for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 print("RESULT", json.dumps({{"params_max_abs": diff, "base_specs": sorted(set(map(str, base_specs)))}}))
 """
 

@@ -308,9 +308,12 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
                           "mesh section)")
     frozen = _shared_frozen(setup, inputs)
     packed, unpack = _pack_shared(frozen, shared)
-    final, history, compile_seconds, run_seconds = _compile_and_run(
+    final, history, compile_seconds, run_seconds, placed = _compile_and_run(
         _train_with_frozen(algo, setup, base_cfg.iterations, unpack), hp, keys, inputs, frozen, packed,
         device_mesh, model_flops=len(points) * run_flops(run_cfg, setup))
+    shared = unpack(*placed) if shared else {}  # as placed on the mesh, beside the final state's leaves
+    if shared and jax.process_count() > 1:
+        shared = mesh_lib.gather_to_host(shared)
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
     seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
@@ -412,9 +415,10 @@ def _in_shardings(mesh: Any, hp: Any, keys: Any, inputs: dict, frozen: Any, shar
 
 
 def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, shared: dict, mesh: Any = None, *,
-                     model_flops: float | None = None) -> tuple[Any, dict, float, float]:
+                     model_flops: float | None = None) -> tuple[Any, dict, float, float, tuple]:
     """``jax.jit(jax.vmap(train))`` lowered and compiled (on ``mesh`` with :func:`_in_shardings`, else
-    on one device), then run once: ``(final_state, history on the host, compile seconds, run seconds)``.
+    on one device), then run once: ``(final_state, history on the host, compile seconds, run seconds,
+    (frozen, shared) as placed)``.
     ``frozen`` and ``shared`` enter unbatched (``in_axes=None``). In a plan (``rlhf_jax.devices.abstract()``)
     the program and its placed abstract inputs are handed back (``training.loop.Planned``) instead."""
     args = (hp, keys, inputs, frozen, shared)
@@ -436,7 +440,7 @@ def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, shared
     if jax.process_count() > 1:  # every process gets the whole stacked state (saved policies, evaluation)
         final = mesh_lib.gather_to_host(final)
     t2 = time.time()
-    return final, history, t1 - t0, t2 - t1
+    return final, history, t1 - t0, t2 - t1, args[3:]
 
 
 def _result_rows(base_cfg: Any, points: list[SweepPoint], per_run: dict[str, list], seed_index: np.ndarray,
