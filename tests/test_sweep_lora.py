@@ -104,15 +104,17 @@ def test_seeds_share_the_base_loaded_from_policy_path(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lora_sweep():
+def lora_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_sweep")
     cfg = apply_overrides(load_config_file(PPO_LORA), PPO_SMALL)
-    res = run_vmapped_sweep(cfg, {"ppo.kl_coef": ["0.01", "0.5"], "ppo.lr": ["3e-3", "1e-2"]}, seeds=1)
-    return cfg, res
+    res = run_vmapped_sweep(cfg, {"ppo.kl_coef": ["0.01", "0.5"], "ppo.lr": ["3e-3", "1e-2"]}, seeds=1,
+                            out_dir=out, save_policies=True)
+    return cfg, res, out
 
 
 @pytest.mark.slow
 def test_lora_sweep_holds_the_base_once_and_equals_separate_runs(lora_sweep):
-    cfg, res = lora_sweep
+    cfg, res, _ = lora_sweep
     runs = res.num_runs
     assert runs == 4
     shared = res.shared
@@ -146,6 +148,20 @@ def test_lora_sweep_holds_the_base_once_and_equals_separate_runs(lora_sweep):
     # the runs really differ (their hyper-parameters do), from the same start
     b = [np.asarray(run_policy_params(res, i)["lora"]["model"]["layers_0"]["attn"]["q_proj"]["b"]) for i in (0, 3)]
     assert float(np.max(np.abs(b[0] - b[1]))) > 1e-6
+
+
+@pytest.mark.slow
+def test_saved_policies_of_a_lora_sweep_are_base_plus_each_runs_adapters(lora_sweep):
+    from rlhf_jax import models
+    _, res, out = lora_sweep
+    exports = sorted(out.glob("*/export"))
+    assert [p.parent.name[:3] for p in exports] == ["000", "001", "002", "003"]
+    ids = jnp.asarray(np.arange(3, 17, dtype=np.int32).reshape(2, 7))
+    for i in (0, 3):
+        assert (exports[i] / "adapter" / "adapter_model.safetensors").is_file()
+        m, p = models.from_pretrained(exports[i])
+        np.testing.assert_allclose(m.apply(p, ids), res.setup.policy_model.apply(run_policy_params(res, i), ids),
+                                   atol=1e-4)
 
 
 def _compiled_sweep(cfg, runs: int) -> tuple[dict, str]:
