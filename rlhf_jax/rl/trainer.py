@@ -452,6 +452,23 @@ def state_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), 10)
 
 
+def seeded_frozen_params(cfg: RLRunConfig) -> str:
+    """Why the params a run's optimiser freezes (a LoRA base: ``policy.lora_rank > 0``; ``optim.freeze``)
+    depend on the run's seed, or "" when every seed of ``cfg`` starts from the same frozen params.
+
+    A policy loaded from ``policy.path`` has the same base for every seed (only its adapters and fresh
+    scalar heads, which train, are drawn from the seed); without ``policy.path`` the base is the task's
+    tiny model initialised from the seed (``build_model``), and so is a critic built on the policy's trunk.
+    A vmapped sweep holds the frozen params once for all its runs, so it needs "" here when its runs
+    have several seeds."""
+    if not (cfg.policy.uses_lora or cfg.optim.freeze):
+        return ""
+    if not cfg.policy.path:
+        return ("config key 'policy.path' is empty: each seed's frozen policy base is the task's model "
+                "initialised from that seed")
+    return ""
+
+
 def run_inputs(cfg: RLRunConfig, seed: int, *, built: _Built | None = None,
                devices_per_run: int | None = None) -> dict[str, Any]:
     """What the trainer's run of ``cfg`` with ``seed`` starts from, as arrays: its initial policy and

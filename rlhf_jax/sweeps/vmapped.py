@@ -6,6 +6,12 @@ Only the continuous hyper-parameters the RL package traces (``ppo.kl_coef``, ``p
 traced is refused (:func:`vmap_values`). This module is the sweeps' one client of the RL package's
 internals (``make_train``, ``stack_hparams``, ``sweep_keys``, ``build_setup``, the hyper-parameter
 classes): everything else in :mod:`rlhf_jax.sweeps` goes through it.
+
+The params a run's optimiser freezes -- a LoRA run's base (``policy.lora_rank > 0``, and its LoRA
+critic's), ``optim.freeze`` -- are the same in every run, so the program holds them ONCE: they enter
+unbatched (``in_axes=None``: an argument, not a constant baked into the program) and only the trainable
+leaves (adapters, scalar heads), optimiser states, keys, prompts and hyper-parameters carry the runs
+axis (:func:`split_frozen`); the final state holds each run's own leaves (:func:`run_policy_params`).
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import dataclasses
 import time
 import types
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +30,8 @@ from rlhf_jax.config import ConfigError, apply_overrides
 from rlhf_jax.evaluation import evaluate_policy
 from rlhf_jax.provenance import write_run_record
 from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, with_hparams
-from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_flops, run_inputs, state_key,
-                                 validate_rl_config)
+from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_flops, run_inputs,
+                                 seeded_frozen_params, state_key, validate_rl_config)
 from rlhf_jax.sweeps.points import SweepPoint, expand_points
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.tasks import get_task
@@ -94,7 +100,9 @@ class VmapSweepResult:
 
     rows: one results-table row per run (point), as written to ``results.jsonl``.
     history: ``{metric: [runs, iterations]}`` numpy arrays (the per-iteration curves).
-    final_state: the stacked final ``RLState`` (leading axis = runs); :func:`unstack` one run.
+    final_state: the stacked final ``RLState`` (leading axis = runs); :func:`unstack` one run. The
+      frozen params every run shares (a LoRA base) are not in it (None leaves): ``shared`` holds them
+      once, and :func:`run_policy_params` is run ``i``'s whole policy.
     values: ``{hparam: [runs]}`` value of each varied hyper-parameter per run; seed_index ``[runs]``.
     setup, algo: the shared :class:`rlhf_jax.rl.RLSetup` and the resolved algorithm config.
     compile_seconds / run_seconds: lowering+compilation, and the execution of all runs.
@@ -108,6 +116,7 @@ class VmapSweepResult:
     algo: Any
     compile_seconds: float
     run_seconds: float
+    shared: dict = dataclasses.field(default_factory=dict)  # {"policy_params"|"value_params": frozen part}
 
     @property
     def num_runs(self) -> int:
@@ -117,6 +126,45 @@ class VmapSweepResult:
 def unstack(tree: Any, i: int) -> Any:
     """Run ``i`` of a pytree with a leading runs axis."""
     return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def run_policy_params(result: "VmapSweepResult", i: int) -> Any:
+    """Run ``i``'s final policy params: its own (trainable) leaves joined with the frozen ones the runs share."""
+    own = unstack(result.final_state.policy.params, i)
+    shared = result.shared.get("policy_params")
+    return own if shared is None else join_frozen(shared, own)
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def frozen_mask(tx: Any) -> tuple[bool, ...]:
+    """Per leaf of the params an optimiser was built for (``tree_leaves`` order): True where it freezes the
+    leaf (``training.Optimizer.frozen``: a LoRA base, ``optim.freeze``); ``()`` when it trains every leaf."""
+    mask = tuple(bool(f) for f in getattr(tx, "frozen", ()) or ())
+    return mask if any(mask) else ()
+
+
+def split_frozen(params: Any, mask: Sequence[bool]) -> tuple[Any, Any]:
+    """``(frozen, trainable)``: two copies of ``params``' tree, each with None at the other one's leaves
+    (``mask`` from :func:`frozen_mask`); :func:`join_frozen` puts them back together."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    if len(leaves) != len(mask):
+        raise ValueError(f"split_frozen: the params have {len(leaves)} leaves, the optimiser's frozen mask "
+                         f"{len(mask)}: the mask belongs to another model")
+    return (tree.unflatten([x if f else None for x, f in zip(leaves, mask)]),
+            tree.unflatten([None if f else x for x, f in zip(leaves, mask)]))
+
+
+def join_frozen(frozen: Any, trainable: Any) -> Any:
+    """Inverse of :func:`split_frozen` (``trainable`` may also be whole params: its frozen leaves are ignored)."""
+    return jax.tree_util.tree_map(lambda f, t: t if f is None else f, frozen, trainable, is_leaf=_is_none)
+
+
+def _drop_frozen(params: Any, frozen: Any) -> Any:
+    """``params`` with None at the leaves ``frozen`` holds (what a vmapped run hands back: its own leaves)."""
+    return jax.tree_util.tree_map(lambda f, p: p if f is None else None, frozen, params, is_leaf=_is_none)
 
 
 def _history_to_host(history: dict) -> dict:
@@ -129,14 +177,53 @@ def seed_values(base_cfg: Any, seed_index: Sequence[int], seeds: int) -> list[in
     return [int(s) for s in seed_index] if seeds > 1 else [int(base_cfg.seed)] * len(seed_index)
 
 
-def stacked_run_inputs(base_cfg: Any, seeds: Sequence[int], *, devices_per_run: int | None = None
-                       ) -> tuple[Any, Any]:
-    """``(keys [R], run inputs with a leading R axis)`` of runs with these seeds (each distinct seed's
-    set-up is built once): exactly what ``train_rl`` starts each run from (``rl.trainer.run_inputs``)."""
-    by_seed = {s: run_inputs(base_cfg, s, devices_per_run=devices_per_run) for s in sorted(set(seeds))}
+def shared_frozen_params(setup: Any) -> dict:
+    """The frozen part (:func:`split_frozen`) of the setup's initial policy and value params, for the ones
+    whose optimiser freezes leaves: ``{"policy_params": ..., "value_params": ...}`` (``{}`` for full
+    fine-tunes). A vmapped sweep holds these once for all its runs."""
+    out = {}
+    for key, tx in (("policy_params", setup.policy_tx), ("value_params", setup.value_tx)):
+        params = getattr(setup, key)
+        mask = frozen_mask(tx) if params is not None else ()
+        if mask:
+            out[key] = split_frozen(params, mask)[0]
+    return out
+
+
+def _check_same_frozen(shared: Any, frozen: Any, key: str, seed: int) -> None:
+    """ConfigError unless a run's frozen params are exactly the sweep's shared ones (skipped in a plan)."""
+    if devices_lib.abstract():
+        return
+    flat, _ = jax.tree_util.tree_flatten_with_path(shared)
+    for (path, a), b in zip(flat, jax.tree_util.tree_leaves(frozen)):
+        if np.shape(a) != np.shape(b) or not bool(jnp.array_equal(a, b)):
+            raise ConfigError(f"--vmap: the frozen {key.split('_')[0]} leaf {jax.tree_util.keystr(path)} of the run "
+                              f"with seed {seed} differs from the one the sweep's runs share; a vmapped sweep holds "
+                              f"the frozen params (a LoRA base) once: start every run from the same model "
+                              f"(policy.path), or drop --vmap")
+
+
+def stacked_run_inputs(base_cfg: Any, seeds: Sequence[int], *, devices_per_run: int | None = None,
+                       setup: Any = None) -> tuple[Any, Any, dict]:
+    """``(keys [R], run inputs with a leading R axis, shared)`` of runs with these seeds (each distinct
+    seed's set-up is built once): exactly what ``train_rl`` starts each run from (``rl.trainer.run_inputs``).
+
+    With ``setup``, the leaves its optimisers freeze (a LoRA base) are not stacked: ``shared``
+    (:func:`shared_frozen_params` of ``setup``) holds them once, every run's own frozen leaves must equal
+    them (a ConfigError otherwise) and its inputs hold None there; without, ``shared`` is ``{}``."""
+    shared = {} if setup is None else shared_frozen_params(setup)
+    masks = {"policy_params": frozen_mask(setup.policy_tx), "value_params": frozen_mask(setup.value_tx)} \
+        if shared else {}
+    by_seed = {}
+    for s in sorted(set(seeds)):
+        run = run_inputs(base_cfg, s, devices_per_run=devices_per_run)
+        for key in shared:
+            frozen, run[key] = split_frozen(run[key], masks[key])
+            _check_same_frozen(shared[key], frozen, key, s)  # this seed's copy of the base is then dropped
+        by_seed[s] = run
     inputs = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
                                     *[by_seed[s] for s in seeds])
-    return jnp.stack([state_key(s) for s in seeds]), inputs
+    return jnp.stack([state_key(s) for s in seeds]), inputs, shared
 
 
 def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], *, setup: Any = None
@@ -185,16 +272,26 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     and iteration), ``run.json`` (provenance + the sweep's grid and timings) and, with
     ``save_policies``, each run's final policy as a Hugging Face directory ``<point>/export``.
 
+    The frozen params every run shares -- the reward model, a LoRA base (policy's and critic's) -- enter
+    the program once, unbatched (``inputs`` hold each run's trainable leaves only; with several seeds the
+    base must not depend on the seed: ``policy.path`` set, else a ConfigError).
+
     ``mesh`` (default: the config's ``mesh`` section when it sets any key, else one device) lays the
     program out on a ``(runs, data, fsdp)`` device mesh (:func:`sweep_mesh`): ``hp``, ``keys`` and
     ``inputs`` are split over ``runs`` along their leading runs axis, each run's params over ``fsdp``
     (``P("runs", *fsdp_spec)``) and its prompt batches over ``(data, fsdp)``; the frozen params every
-    run shares (reward model, ...) are sharded over ``fsdp`` and replicated over ``runs``. ``R`` must
+    run shares (reward model, LoRA base) are sharded over ``fsdp`` and replicated over ``runs``. ``R`` must
     be a multiple of ``mesh.runs``. Results are gathered to the host; process 0 writes them.
     """
     values = vmap_values(base_cfg, grid)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    why = seeded_frozen_params(base_cfg) if seeds > 1 else ""
+    if why:
+        raise ConfigError(f"--vmap --seeds {seeds}: a vmapped sweep holds the frozen params (a LoRA base) once for "
+                          f"all its runs, but {why}, so the runs' bases would differ: set policy.path (the model "
+                          f"every run starts from), or sweep one seed (--seeds 1) over the grid, or drop --vmap "
+                          f"(one run per point)")
     points = expand_points(grid, seeds=seeds)
     device_mesh = sweep_mesh(base_cfg, mesh, num_runs=len(points), seeds=seeds)
     # the trainers' checks, on one run's layout (its data x fsdp devices; mesh.runs is the sweep's business)
@@ -205,19 +302,24 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     setup = build_setup(run_cfg, devices_per_run=run_devices) if setup is None else setup
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
     run_seeds = seed_values(base_cfg, np.asarray(seed_index), seeds)
-    keys, inputs = stacked_run_inputs(run_cfg, run_seeds, devices_per_run=run_devices)
+    keys, inputs, shared = stacked_run_inputs(run_cfg, run_seeds, devices_per_run=run_devices, setup=setup)
     if devices_lib.abstract() and device_mesh is None:
         raise ConfigError("plan of a vmapped sweep: give its mesh (--mesh runs=R,data=D,fsdp=F, or the config's "
                           "mesh section)")
-    final, history, compile_seconds, run_seconds = _compile_and_run(
-        _train_with_frozen(algo, setup, base_cfg.iterations), hp, keys, inputs, _shared_frozen(setup, inputs),
+    frozen = _shared_frozen(setup, inputs)
+    packed, unpack = _pack_shared(frozen, shared)
+    final, history, compile_seconds, run_seconds, placed = _compile_and_run(
+        _train_with_frozen(algo, setup, base_cfg.iterations, unpack), hp, keys, inputs, frozen, packed,
         device_mesh, model_flops=len(points) * run_flops(run_cfg, setup))
+    shared = unpack(*placed) if shared else {}  # as placed on the mesh, beside the final state's leaves
+    if shared and jax.process_count() > 1:
+        shared = mesh_lib.gather_to_host(shared)
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
     seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
     result = VmapSweepResult(rows=rows, history=history, final_state=final, values=per_run,
                              seed_index=seed_index, setup=setup, algo=algo,
-                             compile_seconds=compile_seconds, run_seconds=run_seconds)
+                             compile_seconds=compile_seconds, run_seconds=run_seconds, shared=shared)
     if out_dir is not None and jax.process_index() == 0:
         _write_outputs(Path(out_dir), base_cfg, grid, seeds, config_path, points, result)
         if save_policies:
@@ -229,7 +331,7 @@ def save_run_policies(result: VmapSweepResult, base_cfg: Any, points: list[Sweep
     """Each run's final policy as a Hugging Face directory ``out/<point name>/export``."""
     tok_dir = require_tokenizer_dir(base_cfg.data.tokenizer, base_cfg.policy.path, get_task_or_none(base_cfg.task),
                                     "policy")
-    return [export_policy(result.setup.policy_model, unstack(result.final_state.policy.params, i), tok_dir,
+    return [export_policy(result.setup.policy_model, run_policy_params(result, i), tok_dir,
                           out / point.name / "export") for i, point in enumerate(points)]
 
 
@@ -259,31 +361,68 @@ def _shared_frozen(setup: Any, inputs: dict) -> Any:
     return setup.frozen.replace(ref_params=None) if "ref_params" in inputs else setup.frozen
 
 
-def _train_with_frozen(algo: Any, setup: Any, iterations: int):
-    """``make_train``'s ``train(hp, key, run)`` with the setup's frozen params as a fourth argument."""
-    def train(hp, key, run, frozen):
-        return make_train(algo, dataclasses.replace(setup, frozen=frozen), num_iterations=iterations)(hp, key, run)
+def _pack_shared(frozen: Any, shared: dict) -> tuple[dict, Callable[[Any, dict], dict]]:
+    """``(shared as the program takes it, unpack)``: a critic's frozen leaves that ARE arrays the program
+    already takes -- the policy's base (a critic on the policy's trunk, ``value_init="policy"``) or the
+    reward model's trunk (``value_init="reward"``) -- are passed once; ``unpack(frozen, packed)`` puts them
+    back inside the program."""
+    if "value_params" not in shared:
+        return shared, lambda fz, s: s
+    source = {id(x): i for i, x in enumerate(jax.tree_util.tree_leaves((frozen, shared.get("policy_params"))))}
+    leaves, tree = jax.tree_util.tree_flatten(shared["value_params"])
+    alias = {j: source[id(x)] for j, x in enumerate(leaves) if id(x) in source}
+    if not alias:
+        return shared, lambda fz, s: s
+    packed = {**shared, "value_params": tree.unflatten([None if j in alias else x for j, x in enumerate(leaves)])}
+
+    def unpack(fz, s):
+        src = jax.tree_util.tree_leaves((fz, s.get("policy_params")))
+        own = tree.flatten_up_to(s["value_params"])
+        return {**s, "value_params": tree.unflatten([src[alias[j]] if j in alias else x for j, x in enumerate(own)])}
+    return packed, unpack
+
+
+def _train_with_frozen(algo: Any, setup: Any, iterations: int, unpack: Callable[[Any, dict], dict] | None = None):
+    """``make_train``'s ``train(hp, key, run)`` with the setup's frozen params and the frozen params the
+    runs share (``shared``: :func:`shared_frozen_params`) as arguments: a run's own params are joined with
+    ``shared`` where its state is built, and its final state is handed back without them (so ``jax.vmap``
+    neither batches them in the carry nor stacks them in the output: ``TrainState.apply_gradients``
+    passes frozen leaves through untouched). ``unpack``: :func:`_pack_shared`'s."""
+    def train(hp, key, run, frozen, shared):
+        shared = shared if unpack is None else unpack(frozen, shared)
+        run = {**run, **{k: join_frozen(v, run[k]) for k, v in shared.items()}}
+        final, history = make_train(algo, dataclasses.replace(setup, frozen=frozen),
+                                    num_iterations=iterations)(hp, key, run)
+        if "policy_params" in shared:
+            final = final.replace(policy=final.policy.replace(
+                params=_drop_frozen(final.policy.params, shared["policy_params"])))
+        if "value_params" in shared:
+            final = final.replace(value=final.value.replace(
+                params=_drop_frozen(final.value.params, shared["value_params"])))
+        return final, history
     return train
 
 
-def _in_shardings(mesh: Any, hp: Any, keys: Any, inputs: dict, frozen: Any) -> tuple:
+def _in_shardings(mesh: Any, hp: Any, keys: Any, inputs: dict, frozen: Any, shared: dict) -> tuple:
     """Runs over ``runs`` (leading axis of hp, keys, inputs), each run's params over ``fsdp``, its
-    prompt batches ``[R, I, B, P]`` over ``(data, fsdp)``; the shared frozen params over ``fsdp``."""
+    prompt batches ``[R, I, B, P]`` over ``(data, fsdp)``; the shared frozen params (reward model, LoRA
+    base) over ``fsdp``, replicated over ``runs``."""
     by_run = mesh_lib.by_runs(mesh)
     run = {k: (mesh_lib.runs_batch_sharding(mesh, v, batch_axis=2) if k == "prompts"
                else mesh_lib.runs_sharding(mesh, v)) for k, v in inputs.items()}
     return (jax.tree_util.tree_map(lambda _: by_run, hp), jax.tree_util.tree_map(lambda _: by_run, keys), run,
-            mesh_lib.param_sharding(mesh, frozen))
+            mesh_lib.param_sharding(mesh, frozen), mesh_lib.param_sharding(mesh, shared))
 
 
-def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, mesh: Any = None, *,
-                     model_flops: float | None = None) -> tuple[Any, dict, float, float]:
+def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, shared: dict, mesh: Any = None, *,
+                     model_flops: float | None = None) -> tuple[Any, dict, float, float, tuple]:
     """``jax.jit(jax.vmap(train))`` lowered and compiled (on ``mesh`` with :func:`_in_shardings`, else
-    on one device), then run once: ``(final_state, history on the host, compile seconds, run seconds)``.
-    In a plan (``rlhf_jax.devices.abstract()``) the program and its placed abstract inputs are handed back
-    (``training.loop.Planned``) instead."""
-    args = (hp, keys, inputs, frozen)
-    vmapped = jax.vmap(train, in_axes=(0, 0, 0, None))
+    on one device), then run once: ``(final_state, history on the host, compile seconds, run seconds,
+    (frozen, shared) as placed)``.
+    ``frozen`` and ``shared`` enter unbatched (``in_axes=None``). In a plan (``rlhf_jax.devices.abstract()``)
+    the program and its placed abstract inputs are handed back (``training.loop.Planned``) instead."""
+    args = (hp, keys, inputs, frozen, shared)
+    vmapped = jax.vmap(train, in_axes=(0, 0, 0, None, None))
     if mesh is None:
         jitted = jax.jit(vmapped)
     else:
@@ -301,7 +440,7 @@ def _compile_and_run(train, hp: Any, keys: Any, inputs: Any, frozen: Any, mesh: 
     if jax.process_count() > 1:  # every process gets the whole stacked state (saved policies, evaluation)
         final = mesh_lib.gather_to_host(final)
     t2 = time.time()
-    return final, history, t1 - t0, t2 - t1
+    return final, history, t1 - t0, t2 - t1, args[3:]
 
 
 def _result_rows(base_cfg: Any, points: list[SweepPoint], per_run: dict[str, list], seed_index: np.ndarray,
@@ -359,7 +498,7 @@ def evaluate_runs(result: VmapSweepResult, base_cfg: Any, *, num_prompts: int = 
                           f"the config has reward.kind={base_cfg.reward.kind!r}")
     out = []
     for i, row in enumerate(result.rows):
-        params = unstack(result.final_state.policy.params, i)
+        params = run_policy_params(result, i)
         temp = temperature if temperature is not None else (
             float(result.values["temperature"][i]) if "temperature" in result.values else float(result.algo.temperature))
         ev = evaluate_policy(task, result.setup.policy_model, params, frozen.ref_params, reward_model,
@@ -376,7 +515,7 @@ def evaluate_start(result: VmapSweepResult, base_cfg: Any, **kw) -> dict[str, An
     """:func:`evaluate_runs`' numbers for the policy every run STARTED from (KL 0 to the reference
     when the start is the reference, as with an SFT policy)."""
     start = dataclasses.replace(result, rows=[{"point": -1, "overrides": ["start"]}],
-                                final_state=_StartState(result.setup.policy_params))
+                                final_state=_StartState(result.setup.policy_params), shared={})
     return evaluate_runs(start, base_cfg, **kw)[0]
 
 
