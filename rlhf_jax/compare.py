@@ -51,7 +51,7 @@ from rlhf_jax.rl import (RL_OPTIM, DPOConfig, DPOHParams, DPOTrainConfig, GRPOCo
                          build_setup, train_dpo)
 from rlhf_jax.rl.experience import lm_view
 from rlhf_jax.rl.rsft import RSFTConfig, RSFTTrainConfig, train_rsft
-from rlhf_jax.sweeps.vmapped import run_vmapped_sweep, unstack
+from rlhf_jax.sweeps.vmapped import run_policy_params, run_vmapped_sweep
 from rlhf_jax.tasks import get_task, list_tasks
 from rlhf_jax.training import train_reward, train_sft
 from rlhf_jax.training.checkpoint import CheckpointConfig
@@ -322,7 +322,7 @@ def run_compare(spec: CompareSpec, *, command: str = "", log: Callable[[str], No
             log(f"{algo}: {spec.seeds} seeds x {budget.iterations} iterations x {budget.rollout} samples (vmapped)")
             res = run_vmapped_sweep(cfg, {f"{section}.lr": [str(LR)]}, seeds=spec.seeds, out_dir=out / algo)
             wall, compile_s = time.perf_counter() - t, CompileClock.total() - c
-            evals = [evaluate(unstack(res.final_state.policy.params, i), res.setup.policy_model)
+            evals = [evaluate(run_policy_params(res, i), res.setup.policy_model)
                      for i in range(res.num_runs)]
             rounds = float(np.mean(res.history["dynamic_sampling_rounds"])) if "dynamic_sampling_rounds" in \
                 res.history else 1.0
