@@ -459,8 +459,8 @@ def seeded_frozen_params(cfg: RLRunConfig) -> str:
     A policy loaded from ``policy.path`` has the same base for every seed (only its adapters and fresh
     scalar heads, which train, are drawn from the seed); without ``policy.path`` the base is the task's
     tiny model initialised from the seed (``build_model``), and so is a critic built on the policy's trunk.
-    A vmapped sweep holds the frozen params once for all its runs, so it needs "" here when its runs
-    have several seeds."""
+    A vmapped sweep holds the frozen params once for all its runs when this is ""; otherwise (several
+    seeds, each its own base) it stacks them per run."""
     if not (cfg.policy.uses_lora or cfg.optim.freeze):
         return ""
     if not cfg.policy.path:

@@ -273,8 +273,9 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     ``save_policies``, each run's final policy as a Hugging Face directory ``<point>/export``.
 
     The frozen params every run shares -- the reward model, a LoRA base (policy's and critic's) -- enter
-    the program once, unbatched (``inputs`` hold each run's trainable leaves only; with several seeds the
-    base must not depend on the seed: ``policy.path`` set, else a ConfigError).
+    the program once, unbatched (``inputs`` hold each run's trainable leaves only). With several seeds and
+    a base drawn from the seed (no ``policy.path``: the task model initialised per seed) the runs' bases
+    differ, and they are stacked per run like any other param (a note is printed).
 
     ``mesh`` (default: the config's ``mesh`` section when it sets any key, else one device) lays the
     program out on a ``(runs, data, fsdp)`` device mesh (:func:`sweep_mesh`): ``hp``, ``keys`` and
@@ -287,11 +288,9 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     why = seeded_frozen_params(base_cfg) if seeds > 1 else ""
-    if why:
-        raise ConfigError(f"--vmap --seeds {seeds}: a vmapped sweep holds the frozen params (a LoRA base) once for "
-                          f"all its runs, but {why}, so the runs' bases would differ: set policy.path (the model "
-                          f"every run starts from), or sweep one seed (--seeds 1) over the grid, or drop --vmap "
-                          f"(one run per point)")
+    if why and jax.process_index() == 0:  # each seed its own base: stacked per run, as any other param
+        print(f"[sweep] --vmap --seeds {seeds}: {why}; the frozen params are stacked once per run (set policy.path "
+              f"to hold one base for all runs)", flush=True)
     points = expand_points(grid, seeds=seeds)
     device_mesh = sweep_mesh(base_cfg, mesh, num_runs=len(points), seeds=seeds)
     # the trainers' checks, on one run's layout (its data x fsdp devices; mesh.runs is the sweep's business)
@@ -302,7 +301,8 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     setup = build_setup(run_cfg, devices_per_run=run_devices) if setup is None else setup
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
     run_seeds = seed_values(base_cfg, np.asarray(seed_index), seeds)
-    keys, inputs, shared = stacked_run_inputs(run_cfg, run_seeds, devices_per_run=run_devices, setup=setup)
+    keys, inputs, shared = stacked_run_inputs(run_cfg, run_seeds, devices_per_run=run_devices,
+                                              setup=None if why else setup)
     if devices_lib.abstract() and device_mesh is None:
         raise ConfigError("plan of a vmapped sweep: give its mesh (--mesh runs=R,data=D,fsdp=F, or the config's "
                           "mesh section)")
