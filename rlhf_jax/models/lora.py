@@ -7,8 +7,10 @@ the kernel's input and output axes). The effective kernel is (docs/MATH.md, LoRA
 
     W' = W + s · reshape(a @ b),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-computed inside the compiled program (``merge``) just before each forward: ``LoraModel.apply`` merges
-and calls the wrapped module, so "adapters off" is the base model exactly (``base_model(lora_model)``
+which the training forward applies UNMERGED, ``x·W + (x·a)·(s·b)`` in every targeted ``transformer.Linear``
+(``lora_variables``; no merged kernel is formed, so none sits in the temporaries, nor one per run of a
+vmapped sweep); ``merge`` / ``merged`` form ``W'`` for generation and export. ``LoraModel.apply`` passes
+the adapters to the wrapped module, so "adapters off" is the base model exactly (``base_model(lora_model)``
 with ``base_params(variables)``), and the reference policy of an RL run or of DPO is the same base
 arrays without their adapters (no second copy). The base enters the forward through
 ``stop_gradient`` (except the scalar heads ``score`` / ``value_head``, which a reward or value model
@@ -194,6 +196,27 @@ def merge(params: dict, adapters: dict, cfg: LoraConfig, *, dtype=None, freeze_b
     return {"params": out}
 
 
+def lora_variables(params: dict, adapters: dict, cfg: LoraConfig, *, freeze_base: bool = True) -> dict:
+    """The variables of an UNMERGED LoRA forward: ``{"params": base, "lora": {module path: {"a", "b"}}}`` with
+    ``b`` pre-scaled by ``s``; every ``transformer.Linear`` that finds ``a``/``b`` in its ``lora`` collection
+    adds ``(x·a)·(s·b)`` to ``x·W``. Same function as :func:`merge` (to float rounding), without forming
+    ``W + s·a·b``: no merged kernel per layer in the temporaries (and under ``vmap`` none per run; only
+    ``x·a [.., r]``). The base goes through ``stop_gradient`` (``freeze_base``) except the scalar heads;
+    ``modules_to_save`` copies replace their originals as in :func:`merge`."""
+    inner = params["params"] if "params" in params else params
+    sg = jax.lax.stop_gradient if freeze_base else (lambda x: x)
+    out = {k: (v if k in HEAD_KEYS else jax.tree_util.tree_map(sg, v)) for k, v in inner.items()}
+    out = jax.tree_util.tree_map(lambda x: x, out)
+    for p, w in _flat(adapters.get("modules", {})).items():
+        _set(out, p, w.astype(_get(inner, p).dtype))
+    scale = cfg.scale
+    low: dict = {}
+    for p in adapter_paths(adapters):
+        ad = _get(adapters, p[:-1])
+        _set(low, p[:-1], {"a": ad["a"], "b": ad["b"] * jnp.asarray(scale, ad["b"].dtype)})
+    return {"params": out, "lora": low}
+
+
 def is_lora_params(params) -> bool:
     return isinstance(params, dict) and "lora" in params
 
@@ -219,8 +242,9 @@ def trainable_mask(params: dict) -> Any:
 class LoraModel:
     """A model whose ``apply`` takes ``{"params": base, "lora": adapters}`` (hashable: a static argument).
 
-    ``apply(variables, *args, method=None, **kw)`` merges the adapters (``merge``, in the model's
-    compute dtype) and calls the wrapped module; variables without ``"lora"`` run the base as it is.
+    ``apply(variables, *args, method=None, **kw)`` calls the wrapped module with the adapters unmerged
+    (``lora_variables``: each targeted ``Linear`` adds ``(x·a)·(s·b)`` in the compute dtype); variables
+    without ``"lora"`` run the base as it is.
     The class attributes ``hidden_states`` / ``logits_from_hidden`` / ``heads_from_hidden`` are the
     wrapped class's own functions, so code that passes ``method=type(model).hidden_states`` works
     unchanged. Build one with :func:`wrap`.
@@ -234,7 +258,7 @@ class LoraModel:
 
     def apply(self, variables, *args, method=None, **kwargs):
         if is_lora_params(variables):
-            variables = merge(variables, variables["lora"], self.lora, dtype=self.model.config.compute_dtype)
+            variables = lora_variables(variables, variables["lora"], self.lora)
         if isinstance(method, str):
             method = getattr(type(self.model), method)
         return self.model.apply(variables, *args, method=method, **kwargs)

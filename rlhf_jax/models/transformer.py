@@ -221,6 +221,9 @@ class Linear(nn.Module):
         k, n = int(np.prod(in_shape)), int(np.prod(feats))
         x2 = x.astype(self.dtype).reshape(x.shape[:x.ndim - self.n_in] + (k,))
         y = linear(x2, kernel.astype(self.dtype).reshape(k, n))
+        if self.has_variable("lora", "a"):  # LoRA, unmerged: + (x·a)·(s·b) (models/lora.py, `lora_variables`)
+            a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+            y = y + linear(linear(x2, a.astype(self.dtype)), b.astype(self.dtype))
         y = y.reshape(x.shape[:x.ndim - self.n_in] + feats)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, feats, self.param_dtype)
