@@ -333,7 +333,7 @@ def run_lab(task_name: str, out: Path, *, budget: str = "small", seed: int = 0, 
 
     def stage(name):
         seconds[name] = round(time.time() - t0 - sum(seconds.values()), 1)
-        cpu[name] = round(time.process_time() - c0 - sum(cpu.values()), 1)
+        cpu[name] = max(0.0, round(time.process_time() - c0 - sum(cpu.values()), 1))
         log(f"[overopt] {name} done ({seconds[name]} s wall, {cpu[name]} s CPU)")
 
     sft = _sft(task_name, out, seed, b)
@@ -512,7 +512,11 @@ def write_report(results: dict, path: Path) -> str:
                      f"{_f(v['peak'])} | {_f(v['observed_peak_sqrt_kl'])} | {_f(v['observed_peak_gold'])} |")
     lines += ["", "## Research targets", ""]
     for k, v in t.items():
-        detail = ", ".join(f"{a}={_f(x) if isinstance(x, float) else x}" for a, x in v.items() if a != "met")
+        def fmt(x):
+            if isinstance(x, list):
+                return "[" + ", ".join(fmt(y) for y in x) + "]"
+            return _f(x) if isinstance(x, float) else str(x)
+        detail = ", ".join(f"{a}={fmt(x)}" for a, x in v.items() if a != "met")
         lines.append(f"- {k}: **{'met' if v['met'] else 'NOT met'}** ({detail})")
     lines += ["", "Plots: overopt_curves.png, ensembles.png, rm_scaling.png.", ""]
     Path(path).write_text("\n".join(lines))
