@@ -249,12 +249,13 @@ def overoptimisation() -> None:
             "A policy optimising a *learned* proxy reward eventually exploits it: the proxy keeps rising "
             "while the true (gold) reward peaks and falls (Gao et al. 2022). The embedded task's gold reward "
             "lets us watch this on a CPU. `rlhf_jax.overopt.run_lab` (the library behind `rlhf-jax "
-            "overopt`) trains an SFT policy, an ensemble of proxy reward models (one vmapped program) and "
-            "reward models on more or fewer labels, then measures gold and proxy reward against "
-            "`d = sqrt(KL)` for best-of-N (unbiased estimator from one set of samples) and for PPO at several "
-            "fixed β (one vmapped program), fits Gao's forms and compares PPO against the ensemble's mean, "
-            "worst case (WCO) and uncertainty-weighted (UWO) rewards. The `tiny` budget here is a smoke run; "
-            "`full` runs the command's `small` budget (≤ 5 min)."),
+            "overopt`) trains an SFT policy, an ensemble of proxy reward models (one vmapped program), "
+            "reward models on more or fewer labels and reward models of several sizes, then measures gold and "
+            "proxy reward against `d = sqrt(KL)` for best-of-N (unbiased estimator from one set of samples) and "
+            "for PPO at several fixed β (one vmapped program, whose policies are evaluated on held-out test "
+            "prompts every few iterations inside the program), fits Gao's forms and compares PPO against the "
+            "ensemble's mean, worst case (WCO) and uncertainty-weighted (UWO) rewards. The `tiny` budget here "
+            "is a smoke run; `full` runs the command's `small` budget (≤ 5 min)."),
         new_code_cell(f'NAME = "{name}"\n' + SETUP + '''
 LAB_BUDGET = {"tiny": "tiny", "full": "small"}[BUDGET]'''),
         new_code_cell('''from rlhf_jax.overopt import run_lab

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.generation import generate
-from rlhf_jax.rl.experience import policy_forward, reward_model_scores
+from rlhf_jax.rl.experience import policy_forward, reward_model_scores, rollout_forwards, sample, score_tokens
 from rlhf_jax.training.metrics import read_jsonl
 
 
@@ -118,6 +118,51 @@ def evaluate_policy(task, policy_model, policy_params, ref_params, reward_model,
                        "gold": float(res["gold"][i]), "proxy": float(res["proxy"][i])}
                       for i in range(min(num_samples, n))]
     return out
+
+
+def heldout_eval_fn(prompt_ids, prompt_mask, *, gold_fn, samples_per_prompt: int = 1, chunk: int = 0):
+    """``fn(state, frozen, cfg, key) -> dict``: the held-out evaluation of an RL run's policy INSIDE its
+    compiled program (``rl.core.make_train(checkpoint_eval=(every, fn))``), traceable and vmappable.
+
+    Every prompt of ``prompt_ids/prompt_mask`` ``[P, L]`` (left-padded) is repeated ``samples_per_prompt``
+    times; responses are sampled from ``state.policy`` with the algorithm's own sampling settings
+    (``cfg``: its temperature, top-k/top-p and stop ids, i.e. what PPO samples with). Returns float32 scalars,
+    means over the sequences: ``kl`` — per sequence ``Σ_t log π(y_t|·) − log π_ref(y_t|·)`` on the sampled
+    tokens (k1, both at the sampling temperature: the estimator of :func:`evaluate_policy`), ``proxy`` — the
+    run's own reward of the samples (reward model plus its shift, or the ensemble aggregated as the run
+    optimises it; no missing-EOS penalty), ``gold`` — ``gold_fn(prompt_ids, prompt_mask, response_ids,
+    response_mask) -> [B]``; ``kl_se``/``proxy_se``/``gold_se`` — standard errors over the prompts (each
+    prompt's mean over its samples; 0 with one prompt); ``response_length``. The forwards run in chunks of
+    ``chunk`` rows (0: all rows at once).
+    """
+    ids = jnp.asarray(np.repeat(np.asarray(prompt_ids), samples_per_prompt, axis=0))
+    mask = jnp.asarray(np.repeat(np.asarray(prompt_mask), samples_per_prompt, axis=0))
+    num_prompts, rows = int(np.asarray(prompt_ids).shape[0]), int(ids.shape[0])
+    if samples_per_prompt < 1 or num_prompts < 1:
+        raise ValueError(f"heldout_eval_fn: need >= 1 prompt and samples_per_prompt >= 1, got {num_prompts} and "
+                         f"{samples_per_prompt}")
+    chunk = chunk or rows
+    if rows % chunk:
+        raise ValueError(f"heldout_eval_fn: {rows} rows ({num_prompts} prompts x {samples_per_prompt}) are not "
+                         f"divisible by chunk={chunk}")
+
+    def fn(state, frozen, cfg, key):
+        gen = sample(frozen.policy_model, state.policy.params, ids, mask, key, cfg=cfg)
+        tokens, tmask = gen.tokens, gen.mask.astype(mask.dtype)
+        roll = rollout_forwards(state.policy.params, None, frozen, ids, mask, tokens, tmask, chunk=chunk,
+                                temperature=cfg.hparams.temperature, value_mode=None, with_ref=True)
+        per_seq = {"kl": jnp.sum((roll.old_logp - roll.ref_logp) * tmask, axis=1),
+                   "proxy": score_tokens(frozen, ids, mask, tokens, tmask, chunk=chunk, cfg=cfg),
+                   "gold": jnp.asarray(gold_fn(ids, mask, tokens, tmask), jnp.float32)}
+        out = {"response_length": jnp.mean(jnp.sum(tmask, axis=1).astype(jnp.float32))}
+        for k, v in per_seq.items():
+            per_prompt = v.reshape(num_prompts, samples_per_prompt).mean(axis=1)
+            out[k] = jnp.mean(v)
+            out[f"{k}_se"] = (jnp.std(per_prompt, ddof=1) / np.sqrt(num_prompts) if num_prompts > 1
+                              else jnp.zeros((), jnp.float32))
+        return out
+
+    return fn
 
 
 # ------------------------------------------------------------------------------------------ reward model

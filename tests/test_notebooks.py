@@ -118,8 +118,16 @@ def test_notebook_executes_with_tiny_budget(name, tmp_path):
         assert [r["n"] for r in res["bon"]] == [1, 2, 4, 8, 16] and res["bon"][0]["kl"] == 0.0
         assert set(res["rl"]) == {"0", "0.1"} and all({"iteration", "kl", "gold", "proxy"} <= set(r)
                                                       for rows in res["rl"].values() for r in rows)
+        # RL points: held-out evaluations every `window` = 2 of the 6 iterations; the training windows kept aside
+        assert all([r["iteration"] for r in rows] == [2, 4, 6] for rows in res["rl"].values())
+        assert res["rl_eval"] == {"prompts": 8, "samples_per_prompt": 2, "every": 2, "temperature": 1.0,
+                                  "split": "test"}
+        assert set(res["rl_train_window"]) == {"0", "0.1"} and (
+            [r["kl"] for r in res["rl"]["0"]] != [r["kl"] for r in res["rl_train_window"]["0"]])
         assert set(res["ensembles"]) == {"single", "mean", "uwo", "wco"}
-        assert set(res["fits"]["bon"]) >= {"alpha", "beta", "r2"} and set(res["rm_scaling"]) == {"labels_64",
-                                                                                                 "labels_256"}
+        assert set(res["fits"]["bon"]) >= {"alpha", "beta", "r2"} and set(res["rm_scaling"]) == {
+            "labels_64", "labels_256", "size_s", "size_m"}
+        assert res["rm_scaling"]["size_s"]["num_params"] < res["rm_scaling"]["size_m"]["num_params"]
+        assert {"peak_later_with_more_labels", "peak_later_with_larger_rm"} <= set(res["targets"])
         assert all(0.0 <= r["gold"] <= 1.0 for r in res["bon"])
         assert "Research targets" in (out / "lab" / "report.md").read_text()

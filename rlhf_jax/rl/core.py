@@ -555,8 +555,8 @@ def sample_prompt_batch(prompts: dict, batch_size: int, key: Array) -> dict:
     return {k: jnp.asarray(v)[idx] for k, v in prompts.items()}
 
 
-def make_train(algo, setup: RLSetup, *, num_iterations: int, sample_metrics: Callable | None = None
-               ) -> Callable[..., tuple[Any, dict]]:
+def make_train(algo, setup: RLSetup, *, num_iterations: int, sample_metrics: Callable | None = None,
+               checkpoint_eval: tuple[int, Callable] | None = None) -> Callable[..., tuple[Any, dict]]:
     """A pure ``train(hparams, rng, run=None) -> (final_state, metrics_history)`` of ``num_iterations``
     iterations.
 
@@ -569,9 +569,17 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int, sample_metrics: Cal
     ``jax.jit`` (one run) or ``jax.jit(jax.vmap(train))`` (a sweep: ``hparams``, ``rng`` and ``run``
     carry a leading runs axis; see :func:`stack_hparams`). ``metrics_history`` holds ``[num_iterations]``
     arrays. ``sample_metrics(sample_rows) -> dict`` adds per-iteration metrics of the iteration's own samples
-    (e.g. their gold reward) to the history.
+    (e.g. their gold reward) to the history. ``checkpoint_eval=(every, fn)`` evaluates the updated policy
+    inside the program after every iteration ``it`` with ``it % every == every - 1``: ``fn(state, frozen, cfg,
+    key) -> dict`` of float32 scalars (e.g. ``evaluation.heldout_eval_fn``) runs under ``lax.cond`` (the
+    predicate depends on ``it`` only, so it stays a branch under ``vmap``), with one key per run,
+    ``fold_in(rng, num_iterations)``, the same at every checkpoint; the history gets ``eval/<name>``
+    (NaN on the other iterations) and ``eval/mask`` (1.0 where evaluated).
     """
     algo.validate()
+    if checkpoint_eval is not None and not 1 <= int(checkpoint_eval[0]) <= num_iterations:
+        raise ValueError(f"make_train: checkpoint_eval every={checkpoint_eval[0]} must be in 1..num_iterations "
+                         f"({num_iterations})")
     pool = {k: jnp.asarray(v) for k, v in setup.prompts.items()}
 
     def train(hparams, rng, run=None):
@@ -593,6 +601,13 @@ def make_train(algo, setup: RLSetup, *, num_iterations: int, sample_metrics: Cal
             new_state, metrics, rows = iteration_pure(state, frozen, batch, key, cfg)
             if sample_metrics is not None:
                 metrics = {**metrics, **sample_metrics(rows)}
+            if checkpoint_eval is not None:
+                every, eval_fn = checkpoint_eval
+                due, ekey = it % every == every - 1, jax.random.fold_in(rng, num_iterations)
+                shapes = jax.eval_shape(eval_fn, new_state, frozen, cfg, ekey)
+                ev = jax.lax.cond(due, lambda: eval_fn(new_state, frozen, cfg, ekey), lambda: jax.tree_util.tree_map(
+                    lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes))
+                metrics = {**metrics, **{f"eval/{k}": v for k, v in ev.items()}, "eval/mask": due.astype(jnp.float32)}
             return new_state, metrics
 
         return jax.lax.scan(one_iteration, state, jnp.arange(num_iterations))
