@@ -28,7 +28,7 @@ original, so the reference (adapters off) is still the starting model.
 PEFT interop (llama, mistral, qwen2, qwen3): ``save_peft_adapter`` writes ``adapter_config.json`` +
 ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(base, dir)`` loads, and
 ``load_peft_adapter`` reads such a directory back into an adapter tree. LoRA dropout is not
-implemented: the merged-weight forward has no place for it (``lora_dropout`` must be 0).
+implemented: the model forwards carry no dropout key (``lora_dropout`` must be 0).
 """
 from __future__ import annotations
 

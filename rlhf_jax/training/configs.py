@@ -44,7 +44,7 @@ class ModelSection:
     lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
     lora_alpha: float = 16.0      # LoRA scale numerator: s = lora_alpha / lora_rank (rsLoRA: / sqrt(rank))
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths (model/layers_i/attn/q_proj/kernel)
-    lora_dropout: float = 0.0     # LoRA dropout: must be 0 (adapters are merged into the kernels each forward)
+    lora_dropout: float = 0.0     # LoRA dropout: must be 0 (the forwards carry no dropout key)
     lora_rslora: bool = False     # rank-stabilised LoRA scaling lora_alpha / sqrt(lora_rank)
     lora_path: str = ""           # a PEFT LoRA adapter directory to start from (its rank/alpha/targets are used)
     lora_modules_to_save: tuple[str, ...] = ()  # also train in full (as a copy): embed_tokens (tied head too), lm_head
@@ -88,8 +88,8 @@ class ModelSection:
             raise ConfigError(f"config key {prefix + 'lora_rank'!r}: must be >= 0 (0 = full fine-tune), "
                               f"got {self.lora_rank}")
         if self.lora_dropout != 0:
-            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: only 0 is supported (the adapters are merged "
-                              f"into the kernels inside each forward, where dropout on their input has no place), "
+            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: only 0 is supported (the model forwards carry "
+                              f"no dropout key: the framework's training is deterministic given the seed), "
                               f"got {self.lora_dropout}")
         if self.lora_path:
             if not os.path.isfile(os.path.join(self.lora_path, "adapter_config.json")):
