@@ -274,25 +274,39 @@ def _peer_cpu_only(ctx: Context) -> None:
 
 # ---------------------------------------------------------------- items
 
-def _sft_measure(ctx: Context, shape_name: str) -> dict[str, Any]:
-    if shape_name in ctx.sft_cache:
-        return ctx.sft_cache[shape_name]
+def _step_measure(ctx: Context, shape_name: str, kind: str) -> dict[str, Any]:
+    """Our SFT (``kind="sft"``) or reward-model (``"rm"``) step and the PyTorch loop's on the same batch,
+    measured once per shape and kind (``sft``/``rm`` and ``mfu`` all read it)."""
+    cache = ctx.sft_cache if kind == "sft" else ctx.rm_cache
+    if shape_name in cache:
+        return cache[shape_name]
     from benchmarks import torch_side
 
     wl = ctx.workload
     shape = shapes.get_shape(shape_name)
-    batch = data.sft_batch(shape["vocab_size"], wl.sft_batch, wl.sft_seq)
+    if kind == "sft":
+        batch, ours_fn, peer_fn = (data.sft_batch(shape["vocab_size"], wl.sft_batch, wl.sft_seq), "sft_step_time",
+                                   torch_side.sft_step_time)
+        tokens = wl.sft_batch * wl.sft_seq
+    else:
+        batch, ours_fn, peer_fn = (data.preference_batch(shape["vocab_size"], wl.rm_pairs, wl.rm_seq),
+                                   "reward_step_time", torch_side.reward_step_time)
+        tokens = 2 * wl.rm_pairs * wl.rm_seq
     probe = ctx.probe()
     reps = _reps(ctx, shape_name)
-    ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours("sft_step_time")(shape, batch, dtype=ctx.dtype, reps=reps,
-                                                                     attention_impl=ctx.attention_impl))
-    peer, s2, n2 = _side(
-        ctx, "pytorch loop", lambda: (_peer_cpu_only(ctx), in_child(torch_side.sft_step_time, shape, batch, reps=reps))[1]
-    )
-    out = dict(shape=shape, ours=ours, peer=peer, status=_row_status((s1, n1), (s2, n2)), ours_status=(s1, n1),
-               probe=probe, tokens=wl.sft_batch * wl.sft_seq)
-    ctx.sft_cache[shape_name] = out
+    ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours(ours_fn)(shape, batch, dtype=ctx.dtype, reps=reps,
+                                                                 attention_impl=ctx.attention_impl))
+    peer, s2, n2 = _side(ctx, "pytorch loop",
+                         lambda: (_peer_cpu_only(ctx), in_child(peer_fn, shape, batch, reps=reps))[1])
+    out = dict(shape=shape, ours=ours, peer=peer, status=_row_status((s1, n1), (s2, n2)), probe=probe, tokens=tokens)
+    if kind == "sft":
+        out["ours_status"] = (s1, n1)
+    cache[shape_name] = out
     return out
+
+
+def _sft_measure(ctx: Context, shape_name: str) -> dict[str, Any]:
+    return _step_measure(ctx, shape_name, "sft")
 
 
 def _attention_note(ctx: Context, ours: dict[str, Any] | None) -> str:
@@ -357,27 +371,7 @@ def _sft_trainer_row(ctx: Context, name: str, m: dict[str, Any]) -> Row:
 
 
 def _rm_measure(ctx: Context, shape_name: str) -> dict[str, Any]:
-    """Our reward-model step and the PyTorch loop's on the same pairs (measured once per shape: ``rm`` and
-    ``mfu`` both read it)."""
-    if shape_name in ctx.rm_cache:
-        return ctx.rm_cache[shape_name]
-    from benchmarks import torch_side
-
-    wl = ctx.workload
-    shape = shapes.get_shape(shape_name)
-    batch = data.preference_batch(shape["vocab_size"], wl.rm_pairs, wl.rm_seq)
-    probe = ctx.probe()
-    reps = _reps(ctx, shape_name)
-    ours, s1, n1 = _side(ctx, "rlhf_jax", lambda: _ours("reward_step_time")(shape, batch, dtype=ctx.dtype, reps=reps,
-                                                                          attention_impl=ctx.attention_impl))
-    peer, s2, n2 = _side(
-        ctx, "pytorch loop",
-        lambda: (_peer_cpu_only(ctx), in_child(torch_side.reward_step_time, shape, batch, reps=reps))[1],
-    )
-    out = dict(shape=shape, ours=ours, peer=peer, status=_row_status((s1, n1), (s2, n2)), probe=probe,
-               tokens=2 * wl.rm_pairs * wl.rm_seq)
-    ctx.rm_cache[shape_name] = out
-    return out
+    return _step_measure(ctx, shape_name, "rm")
 
 
 def item_rm(ctx: Context, shape_names: list[str]) -> list[Row]:
