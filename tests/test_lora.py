@@ -201,3 +201,24 @@ def test_peft_errors_name_the_file(tmp_path):
         lora.load_peft_adapter(tmp_path, cfg)
     with pytest.raises(models.UnsupportedModelError, match="gpt2"):
         lora.save_peft_adapter(tmp_path / "x", models.tiny_config(arch="gpt2"), lora.LoraConfig(), {})
+
+
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("head", [None, "scalar", "value"])
+def test_unmerged_training_forward_equals_the_merged_model(remat, head):
+    """LoraModel.apply adds (x·a)·(s·b) in every targeted Linear (lora_variables); generation and export use
+    merge(). Both must be the same function, also through nn.remat (the "lora" collection is lifted) and for
+    the scalar-head and value-head models; and the adapters must change the output (never silently dropped)."""
+    cfg = models.tiny_config(remat=remat)
+    cls = {None: models.CausalLM, "scalar": models.ScalarHeadModel, "value": models.CausalLMWithValueHead}[head]
+    m = cls(cfg)
+    p = models.init_params(m, jax.random.PRNGKey(0))
+    lc = lora.LoraConfig(rank=2, alpha=6.0)
+    ad = _random_b(lora.init_adapters(p, lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+    v = {"params": p["params"], "lora": ad}
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, 100, (2, 6)), jnp.int32)
+    flat = lambda out: jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(out)])  # noqa: E731
+    unmerged = flat(lora.wrap(m, lc).apply(v, ids))
+    mm, mp = lora.merged(lora.wrap(m, lc), v)
+    np.testing.assert_allclose(unmerged, flat(mm.apply(mp, ids)), atol=1e-5)
+    assert float(jnp.abs(unmerged - flat(m.apply(p, ids))).max()) > 1e-3
