@@ -181,19 +181,27 @@ def merge(params: dict, adapters: dict, cfg: LoraConfig, *, dtype=None, freeze_b
     """``{"params": base with W' = W + s·a@b on every adapted kernel}`` (the base through
     ``stop_gradient`` when ``freeze_base``, except the scalar heads). ``dtype``: the merged kernels'
     dtype (default: the base kernel's; the sum itself is formed in at least the adapters' precision)."""
-    inner = params["params"] if "params" in params else params
-    sg = jax.lax.stop_gradient if freeze_base else (lambda x: x)
-    out = {k: (v if k in HEAD_KEYS else jax.tree_util.tree_map(sg, v)) for k, v in inner.items()}
-    out = jax.tree_util.tree_map(lambda x: x, out)  # fresh containers (the caller's tree is not mutated)
+    out = _base_for_forward(params, adapters, freeze_base)
     for p in adapter_paths(adapters):
         ad = _get(adapters, p[:-1])
         w = _get(out, p)
         delta = (ad["a"] @ ad["b"]) * jnp.asarray(cfg.scale, ad["a"].dtype)
         odt = w.dtype if dtype is None else dtype
         _set(out, p, (w.astype(jnp.promote_types(odt, delta.dtype)) + delta.reshape(w.shape)).astype(odt))
-    for p, w in _flat(adapters.get("modules", {})).items():  # trained copies replace the frozen originals
-        _set(out, p, w.astype(_get(inner, p).dtype))
     return {"params": out}
+
+
+def _base_for_forward(params: dict, adapters: dict, freeze_base: bool) -> dict:
+    """The base tree a LoRA forward runs on: fresh containers (the caller's tree is not mutated), every leaf
+    through ``stop_gradient`` when ``freeze_base`` except the scalar heads, and the trained
+    ``modules_to_save`` copies in place of their frozen originals."""
+    inner = params["params"] if "params" in params else params
+    sg = jax.lax.stop_gradient if freeze_base else (lambda x: x)
+    out = {k: (v if k in HEAD_KEYS else jax.tree_util.tree_map(sg, v)) for k, v in inner.items()}
+    out = jax.tree_util.tree_map(lambda x: x, out)
+    for p, w in _flat(adapters.get("modules", {})).items():
+        _set(out, p, w.astype(_get(inner, p).dtype))
+    return out
 
 
 def lora_variables(params: dict, adapters: dict, cfg: LoraConfig, *, freeze_base: bool = True) -> dict:
@@ -203,12 +211,7 @@ def lora_variables(params: dict, adapters: dict, cfg: LoraConfig, *, freeze_base
     ``W + s·a·b``: no merged kernel per layer in the temporaries (and under ``vmap`` none per run; only
     ``x·a [.., r]``). The base goes through ``stop_gradient`` (``freeze_base``) except the scalar heads;
     ``modules_to_save`` copies replace their originals as in :func:`merge`."""
-    inner = params["params"] if "params" in params else params
-    sg = jax.lax.stop_gradient if freeze_base else (lambda x: x)
-    out = {k: (v if k in HEAD_KEYS else jax.tree_util.tree_map(sg, v)) for k, v in inner.items()}
-    out = jax.tree_util.tree_map(lambda x: x, out)
-    for p, w in _flat(adapters.get("modules", {})).items():
-        _set(out, p, w.astype(_get(inner, p).dtype))
+    out = _base_for_forward(params, adapters, freeze_base)
     scale = cfg.scale
     low: dict = {}
     for p in adapter_paths(adapters):
