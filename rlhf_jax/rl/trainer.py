@@ -469,6 +469,23 @@ def seeded_frozen_params(cfg: RLRunConfig) -> str:
     return ""
 
 
+def seeded_reference_params(cfg: RLRunConfig) -> str:
+    """Why the reference policy's params (``RLFrozen.ref_params``) depend on the run's seed, or "" when every
+    seed of ``cfg`` has the same reference, or none (a LoRA run's reference is its own base, adapters off).
+
+    A full fine-tune's reference is its initial policy (the language model; cast by ``ref_param_dtype``):
+    loaded from ``policy.path`` it is the same for every seed (a fresh value head, drawn from the seed, is
+    not part of it); without ``policy.path`` it is the task's tiny model initialised from the seed
+    (``build_model``). A vmapped sweep holds the reference once for all its runs when this is "";
+    otherwise (several seeds, each its own start) it stacks it per run."""
+    if cfg.policy.uses_lora:
+        return ""
+    if not cfg.policy.path:
+        return ("config key 'policy.path' is empty: each seed's reference policy is the task's model "
+                "initialised from that seed")
+    return ""
+
+
 def run_inputs(cfg: RLRunConfig, seed: int, *, built: _Built | None = None,
                devices_per_run: int | None = None) -> dict[str, Any]:
     """What the trainer's run of ``cfg`` with ``seed`` starts from, as arrays: its initial policy and

@@ -12,6 +12,9 @@ critic's), ``optim.freeze`` -- are the same in every run, so the program holds t
 unbatched (``in_axes=None``: an argument, not a constant baked into the program) and only the trainable
 leaves (adapters, scalar heads), optimiser states, keys, prompts and hyper-parameters carry the runs
 axis (:func:`split_frozen`); the final state holds each run's own leaves (:func:`run_policy_params`).
+Likewise a full fine-tune's reference policy (``RLFrozen.ref_params``), the same in every run when the
+runs start from one model (``policy.path``, or one seed): it is checked equal across the runs and passed
+once, inside the program's unbatched ``frozen`` argument, instead of once per run.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from rlhf_jax.evaluation import evaluate_policy
 from rlhf_jax.provenance import write_run_record
 from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, with_hparams
 from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_flops, run_inputs,
-                                 seeded_frozen_params, state_key, validate_rl_config)
+                                 seeded_frozen_params, seeded_reference_params, state_key, validate_rl_config)
 from rlhf_jax.sweeps.points import SweepPoint, expand_points
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.tasks import get_task
@@ -102,7 +105,8 @@ class VmapSweepResult:
     history: ``{metric: [runs, iterations]}`` numpy arrays (the per-iteration curves).
     final_state: the stacked final ``RLState`` (leading axis = runs); :func:`unstack` one run. The
       frozen params every run shares (a LoRA base) are not in it (None leaves): ``shared`` holds them
-      once, and :func:`run_policy_params` is run ``i``'s whole policy.
+      once, and :func:`run_policy_params` is run ``i``'s whole policy. A reference policy the runs share
+      is ``setup.frozen.ref_params``.
     values: ``{hparam: [runs]}`` value of each varied hyper-parameter per run; seed_index ``[runs]``.
     setup, algo: the shared :class:`rlhf_jax.rl.RLSetup` and the resolved algorithm config.
     compile_seconds / run_seconds: lowering+compilation, and the execution of all runs.
@@ -190,6 +194,19 @@ def shared_frozen_params(setup: Any) -> dict:
     return out
 
 
+def _first_difference(shared: Any, own: Any) -> str | None:
+    """The path of the first leaf where ``own`` is not exactly ``shared`` (shape, dtype or any value; a
+    different tree structure is ``"<tree structure>"``), or None when they are equal."""
+    flat, tree = jax.tree_util.tree_flatten_with_path(shared)
+    if jax.tree_util.tree_structure(own) != tree:
+        return "<tree structure>"
+    for (path, a), b in zip(flat, jax.tree_util.tree_leaves(own)):
+        if (np.shape(a) != np.shape(b) or jnp.dtype(a.dtype) != jnp.dtype(b.dtype)
+                or not bool(jnp.array_equal(a, b))):
+            return jax.tree_util.keystr(path)
+    return None
+
+
 def _check_same_frozen(shared: Any, frozen: Any, key: str, seed: int) -> None:
     """ConfigError unless a run's frozen params are exactly the sweep's shared ones (skipped in a plan)."""
     if devices_lib.abstract():
@@ -203,23 +220,43 @@ def _check_same_frozen(shared: Any, frozen: Any, key: str, seed: int) -> None:
                               f"(policy.path), or drop --vmap")
 
 
+def _check_same_reference(shared: Any, ref: Any, seed: int) -> None:
+    """ConfigError unless a run's reference params are exactly the sweep's shared ones (skipped in a plan)."""
+    if devices_lib.abstract():
+        return
+    where = _first_difference(shared, ref)
+    if where is not None:
+        raise ConfigError(f"--vmap: the reference policy's params (leaf {where}) of the run with seed {seed} differ "
+                          f"from the reference the sweep's runs share (the set-up's frozen.ref_params); a vmapped "
+                          f"sweep holds one reference for all its runs: start every run from the same model "
+                          f"(policy.path, ref_param_dtype), or drop --vmap")
+
+
 def stacked_run_inputs(base_cfg: Any, seeds: Sequence[int], *, devices_per_run: int | None = None,
-                       setup: Any = None) -> tuple[Any, Any, dict]:
+                       setup: Any = None, share_frozen: bool = True, share_reference: bool = True
+                       ) -> tuple[Any, Any, dict]:
     """``(keys [R], run inputs with a leading R axis, shared)`` of runs with these seeds (each distinct
     seed's set-up is built once): exactly what ``train_rl`` starts each run from (``rl.trainer.run_inputs``).
 
-    With ``setup``, the leaves its optimisers freeze (a LoRA base) are not stacked: ``shared``
-    (:func:`shared_frozen_params` of ``setup``) holds them once, every run's own frozen leaves must equal
-    them (a ConfigError otherwise) and its inputs hold None there; without, ``shared`` is ``{}``."""
-    shared = {} if setup is None else shared_frozen_params(setup)
+    With ``setup`` and ``share_frozen``, the leaves its optimisers freeze (a LoRA base) are not stacked:
+    ``shared`` (:func:`shared_frozen_params` of ``setup``) holds them once, every run's own frozen leaves
+    must equal them (a ConfigError otherwise) and its inputs hold None there. With ``setup`` and
+    ``share_reference``, the reference policy's params are not stacked either: every run's must equal
+    ``setup.frozen.ref_params`` exactly (a ConfigError otherwise; neither check runs in a plan) and the
+    inputs have no ``"ref_params"``: the program reads the setup's (:func:`_shared_frozen`). Without
+    ``setup`` nothing is shared (``shared`` is ``{}``, every run's reference is stacked)."""
+    shared = shared_frozen_params(setup) if setup is not None and share_frozen else {}
     masks = {"policy_params": frozen_mask(setup.policy_tx), "value_params": frozen_mask(setup.value_tx)} \
         if shared else {}
+    one_ref = setup is not None and share_reference
     by_seed = {}
     for s in sorted(set(seeds)):
         run = run_inputs(base_cfg, s, devices_per_run=devices_per_run)
         for key in shared:
             frozen, run[key] = split_frozen(run[key], masks[key])
             _check_same_frozen(shared[key], frozen, key, s)  # this seed's copy of the base is then dropped
+        if one_ref:  # this seed's copy of the reference is dropped once it is checked equal to the setup's
+            _check_same_reference(setup.frozen.ref_params, run.pop("ref_params"), s)
         by_seed[s] = run
     inputs = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
                                     *[by_seed[s] for s in seeds])
@@ -253,7 +290,7 @@ def run_separately(base_cfg: Any, runs: Sequence[tuple[dict[str, float], int]], 
 def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int = 1,
                       out_dir: str | Path | None = None, setup: Any = None,
                       config_path: str = "", save_policies: bool = False,
-                      mesh: MeshConfig | None = None) -> VmapSweepResult:
+                      mesh: MeshConfig | None = None, share_reference: bool = True) -> VmapSweepResult:
     """N seeds x M hyper-parameter values of a PPO/GRPO/RLOO config as ONE compiled program.
 
     ``grid`` maps traced keys (``ppo.kl_coef``, ``ppo.lr``, ``ppo.clip_eps``, ``ppo.kl_target``,
@@ -272,25 +309,31 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     and iteration), ``run.json`` (provenance + the sweep's grid and timings) and, with
     ``save_policies``, each run's final policy as a Hugging Face directory ``<point>/export``.
 
-    The frozen params every run shares -- the reward model, a LoRA base (policy's and critic's) -- enter
-    the program once, unbatched (``inputs`` hold each run's trainable leaves only). With several seeds and
-    a base drawn from the seed (no ``policy.path``: the task model initialised per seed) the runs' bases
-    differ, and they are stacked per run like any other param (a note is printed).
+    The frozen params every run shares -- the reward model, a LoRA base (policy's and critic's), a full
+    fine-tune's reference policy -- enter the program once, unbatched (``inputs`` hold each run's
+    trainable leaves only; each run's base and reference are checked equal to the shared ones, a
+    ConfigError otherwise). With several seeds and a model drawn from the seed (no ``policy.path``: the
+    task model initialised per seed) the runs' bases and references differ, and they are stacked per run
+    like any other param (a note is printed). ``share_reference=False`` stacks the reference per run even
+    when the runs share it (the layout before it was shared: a baseline to compare against).
 
     ``mesh`` (default: the config's ``mesh`` section when it sets any key, else one device) lays the
     program out on a ``(runs, data, fsdp)`` device mesh (:func:`sweep_mesh`): ``hp``, ``keys`` and
     ``inputs`` are split over ``runs`` along their leading runs axis, each run's params over ``fsdp``
     (``P("runs", *fsdp_spec)``) and its prompt batches over ``(data, fsdp)``; the frozen params every
-    run shares (reward model, LoRA base) are sharded over ``fsdp`` and replicated over ``runs``. ``R`` must
+    run shares (reward model, LoRA base, reference) are sharded over ``fsdp`` and replicated over ``runs``. ``R`` must
     be a multiple of ``mesh.runs``. Results are gathered to the host; process 0 writes them.
     """
     values = vmap_values(base_cfg, grid)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     why = seeded_frozen_params(base_cfg) if seeds > 1 else ""
-    if why and jax.process_index() == 0:  # each seed its own base: stacked per run, as any other param
-        print(f"[sweep] --vmap --seeds {seeds}: {why}; the frozen params are stacked once per run (set policy.path "
-              f"to hold one base for all runs)", flush=True)
+    why_ref = seeded_reference_params(base_cfg) if seeds > 1 else ""
+    stacked = [what for what, w in (("the frozen params", why), ("the reference policy", why_ref)) if w]
+    if stacked and jax.process_index() == 0:  # each seed its own model: stacked per run, as any other param
+        print(f"[sweep] --vmap --seeds {seeds}: {why or why_ref}; {' and '.join(stacked)} "
+              f"{'are' if why else 'is'} stacked once per run (set policy.path to hold one copy for all runs)",
+              flush=True)
     points = expand_points(grid, seeds=seeds)
     device_mesh = sweep_mesh(base_cfg, mesh, num_runs=len(points), seeds=seeds)
     # the trainers' checks, on one run's layout (its data x fsdp devices; mesh.runs is the sweep's business)
@@ -301,8 +344,8 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     setup = build_setup(run_cfg, devices_per_run=run_devices) if setup is None else setup
     hp, seed_index = stack_hparams(algo, values, num_seeds=seeds)
     run_seeds = seed_values(base_cfg, np.asarray(seed_index), seeds)
-    keys, inputs, shared = stacked_run_inputs(run_cfg, run_seeds, devices_per_run=run_devices,
-                                              setup=None if why else setup)
+    keys, inputs, shared = stacked_run_inputs(run_cfg, run_seeds, devices_per_run=run_devices, setup=setup,
+                                              share_frozen=not why, share_reference=share_reference and not why_ref)
     if devices_lib.abstract() and device_mesh is None:
         raise ConfigError("plan of a vmapped sweep: give its mesh (--mesh runs=R,data=D,fsdp=F, or the config's "
                           "mesh section)")
@@ -356,8 +399,8 @@ def sweep_mesh(base_cfg: Any, mesh: MeshConfig | None, *, num_runs: int, seeds: 
 
 
 def _shared_frozen(setup: Any, inputs: dict) -> Any:
-    """The frozen pytree every run shares (an argument of the program, not a constant baked into it);
-    the reference params come per run in ``inputs`` when present."""
+    """The frozen pytree every run shares (an argument of the program, not a constant baked into it),
+    the reference params with it unless they come per run (stacked) in ``inputs``."""
     return setup.frozen.replace(ref_params=None) if "ref_params" in inputs else setup.frozen
 
 
@@ -406,7 +449,7 @@ def _train_with_frozen(algo: Any, setup: Any, iterations: int, unpack: Callable[
 def _in_shardings(mesh: Any, hp: Any, keys: Any, inputs: dict, frozen: Any, shared: dict) -> tuple:
     """Runs over ``runs`` (leading axis of hp, keys, inputs), each run's params over ``fsdp``, its
     prompt batches ``[R, I, B, P]`` over ``(data, fsdp)``; the shared frozen params (reward model, LoRA
-    base) over ``fsdp``, replicated over ``runs``."""
+    base, a shared reference) over ``fsdp``, replicated over ``runs``."""
     by_run = mesh_lib.by_runs(mesh)
     run = {k: (mesh_lib.runs_batch_sharding(mesh, v, batch_axis=2) if k == "prompts"
                else mesh_lib.runs_sharding(mesh, v)) for k, v in inputs.items()}
