@@ -321,8 +321,9 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     program out on a ``(runs, data, fsdp)`` device mesh (:func:`sweep_mesh`): ``hp``, ``keys`` and
     ``inputs`` are split over ``runs`` along their leading runs axis, each run's params over ``fsdp``
     (``P("runs", *fsdp_spec)``) and its prompt batches over ``(data, fsdp)``; the frozen params every
-    run shares (reward model, LoRA base, reference) are sharded over ``fsdp`` and replicated over ``runs``. ``R`` must
-    be a multiple of ``mesh.runs``. Results are gathered to the host; process 0 writes them.
+    run shares (reward model, LoRA base, reference) are sharded over ``fsdp`` and replicated over
+    ``runs``. ``R`` must be a multiple of ``mesh.runs``. Results are gathered to the host; process 0
+    writes them.
     """
     values = vmap_values(base_cfg, grid)
     if seeds < 1:
