@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import data, report, run, shapes, timing, torch_side
+from benchmarks import data, report, run, shapes, timing, torch_side, weight_grad
 from benchmarks.report import Row
 
 
@@ -326,3 +326,13 @@ def test_attention_check_compares_auto_with_xla_in_bf16(capsys):
     assert "auto = blocked" in out and out.rstrip().endswith(": ok")
     dist = float(re.search(r"relative distance ([0-9.e+-]+)", out).group(1))
     assert 0 < dist <= attention_check.GRAD_RTOL  # bf16 rounding: two implementations, not one program twice
+
+
+def test_weight_grad_benchmark_grid_and_step_comparison_on_micro_shapes():
+    rows = weight_grad.grid(m=32, shapes=[(8, 4096), (16, 24)], reps=1)
+    assert [r["rule_copies"] for r in rows] == [True, False]
+    assert all(r["eigen_gflops"] > 0 and r["copied_gflops"] > 0 for r in rows)
+    for kind in ("sft", "rm"):
+        out = weight_grad.compare_step(kind, "micro", reps=1, batch_size=2, seq_len=16)
+        assert out["on"] > 0 and out["off"] > 0
+        assert out["loss_on"] == out["loss_off"]  # the rule changes the backward pass only

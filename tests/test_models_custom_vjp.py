@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.losses import sft_loss
-from rlhf_jax.models.transformer import attention_core, linear
+from rlhf_jax.models.transformer import attention_core, cpu_weight_grad_transposes_first, linear
 
 
 def _plain_attention(q, k, v, allowed, scale):
@@ -53,6 +53,33 @@ def test_linear_grads_match_autodiff_including_f32_output():
     gx, gw = jax.grad(lambda x, w: jnp.sum(linear(x, w, jnp.float32)), argnums=(0, 1))(
         x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("k,n", [(8, 4096), (1024, 64), (16, 24)])
+def test_linear_weight_grad_equals_autodiff_in_both_cpu_orientations(k, n):
+    """On CPU the weight gradient of some kernel shapes contracts a copied-out ``x2ᵀ``
+    (``cpu_weight_grad_transposes_first``): the same product as autodiff's, jitted and vmapped."""
+    assert cpu_weight_grad_transposes_first(k, n) == ((k, n) != (16, 24))
+    ks = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(ks[0], (2, 16, k))
+    w = jax.random.normal(ks[1], (k, n)) / np.sqrt(k)
+    g = jax.random.normal(ks[2], (2, 16, n))
+    f = lambda x, w: jnp.sum(g * linear(x, w))  # noqa: E731
+    ref = lambda x, w: jnp.sum(g * jnp.einsum("btk,kn->btn", x, w))  # noqa: E731
+    got = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+    want = jax.grad(ref, argnums=(0, 1))(x, w)
+    for a, b_ in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5)
+    # vmapped over two kernels (a sweep's runs axis)
+    ws = jnp.stack([w, 2 * w])
+    got_v = jax.jit(jax.vmap(jax.grad(f, argnums=1), in_axes=(None, 0)))(x, ws)
+    want_v = jnp.stack([jax.grad(ref, argnums=1)(x, wi) for wi in ws])
+    np.testing.assert_allclose(np.asarray(got_v), np.asarray(want_v), rtol=1e-5, atol=1e-5)
+    # the reoriented product is lowered for CPU only: another platform gets the plain contraction
+    traced = jax.jit(jax.grad(f, argnums=1)).trace(x, w)
+    for platform in ("cpu", "cuda", "tpu"):
+        hlo = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert ("optimization_barrier" in hlo) == (platform == "cpu" and cpu_weight_grad_transposes_first(k, n))
 
 
 def test_token_logprob_grad_matches_autodiff_and_ignores_nonfinite_padding():

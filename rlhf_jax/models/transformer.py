@@ -177,7 +177,8 @@ def linear(x: Array, w: Array, out_dtype=None) -> Array:
     with the activations as the left operand. JAX's own transpose rule emits `(g2ᵀ·x2)ᵀ`, and
     XLA:CPU then materialises `g2ᵀ` with a strided copy of the whole activation gradient before
     each weight-gradient matmul (measured: ~0.45 s of a 3.8 s tiny SFT step went to such copies,
-    `benchmarks/README.md`).
+    `benchmarks/README.md`). On CPU, some shapes copy out the small `x2ᵀ` instead
+    (:func:`cpu_weight_grad_transposes_first`); other platforms get the plain product.
     """
     return _dot_last_first(x, w, out_dtype or x.dtype)
 
@@ -186,13 +187,46 @@ def _linear_fwd(x, w, out_dtype):
     return linear(x, w, out_dtype), (x, w)
 
 
+def cpu_weight_grad_transposes_first(k: int, n: int) -> bool:
+    """Whether, on CPU, the weight gradient `x2ᵀ·g2` of a `[K, N]` kernel contracts a materialised `x2ᵀ`.
+
+    XLA:CPU runs the tokens-contracting `x2ᵀ·g2` (both operands' row axis contracted) through Eigen,
+    which walks `g2` down its columns. Measured on this project's 2-core CPU (M = 4096 rows; the
+    figures and commands are in `benchmarks/README.md`, "Weight-gradient matmul on CPU"):
+    - a row stride of `g2` that is a multiple of 16 KiB (`N % 4096 == 0` in float32: the columns
+      then share cache sets) runs at 70-80 GFLOP/s against 130-170 for the same product with `x2ᵀ`
+      copied out first (a plain row-major matmul, which XLA:CPU hands to its YNNPACK kernels), at
+      every K from 128 to 2048 and N = 4096 ... 24576; at N = 2048, 3072, 6144, 32000 or 50257 the two
+      are within a few percent or Eigen is faster;
+    - a short, wide kernel (`K >= 4·N`) with `N <= 256`, e.g. the tiny benchmark model's MLP down
+      projection (1024 x 256): 27 -> 20 ms per product, and the reward-model step 4% faster. At
+      GPT-2's 3072 x 768 the product alone is 3% faster but the whole SFT step 5% slower, so larger
+      N keep Eigen's product.
+    The copy is made only in those cases; it changes the summation order, not the product.
+    """
+    return n % 4096 == 0 or (k >= 4 * n and n <= 256)
+
+
+def _weight_grad(x2: Array, g2: Array) -> Array:
+    return jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _weight_grad_cpu(x2: Array, g2: Array) -> Array:
+    if not cpu_weight_grad_transposes_first(x2.shape[-1], g2.shape[-1]):
+        return _weight_grad(x2, g2)
+    # the barrier keeps XLA from folding the transpose back into the dot's dimension numbers
+    xt = jax.lax.optimization_barrier(jnp.swapaxes(x2, -1, -2))
+    return jax.lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _linear_bwd(out_dtype, res, g):
     x, w = res
     k, n = w.shape
     x2 = x.reshape(-1, k)
     g2 = g.reshape(-1, n).astype(x.dtype)
     dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    # the same product in every branch (equal up to float summation order); only the CPU one reorients it
+    dw = jax.lax.platform_dependent(x2, g2, cpu=_weight_grad_cpu, default=_weight_grad)
     return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
@@ -318,25 +352,42 @@ def _block_plan(t: int, s: int, block: int, causal: bool, window: int | None):
     return plan
 
 
-def _tiles(q, k, v, allowed, block):
-    """q/k/v/allowed padded to whole blocks and laid out block-major, so a tile's operands are
-    contiguous: `qb [nq,B,bq,K,G,Dh]`, `kb`/`vb [nk,B,bk,K,Dh]`, `ab [nq,nk,B,bq,bk]` (pads: not allowed)."""
-    b, t, kh, g, d = q.shape
-    s = k.shape[1]
+def _head_major_blocks(x, length: int, block: int):
+    """`[B, L, K, (G,) Dh]` -> `[n, B, K, (G,) block, Dh]`: padded to whole blocks, heads before positions.
+
+    One transpose of the whole array, so that every tile below is a plain batched matmul over
+    `(B, K)` with contiguous `(G, block) x Dh` operands (a tile in the `[B, T, K, G, Dh]` layout would
+    need its own transposes, several per tile, which took about a third of the blocked attention's
+    time on CPU)."""
+    pad = -(-length // block) * block - length
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    n = x.shape[1] // block
+    x = x.reshape((x.shape[0], n, block) + x.shape[2:])  # [B, n, block, K, (G,) Dh]
+    order = (1, 0) + tuple(range(3, x.ndim - 1)) + (2, x.ndim - 1)
+    return jnp.transpose(x, order)
+
+
+def _from_head_major(blocks: list, length: int) -> Array:
+    """Inverse of :func:`_head_major_blocks` for a list of `[B, K, (G,) block, Dh]` tiles."""
+    x = jnp.concatenate(blocks, axis=-2)[..., :length, :]  # [B, K, (G,) L, Dh]
+    nd = x.ndim
+    return jnp.transpose(x, (0, nd - 2) + tuple(range(1, nd - 2)) + (nd - 1,))
+
+
+def _tile_allowed(allowed, block):
+    """`allowed [B,T,S]` padded to whole blocks (pads: not allowed) as `[nq, nk, B, bq, bk]`."""
+    b, t, s = allowed.shape
     tp, sp = -(-t // block) * block, -(-s // block) * block
-    if tp != t:
-        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0)))
-    if sp != s:
-        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     if tp != t or sp != s:
         allowed = jnp.pad(allowed, ((0, 0), (0, tp - t), (0, sp - s)))
-    nq, nk = tp // block, sp // block
-    qb = jnp.moveaxis(q.reshape(b, nq, block, kh, g, d), 1, 0)
-    kb = jnp.moveaxis(k.reshape(b, nk, block, kh, d), 1, 0)
-    vb = jnp.moveaxis(v.reshape(b, nk, block, kh, d), 1, 0)
-    ab = jnp.transpose(allowed.reshape(b, nq, block, nk, block), (1, 3, 0, 2, 4))
-    return qb, kb, vb, ab
+    return jnp.transpose(allowed.reshape(b, tp // block, block, sp // block, block), (1, 3, 0, 2, 4))
+
+
+def _tile_scores(qi, kj, aij, scale):
+    """Masked float32 scores `[B,K,G,bq,bk]` of one tile: qi `[B,K,G,bq,Dh]`, kj `[B,K,bk,Dh]`, aij `[B,bq,bk]`."""
+    sc = jnp.einsum("bkgtd,bksd->bkgts", qi, kj, preferred_element_type=jnp.float32) * scale
+    return jnp.where(aij[:, None, None], sc, _NEG)
 
 
 def _row_blocks(x, t_pad: int, block: int):
@@ -351,27 +402,28 @@ def _row_blocks(x, t_pad: int, block: int):
 def _blocked_fwd_impl(q, k, v, allowed, scale, block, causal, window):
     b, t, kh, g, d = q.shape
     s_len = k.shape[1]
-    qb, kb, vb, ab = _tiles(q, k, v, allowed, block)
+    qb, kb, vb = (_head_major_blocks(x, x.shape[1], block) for x in (q, k, v))
+    ab = _tile_allowed(allowed, block)
     outs, ms, ls = [], [], []
     for i, (_, _, js) in enumerate(_block_plan(t, s_len, block, causal, window)):
         m = jnp.full((b, kh, g, block), _NEG, jnp.float32)  # running row max of the (masked) scores
         l = jnp.zeros((b, kh, g, block), jnp.float32)  # running sum of exp(score - m)
-        acc = jnp.zeros((b, block, kh, g, d), jnp.float32)  # running un-normalised output
+        acc = jnp.zeros((b, kh, g, block, d), jnp.float32)  # running un-normalised output
         for j in js:
-            sc = _attn_scores(qb[i], kb[j], ab[i, j], scale)
+            sc = _tile_scores(qb[i], kb[j], ab[i, j], scale)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
             alpha = jnp.exp(m - m_new)
             # a masked score is the float32 minimum: exp(min - m) = 0 once the row has an allowed key;
             # what a row accumulates before its first allowed key is scaled away by alpha = 0 then
             p = jnp.exp(sc - m_new[..., None])
             l = l * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(q.dtype), vb[j], preferred_element_type=jnp.float32)
-            acc = acc * jnp.transpose(alpha, (0, 3, 1, 2))[..., None] + pv
+            pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(q.dtype), vb[j], preferred_element_type=jnp.float32)
+            acc = acc * alpha[..., None] + pv
             m = m_new
-        outs.append(acc / jnp.maximum(jnp.transpose(l, (0, 3, 1, 2))[..., None], 1e-30))
+        outs.append(acc / jnp.maximum(l, 1e-30)[..., None])
         ms.append(m)
         ls.append(l)
-    o = jnp.concatenate(outs, axis=1)[:, :t]
+    o = _from_head_major(outs, t)  # [B,T,K,G,Dh]
     # a row with no allowed key: the uniform distribution over all S keys, as `attention_core`
     o = jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None, None], o,
                   jnp.mean(v.astype(jnp.float32), axis=1)[:, None, :, None, :])
@@ -412,30 +464,30 @@ def _blocked_bwd(scale, block, causal, window, res, do):
     # 1/l, and 0 on rows with no allowed key: their recomputed p is then 0 everywhere (their
     # uniform distribution is added to dv below), so no tile needs the mask again
     inv_l = jnp.where(nonempty[:, None, None, :], 1.0 / jnp.maximum(l, 1e-30), 0.0)
-    qb, kb, vb, ab = _tiles(q, k, v, allowed, block)
+    qb, kb, vb = (_head_major_blocks(x, x.shape[1], block) for x in (q, k, v))
+    dob = _head_major_blocks(do, t, block)
+    ab = _tile_allowed(allowed, block)
     t_pad = qb.shape[0] * block
     mb, ilb, db = (_row_blocks(x, t_pad, block) for x in (m, inv_l, delta))
-    dob = jnp.moveaxis(jnp.pad(do, ((0, 0), (0, t_pad - t), (0, 0), (0, 0), (0, 0)))
-                       .reshape(b, t_pad // block, block, kh, g, d), 1, 0)
     dqs, dks, dvs = [], {}, {}
     for i, (_, _, js) in enumerate(_block_plan(t, s_len, block, causal, window)):
         dq = None
         for j in js:
-            p = jnp.exp(_attn_scores(qb[i], kb[j], ab[i, j], scale) - mb[i]) * ilb[i]  # [B,K,G,bq,bk]
-            dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(q.dtype), dob[i], preferred_element_type=jnp.float32)
-            dp = jnp.einsum("btkgd,bskd->bkgts", dob[i], vb[j], preferred_element_type=jnp.float32)
+            p = jnp.exp(_tile_scores(qb[i], kb[j], ab[i, j], scale) - mb[i]) * ilb[i]  # [B,K,G,bq,bk]
+            dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(q.dtype), dob[i], preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgtd,bksd->bkgts", dob[i], vb[j], preferred_element_type=jnp.float32)
             ds = (p * (dp - db[i])).astype(q.dtype)
-            dqj = jnp.einsum("bkgts,bskd->btkgd", ds, kb[j], preferred_element_type=jnp.float32)
-            dk = jnp.einsum("bkgts,btkgd->bskd", ds, qb[i], preferred_element_type=jnp.float32)
+            dqj = jnp.einsum("bkgts,bksd->bkgtd", ds, kb[j], preferred_element_type=jnp.float32)
+            dk = jnp.einsum("bkgts,bkgtd->bksd", ds, qb[i], preferred_element_type=jnp.float32)
             dq = dqj if dq is None else dq + dqj
             dks[j] = dk if j not in dks else dks[j] + dk
             dvs[j] = dv if j not in dvs else dvs[j] + dv
-        dqs.append(dq if dq is not None else jnp.zeros((b, block, kh, g, d), jnp.float32))
-    zero = jnp.zeros((b, block, kh, d), jnp.float32)
+        dqs.append(dq if dq is not None else jnp.zeros((b, kh, g, block, d), jnp.float32))
+    zero = jnp.zeros((b, kh, block, d), jnp.float32)
     n_k = kb.shape[0]
-    dq = jnp.concatenate(dqs, axis=1)[:, :t] * scale
-    dk = jnp.concatenate([dks.get(j, zero) for j in range(n_k)], axis=1)[:, :s_len] * scale
-    dv = jnp.concatenate([dvs.get(j, zero) for j in range(n_k)], axis=1)[:, :s_len]
+    dq = _from_head_major(dqs, t) * scale
+    dk = _from_head_major([dks.get(j, zero) for j in range(n_k)], s_len) * scale
+    dv = _from_head_major([dvs.get(j, zero) for j in range(n_k)], s_len)
     # rows with no allowed key spread their output gradient uniformly over the S values
     empty = ~nonempty[:, :, None, None, None]
     dv = dv + (jnp.sum(jnp.where(empty, do.astype(jnp.float32), 0.0), axis=(1, 3)) / s_len)[:, None]
