@@ -86,15 +86,22 @@ def compare_step(kind: str, shape_name: str, reps: int = 4, batch_size: int = 8,
     (the benchmark's batch: 8 sequences or preference pairs of 512 tokens); also the first losses."""
     rule = transformer.cpu_weight_grad_transposes_first
     programs = {}
+    barriers = {}
     for name, fn in (("on", rule), ("off", lambda k, n: False)):
         transformer.cpu_weight_grad_transposes_first = fn  # read when the step is traced, below
+        jax.clear_caches()  # the backward pass's traced branches are cached across programs otherwise
         try:
             step, state, batch = _step_program(kind, shape_name, batch_size, seq_len)
-            compiled = step.lower(state, batch).compile()
+            lowered = step.lower(state, batch)
+            barriers[name] = lowered.as_text().count("optimization_barrier")
+            compiled = lowered.compile()
         finally:
             transformer.cpu_weight_grad_transposes_first = rule
         state, metrics = compiled(state, batch)
         programs[name] = [compiled, state, batch, float(metrics["loss"]), []]
+    jax.clear_caches()
+    if barriers["off"]:
+        raise RuntimeError(f"the program with the rule off still copies x2ᵀ ({barriers['off']} barriers)")
     for _ in range(reps):
         for name, prog in programs.items():
             compiled, state, batch = prog[:3]
@@ -104,9 +111,10 @@ def compare_step(kind: str, shape_name: str, reps: int = 4, batch_size: int = 8,
             prog[4].append(time.perf_counter() - t0)
             prog[1] = state
     out = {name: float(np.median(p[4])) for name, p in programs.items()}
-    out.update(loss_on=programs["on"][3], loss_off=programs["off"][3])
+    out.update(loss_on=programs["on"][3], loss_off=programs["off"][3], copies_on=barriers["on"])
     print(f"{kind} step, {shape_name}: rule on {out['on']:.3f} s, off {out['off']:.3f} s "
-          f"(on/off {out['on'] / out['off']:.3f}); first loss {programs['on'][3]:.6f} / {programs['off'][3]:.6f}",
+          f"(on/off {out['on'] / out['off']:.3f}); {barriers['on']} products reoriented; "
+          f"first loss {programs['on'][3]:.6f} / {programs['off'][3]:.6f}",
           flush=True)
     return out
 
