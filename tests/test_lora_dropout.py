@@ -27,7 +27,8 @@ from rlhf_jax.training.optim import OptimConfig, make_optimizer
 from rlhf_jax.training.state import TrainState
 
 SMALL = ["task=sort", "model.name=task", "model.hidden_size=32", "model.intermediate_size=64",
-         "data.batch_size=4", "data.max_length=32", "log.progress=false", "log.every=1", "eval_batches=1"]
+         "data.batch_size=4", "data.max_length=32", "log.progress=false", "log.every=1", "log.tensorboard=false",
+         "eval_batches=1"]
 
 
 def _rand(key, shape, scale=1.0):

@@ -44,7 +44,7 @@ class ModelSection:
     lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
     lora_alpha: float = 16.0      # LoRA scale numerator: s = lora_alpha / lora_rank (rsLoRA: / sqrt(rank))
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths (model/layers_i/attn/q_proj/kernel)
-    lora_dropout: float = 0.0     # adapter-input dropout p in [0, 1) in SFT/reward/DPO training (RL: 0); 0 with lora_path = the adapter's
+    lora_dropout: float = 0.0     # LoRA input dropout p in [0,1): SFT/reward/DPO (RL: 0); with lora_path 0 = the adapter's
     lora_rslora: bool = False     # rank-stabilised LoRA scaling lora_alpha / sqrt(lora_rank)
     lora_path: str = ""           # a PEFT LoRA adapter directory to start from (its rank/alpha/targets/dropout are used)
     lora_modules_to_save: tuple[str, ...] = ()  # also train in full (as a copy): embed_tokens (tied head too), lm_head
