@@ -284,3 +284,31 @@ def test_reward_and_dpo_steps_use_the_step_key():
 def det_model(model, cfg):
     """The same LoRA model without dropout."""
     return lora.wrap(model, dataclasses.replace(cfg, dropout=0.0))
+
+
+def test_peft_reads_our_lora_dropout_and_we_read_peft_s(tmp_path):
+    """Our adapter with lora_dropout 0.1 -> peft.PeftModel (its config says 0.1; in eval mode its logits
+    are our no-key logits); a PEFT-made adapter with lora_dropout 0.05 loads with dropout 0.05."""
+    import peft
+    import torch
+
+    from tests.hf_utils import hf_logits, left_padded_batch, load_hf_model, make_hf_model
+
+    base_dir = make_hf_model("llama", tmp_path / "base")
+    model, params = models.from_pretrained(base_dir)
+    cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1)
+    ad = _random_b(lora.init_adapters(params, cfg, jax.random.PRNGKey(3)), jax.random.PRNGKey(4))
+    ids, mask = left_padded_batch(np.random.default_rng(0), [7, 5], 8, 128)
+    ours = np.asarray(lora.wrap(model, cfg).apply({"params": params["params"], "lora": ad}, ids, attention_mask=mask))
+    out = lora.save_peft_adapter(tmp_path / "adapter", model.config, cfg, ad)
+    pm = peft.PeftModel.from_pretrained(load_hf_model(base_dir), out)
+    assert pm.peft_config["default"].lora_dropout == pytest.approx(0.1)
+    pm.eval()
+    m = mask.astype(bool)
+    np.testing.assert_allclose(ours[m], hf_logits(pm, ids, mask)[m], atol=1e-4, rtol=0)
+
+    torch.manual_seed(0)
+    pm2 = peft.get_peft_model(load_hf_model(base_dir), peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.05,
+                                                                      target_modules=["q_proj", "v_proj"]))
+    pm2.save_pretrained(tmp_path / "peft_made")
+    assert lora.load_peft_adapter(tmp_path / "peft_made", model.config)[0].dropout == pytest.approx(0.05)
