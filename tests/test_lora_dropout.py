@@ -312,3 +312,21 @@ def test_peft_reads_our_lora_dropout_and_we_read_peft_s(tmp_path):
                                                                       target_modules=["q_proj", "v_proj"]))
     pm2.save_pretrained(tmp_path / "peft_made")
     assert lora.load_peft_adapter(tmp_path / "peft_made", model.config)[0].dropout == pytest.approx(0.05)
+
+
+def test_reward_and_dpo_trainers_run_with_lora_dropout_and_export_it(tmp_path):
+    from rlhf_jax.config import load_config_file
+
+    root = Path(__file__).resolve().parents[1]
+    rcfg = apply_overrides(reward_mod.RewardConfig(), SMALL + [
+        f"out_dir={tmp_path / 'rm'}", "steps=2", "eval_every=0", "checkpoint.every=0", "data.pack=false",
+        "model.lora_rank=2", "model.lora_dropout=0.1", "optim.learning_rate=1e-2"])
+    rres = reward_mod.train_reward(rcfg)
+    assert rres.model.lora.dropout == 0.1 and np.isfinite(_losses(tmp_path / "rm")).all()
+    cfg = apply_overrides(load_config_file(root / "experiments" / "dpo_sentiment_tiny.py"), [
+        f"out_dir={tmp_path / 'dpo'}", "steps=2", "eval_every=0", "policy.lora_rank=4", "policy.lora_dropout=0.1",
+        "policy.path=", "policy.name=task", "policy.hidden_size=32", "policy.intermediate_size=64", "log.every=1",
+        "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "data.batch_size=4", "dpo.lr=1e-2"])
+    res = dpo_mod.train_dpo(cfg)
+    meta = json.loads((Path(res.export_dir) / "adapter" / "adapter_config.json").read_text())
+    assert meta["lora_dropout"] == 0.1
