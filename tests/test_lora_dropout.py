@@ -179,6 +179,12 @@ def test_config_errors_name_the_key():
     dpo_mod.validate_dpo_config(dpo_cfg)
     with pytest.raises(ConfigError, match="lora_dropout needs LoRA"):
         dpo_mod.validate_dpo_config(dataclasses.replace(dpo_cfg, policy=ModelSection(name="task", lora_dropout=0.1)))
+    # the pipeline: its SFT and reward stages take it, its PPO stage refuses it
+    from rlhf_jax.pipeline import PipelineConfig
+    apply_overrides(PipelineConfig(), ["sft.model.lora_rank=4", "sft.model.lora_dropout=0.1",
+                                       "reward.model.lora_rank=2", "reward.model.lora_dropout=0.05"]).validate()
+    with pytest.raises(ConfigError, match=r"'ppo\.policy\.lora_dropout'.*RL trainers"):
+        apply_overrides(PipelineConfig(), ["ppo.policy.lora_rank=4", "ppo.policy.lora_dropout=0.1"]).validate()
 
 
 def test_peft_files_carry_lora_dropout_and_lora_path_precedence(tmp_path):
