@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models
-from rlhf_jax.config import ConfigError, apply_overrides
+from rlhf_jax.config import ConfigError, apply_overrides, load_config_file
 from rlhf_jax.models import lora
 from rlhf_jax.models.architecture import CheckpointError
 from rlhf_jax.models.transformer import Linear
+from rlhf_jax.pipeline import PipelineConfig
 from rlhf_jax.rl import dpo as dpo_mod
 from rlhf_jax.training import reward as reward_mod
 from rlhf_jax.training import sft as sft_mod
@@ -25,6 +26,8 @@ from rlhf_jax.training.common import add_lora
 from rlhf_jax.training.configs import ModelSection
 from rlhf_jax.training.optim import OptimConfig, make_optimizer
 from rlhf_jax.training.state import TrainState
+
+from tests.hf_utils import hf_logits, left_padded_batch, load_hf_model, make_hf_model
 
 SMALL = ["task=sort", "model.name=task", "model.hidden_size=32", "model.intermediate_size=64",
          "data.batch_size=4", "data.max_length=32", "log.progress=false", "log.every=1", "log.tensorboard=false",
@@ -180,7 +183,6 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="lora_dropout needs LoRA"):
         dpo_mod.validate_dpo_config(dataclasses.replace(dpo_cfg, policy=ModelSection(name="task", lora_dropout=0.1)))
     # the pipeline: its SFT and reward stages take it, its PPO stage refuses it
-    from rlhf_jax.pipeline import PipelineConfig
     apply_overrides(PipelineConfig(), ["sft.model.lora_rank=4", "sft.model.lora_dropout=0.1",
                                        "reward.model.lora_rank=2", "reward.model.lora_dropout=0.05"]).validate()
     with pytest.raises(ConfigError, match=r"'ppo\.policy\.lora_dropout'.*RL trainers"):
@@ -298,8 +300,6 @@ def test_peft_reads_our_lora_dropout_and_we_read_peft_s(tmp_path):
     import peft
     import torch
 
-    from tests.hf_utils import hf_logits, left_padded_batch, load_hf_model, make_hf_model
-
     base_dir = make_hf_model("llama", tmp_path / "base")
     model, params = models.from_pretrained(base_dir)
     cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1)
@@ -321,8 +321,6 @@ def test_peft_reads_our_lora_dropout_and_we_read_peft_s(tmp_path):
 
 
 def test_reward_and_dpo_trainers_run_with_lora_dropout_and_export_it(tmp_path):
-    from rlhf_jax.config import load_config_file
-
     root = Path(__file__).resolve().parents[1]
     rcfg = apply_overrides(reward_mod.RewardConfig(), SMALL + [
         f"out_dir={tmp_path / 'rm'}", "steps=2", "eval_every=0", "checkpoint.every=0", "data.pack=false",
