@@ -95,10 +95,11 @@ class ModelSection:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: expected a number in [0, 1), got {d!r}")
         if d > 0 and not lora_dropout_ok:
-            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: the RL trainers train LoRA without dropout "
-                              f"(the rollout's log-probs and the update's first forward must agree: importance "
-                              f"ratio 1 at the first epoch; TRL and OpenRLHF also run RL without it); LoRA dropout "
-                              f"is for SFT, reward-model and DPO-family training; set 0, got {d}")
+            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: the RL trainers (PPO, GRPO, RLOO, online "
+                              f"DPO, RSFT) train LoRA without dropout (the rollout's log-probs and the update's first "
+                              f"forward must agree: importance ratio 1 at the first epoch; TRL and OpenRLHF also run "
+                              f"RL without it); LoRA dropout is for SFT, reward-model and offline DPO-family "
+                              f"(rlhf-jax dpo) training; set 0, got {d}")
         if d > 0 and not self.uses_lora:
             raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: lora_dropout needs LoRA ({prefix}lora_rank > 0 "
                               f"or {prefix}lora_path); got {d} with a full fine-tune")
