@@ -4,6 +4,7 @@ resume), the config errors, and ``lora_dropout`` through PEFT adapter files."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -334,3 +335,30 @@ def test_reward_and_dpo_trainers_run_with_lora_dropout_and_export_it(tmp_path):
     res = dpo_mod.train_dpo(cfg)
     meta = json.loads((Path(res.export_dir) / "adapter" / "adapter_config.json").read_text())
     assert meta["lora_dropout"] == 0.1
+
+
+def test_sft_step_with_micro_batches_and_pmap_draws_per_micro_batch_and_device_keys():
+    """The keyed forward inside the gradient-accumulation scan and under pmap (the device index folded in)."""
+    model, params = _tiny()
+    cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    var = {"params": params["params"],
+           "lora": _random_b(lora.init_adapters(params, cfg, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))}
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (4, 9)), jnp.int32)
+    batch = {"input_ids": ids, "targets": ids, "loss_mask": jnp.ones_like(ids), "attention_mask": jnp.ones_like(ids)}
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3), var, total_steps=4)
+
+    def loss(m, micro, pmap=False):
+        st = TrainState.create(apply_fn=m.apply, params=var, tx=tx, rng=3)
+        step = functools.partial(sft_mod.sft_step, cfg=sft_mod.SFTStepConfig(micro_batches=micro))
+        if pmap:
+            rep = jax.tree_util.tree_map(lambda x: x[None], (st, batch))
+            return float(jax.pmap(functools.partial(step, axis_name="d"), axis_name="d")(*rep)[1]["loss"][0])
+        return float(jax.jit(step)(st, batch)[1]["loss"])
+
+    wd, det = lora.wrap(model, cfg), det_model(model, cfg)
+    for micro in (1, 2):
+        assert loss(wd, micro) == loss(wd, micro)
+        assert abs(loss(wd, micro) - loss(det, micro)) > 1e-4
+    assert abs(loss(wd, 2) - loss(wd, 1)) > 1e-6  # each micro-batch its own key
+    assert abs(loss(wd, 1, pmap=True) - loss(wd, 1)) > 1e-6  # under pmap the device index is folded in
+    assert loss(det, 1, pmap=True) == pytest.approx(loss(det, 1), rel=1e-6)
