@@ -153,9 +153,9 @@ class PipelineConfig:
             raise ConfigError(f"config key 'init_from': {self.init_from!r} is not a Hugging Face model "
                               f"directory (no config.json)")
         self.eval.validate()
-        for key, section in (("sft.model.", self.sft.model), ("reward.model.", self.reward.model),
-                             ("ppo.policy.", self.ppo.policy)):
-            section.validate_lora(key)
+        for key, section, dropout_ok in (("sft.model.", self.sft.model, True), ("reward.model.", self.reward.model, True),
+                                         ("ppo.policy.", self.ppo.policy, False)):  # RL: no LoRA dropout
+            section.validate_lora(key, lora_dropout_ok=dropout_ok)
         return self
 
 

@@ -27,8 +27,15 @@ original, so the reference (adapters off) is still the starting model.
 
 PEFT interop (llama, mistral, qwen2, qwen3): ``save_peft_adapter`` writes ``adapter_config.json`` +
 ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(base, dir)`` loads, and
-``load_peft_adapter`` reads such a directory back into an adapter tree. LoRA dropout is not
-implemented: the model forwards carry no dropout key (``lora_dropout`` must be 0).
+``load_peft_adapter`` reads such a directory back into an adapter tree (``lora_dropout`` included).
+
+LoRA dropout (``LoraConfig.dropout`` p, PEFT's ``lora_dropout``): PEFT's ``lora_B(lora_A(dropout(x))) · s``,
+inverted dropout (kept units scaled by 1/(1-p)) on the adapter's INPUT only, the base path ``x·W``
+untouched. It applies only in a forward given a dropout key, ``LoraModel.apply(..., rngs={"dropout":
+key})`` (the supervised training steps pass one: SFT, reward model, the DPO family's policy forwards; key
+from :func:`dropout_key`); then every targeted ``transformer.Linear`` draws its own mask (flax's
+``make_rng`` folds in the module path). Without a key (generation, scoring, evaluation, the reference,
+every RL forward) or with p = 0 the forward is the deterministic one, the same program as without dropout.
 """
 from __future__ import annotations
 
@@ -67,10 +74,15 @@ class LoraConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths below params
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     modules_to_save: tuple[str, ...] = ()  # base modules trained in full as a copy: embed_tokens, lm_head (PEFT's)
+    dropout: float = 0.0  # p of the adapters' input dropout in a forward given a dropout key (PEFT's lora_dropout)
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"config key 'lora_rank': expected an int >= 1, got {self.rank!r}")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"config key 'lora_dropout': expected a number in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
         if not self.alpha > 0:
             raise ConfigError(f"config key 'lora_alpha': must be > 0, got {self.alpha!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -204,20 +216,39 @@ def _base_for_forward(params: dict, adapters: dict, freeze_base: bool) -> dict:
     return out
 
 
-def lora_variables(params: dict, adapters: dict, cfg: LoraConfig, *, freeze_base: bool = True) -> dict:
+def lora_variables(params: dict, adapters: dict, cfg: LoraConfig, *, freeze_base: bool = True,
+                   dropout: bool = False) -> dict:
     """The variables of an UNMERGED LoRA forward: ``{"params": base, "lora": {module path: {"a", "b"}}}`` with
     ``b`` pre-scaled by ``s``; every ``transformer.Linear`` that finds ``a``/``b`` in its ``lora`` collection
     adds ``(x·a)·(s·b)`` to ``x·W``. Same function as :func:`merge` (to float rounding), without forming
     ``W + s·a·b``: no merged kernel per layer in the temporaries (and under ``vmap`` none per run; only
     ``x·a [.., r]``). The base goes through ``stop_gradient`` (``freeze_base``) except the scalar heads;
-    ``modules_to_save`` copies replace their originals as in :func:`merge`."""
+    ``modules_to_save`` copies replace their originals as in :func:`merge`.
+    ``dropout`` (and ``cfg.dropout`` > 0): each module also gets ``"dropout": p``, which makes its ``Linear``
+    drop out the adapter's input when the forward has a ``"dropout"`` rng (``LoraModel.apply``)."""
     out = _base_for_forward(params, adapters, freeze_base)
     scale = cfg.scale
     low: dict = {}
     for p in adapter_paths(adapters):
         ad = _get(adapters, p[:-1])
-        _set(low, p[:-1], {"a": ad["a"], "b": ad["b"] * jnp.asarray(scale, ad["b"].dtype)})
+        entry = {"a": ad["a"], "b": ad["b"] * jnp.asarray(scale, ad["b"].dtype)}
+        if dropout and cfg.dropout > 0:
+            entry["dropout"] = jnp.asarray(cfg.dropout, jnp.float32)
+        _set(low, p[:-1], entry)
     return {"params": out, "lora": low}
+
+
+DROPOUT_STREAM = 0x4C44  # folded into a step's key for the LoRA dropout masks (other draws use other numbers)
+
+
+def dropout_key(rng: Array, axis_name: str | None = None) -> Array:
+    """The key of the LoRA dropout masks of one training (micro-)batch: ``fold_in(rng, DROPOUT_STREAM)``,
+    and under ``pmap`` (``axis_name``) also the device's index, so every device draws its own masks
+    (``rng``: the step's key, ``TrainState.step_rng()``, so a resumed run draws the same masks)."""
+    key = jax.random.fold_in(rng, DROPOUT_STREAM)
+    if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    return key
 
 
 def is_lora_params(params) -> bool:
@@ -247,7 +278,9 @@ class LoraModel:
 
     ``apply(variables, *args, method=None, **kw)`` calls the wrapped module with the adapters unmerged
     (``lora_variables``: each targeted ``Linear`` adds ``(x·a)·(s·b)`` in the compute dtype); variables
-    without ``"lora"`` run the base as it is.
+    without ``"lora"`` run the base as it is. ``rngs={"dropout": key}`` turns LoRA dropout on when
+    ``lora.dropout`` > 0 (the adapters' input dropped out, a mask per module); with ``lora.dropout`` = 0 or
+    no adapters the key is not passed on (the same program as without it).
     The class attributes ``hidden_states`` / ``logits_from_hidden`` / ``heads_from_hidden`` are the
     wrapped class's own functions, so code that passes ``method=type(model).hidden_states`` works
     unchanged. Build one with :func:`wrap`.
@@ -259,11 +292,18 @@ class LoraModel:
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def apply(self, variables, *args, method=None, **kwargs):
+    def apply(self, variables, *args, method=None, rngs=None, **kwargs):
+        drop = False
+        if rngs is not None and "dropout" in rngs:
+            drop = is_lora_params(variables) and self.lora.dropout > 0
+            if not drop:  # nothing draws from it: the deterministic program, as without a key
+                rngs = {k: v for k, v in rngs.items() if k != "dropout"}
         if is_lora_params(variables):
-            variables = lora_variables(variables, variables["lora"], self.lora)
+            variables = lora_variables(variables, variables["lora"], self.lora, dropout=drop)
         if isinstance(method, str):
             method = getattr(type(self.model), method)
+        if rngs:
+            kwargs["rngs"] = rngs
         return self.model.apply(variables, *args, method=method, **kwargs)
 
 
@@ -345,7 +385,7 @@ def save_peft_adapter(path, config: ModelConfig, cfg: LoraConfig, adapters: dict
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     meta = {"peft_type": "LORA", "task_type": task_type, "r": cfg.rank, "lora_alpha": cfg.alpha,
-            "lora_dropout": 0.0, "use_rslora": bool(cfg.rslora), "target_modules": sorted(names),
+            "lora_dropout": cfg.dropout, "use_rslora": bool(cfg.rslora), "target_modules": sorted(names),
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "modules_to_save": saved or None, "base_model_name_or_path": base_model_name_or_path,
             "ensure_weight_tying": bool(config.tie_word_embeddings and "embed_tokens" in saved),
@@ -381,6 +421,9 @@ def load_peft_adapter(path, config: ModelConfig, *, dtype=jnp.float32) -> tuple[
     if meta.get("use_dora"):
         raise CheckpointError(f"{cfg_file}: DoRA adapters are not supported")
     r, alpha = int(meta.get("r", 8)), float(meta.get("lora_alpha", 8))
+    dropout = meta.get("lora_dropout", 0.0)  # PEFT's default when absent
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise CheckpointError(f"{cfg_file}: lora_dropout {dropout!r}; expected a number in [0, 1)")
     save = []
     for m in meta.get("modules_to_save") or ():
         m = m.split(".")[-1]  # PEFT also lists "model.embed_tokens"
@@ -439,5 +482,5 @@ def load_peft_adapter(path, config: ModelConfig, *, dtype=jnp.float32) -> tuple[
             raise CheckpointError(f"{w_file}: modules_to_save {m!r} listed in {cfg_file} but its weight is missing")
     targets = tuple("^" + re.escape("/".join(p)) + "$" for p in sorted(set(found)))
     return LoraConfig(rank=r, alpha=alpha, targets=targets, rslora=bool(meta.get("use_rslora", False)),
-                      modules_to_save=tuple(save)), adapters
+                      modules_to_save=tuple(save), dropout=float(dropout)), adapters
 

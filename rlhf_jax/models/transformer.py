@@ -257,7 +257,14 @@ class Linear(nn.Module):
         y = linear(x2, kernel.astype(self.dtype).reshape(k, n))
         if self.has_variable("lora", "a"):  # LoRA, unmerged: + (x·a)·(s·b) (models/lora.py, `lora_variables`)
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
-            y = y + linear(linear(x2, a.astype(self.dtype)), b.astype(self.dtype))
+            xa = x2
+            if self.has_variable("lora", "dropout") and self.has_rng("dropout"):
+                # LoRA dropout (PEFT's lora_B(lora_A(dropout(x)))): inverted dropout on the adapter's input
+                # only, the base path untouched; a mask of its own per module (make_rng folds in the path)
+                keep = 1.0 - jnp.asarray(self.get_variable("lora", "dropout"), jnp.float32)
+                mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x2.shape)
+                xa = jnp.where(mask, (x2 * (1.0 / keep)).astype(self.dtype), jnp.zeros((), self.dtype))
+            y = y + linear(linear(xa, a.astype(self.dtype)), b.astype(self.dtype))
         y = y.reshape(x.shape[:x.ndim - self.n_in] + feats)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, feats, self.param_dtype)

@@ -144,34 +144,38 @@ def check_preference_batch(batch: dict, where: str = "dpo") -> None:
                              f"B = {shape[0]}")
 
 
-def completion_logps(model, params, ids: Array, mask: Array, loss_mask: Array) -> tuple[Array, Array]:
+def completion_logps(model, params, ids: Array, mask: Array, loss_mask: Array, *,
+                     dropout_rng: Array | None = None) -> tuple[Array, Array]:
     """``(Σ_t logπ(y_t | y_<t, x) [B], completion length [B])`` of right-padded sequences.
 
     With ``model.config.logits_chunk > 0`` the LM head runs that many positions at a time
-    (``losses.chunked_token_logprobs``): the same numbers without a whole ``[B, L, V]`` buffer."""
+    (``losses.chunked_token_logprobs``): the same numbers without a whole ``[B, L, V]`` buffer.
+    ``dropout_rng``: the forward's ``"dropout"`` key (the policy's training forward: a LoRA policy with
+    ``lora_dropout`` > 0 drops out its adapters' input); None = deterministic (reference, evaluation)."""
     tgt_mask = loss_mask[:, 1:]
     targets = ids[:, 1:].astype(jnp.int32)
     chunk = int(getattr(model.config, "logits_chunk", 0) or 0)
     cls = type(model)
+    kw = {} if dropout_rng is None else {"rngs": {"dropout": dropout_rng}}
     if chunk and hasattr(cls, "hidden_states") and hasattr(cls, "logits_from_hidden"):
         hidden = model.apply(params, ids.astype(jnp.int32), attention_mask=mask.astype(jnp.int32),
-                             method=cls.hidden_states)
-        head = lambda h: model.apply(params, h, method=cls.logits_from_hidden)  # noqa: E731
+                             method=cls.hidden_states, **kw)
+        head = lambda h: model.apply(params, h, method=cls.logits_from_hidden)  # noqa: E731  (no adapters)
         logp, _ = losses.chunked_token_logprobs(head, hidden[:, :-1], targets, tgt_mask, chunk=chunk)
     else:
-        logits = model.apply(params, ids.astype(jnp.int32), attention_mask=mask.astype(jnp.int32))
+        logits = model.apply(params, ids.astype(jnp.int32), attention_mask=mask.astype(jnp.int32), **kw)
         if isinstance(logits, tuple):
             logits = logits[0]
         logp = losses.sequence_logprobs(logits[:, :-1].astype(jnp.float32), targets, tgt_mask)
     return jnp.sum(logp, axis=1), jnp.sum(tgt_mask.astype(jnp.float32), axis=1)
 
 
-def _pair_logps(model, params, batch: dict) -> dict[str, Array]:
+def _pair_logps(model, params, batch: dict, dropout_rng: Array | None = None) -> dict[str, Array]:
     """Chosen and rejected in one forward pass of ``2B`` rows (same padded length L)."""
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
     lmask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
-    logp, length = completion_logps(model, params, ids, mask, lmask)
+    logp, length = completion_logps(model, params, ids, mask, lmask, dropout_rng=dropout_rng)
     b = batch["chosen_ids"].shape[0]
     return {"chosen_logp": logp[:b], "rejected_logp": logp[b:], "chosen_len": length[:b],
             "rejected_len": length[b:]}
@@ -293,15 +297,20 @@ def _lora_reference(frozen: DPOFrozen, params) -> DPOFrozen:
 
 
 def dpo_step_pure(state: TrainState, frozen: DPOFrozen, batch: dict, cfg: DPOConfig) -> tuple[TrainState, dict]:
-    """One DPO update: ``losses.dpo_loss`` on the batch, gradient step with the traced lr."""
+    """One DPO update: ``losses.dpo_loss`` on the batch, gradient step with the traced lr.
+
+    A LoRA policy with ``lora_dropout`` > 0 drops out its adapters' input in the policy's chosen/rejected
+    forward (key: ``lora.dropout_key(state.step_rng())``, the same masks after a resume); the reference
+    log-probs and KTO's reference point run without dropout."""
     TRACE_COUNTS["dpo_step"] += 1
     hparams = cfg.hparams
     frozen = _lora_reference(frozen, state.params)
     ref = _reference(frozen, batch, cfg, "dpo_step")
     kl_ref = _kto_reference_point(frozen, state.params, batch, cfg)
+    drop = lora.dropout_key(state.step_rng())
 
     def loss_fn(params):
-        pol = _pair_logps(frozen.model, params, batch)
+        pol = _pair_logps(frozen.model, params, batch, drop)
         loss, m = preference_loss(pol, ref, batch, cfg, kl_ref)
         m = dict(m)
         m["policy_chosen_logp"] = jnp.mean(pol["chosen_logp"])
@@ -407,7 +416,7 @@ def validate_dpo_config(cfg: DPOTrainConfig) -> None:
     if cfg.mesh.mode != "jit":
         raise ConfigError(f"config key 'mesh.mode': DPO runs on a jit mesh, got {cfg.mesh.mode!r}")
     cfg.optim.validate()
-    cfg.policy.validate("policy.")
+    cfg.policy.validate("policy.", lora_dropout_ok=True)
     loop.validate_layout(cfg.mesh, cfg.data.batch_size, 1)
     check_path("data.path", cfg.data.path)
     check_path("eval_path", cfg.eval_path)
@@ -449,7 +458,7 @@ def train_dpo(cfg: DPOTrainConfig) -> loop.TrainResult:
     tokenizer = load_tokenizer(tok_dir)
     rng = jax.random.PRNGKey(cfg.seed)
     model, params, mconfig = build_model(cfg.policy, task=task, tokenizer=tokenizer, head=None,
-                                         rng=jax.random.fold_in(rng, 1), prefix="policy.")
+                                         rng=jax.random.fold_in(rng, 1), prefix="policy.", lora_dropout_ok=True)
     algo = cfg.dpo
     tx = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=1.0), params, total_steps=cfg.steps)
     state = init_dpo_state(model=model, params=params, tx=tx, cfg=algo, rng=jax.random.fold_in(rng, 2))

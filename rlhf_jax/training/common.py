@@ -68,7 +68,7 @@ def validate_supervised(cfg, cls: type) -> Any:
         raise ConfigError(f"config key 'eval_batches': must be >= 1, got {cfg.eval_batches}")
     cfg.validate_run()
     cfg.optim.validate()
-    cfg.model.validate()
+    cfg.model.validate(lora_dropout_ok=True)
     loop.validate_layout(cfg.mesh, cfg.data.batch_size, cfg.micro_batches)
     task = get_task_or_none(cfg.task)
     if not cfg.data.path and task is None:
@@ -96,8 +96,10 @@ def check_path(key: str, path: str, *, kind: str = "file") -> None:
             raise ConfigError(f"config key {key!r}: {part!r} does not exist")
 
 
-def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng: jax.Array, prefix: str = "model."):
-    """``(model, params, model_config)`` from a HF directory, the task's config, or a tiny config."""
+def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng: jax.Array, prefix: str = "model.",
+                lora_dropout_ok: bool = False):
+    """``(model, params, model_config)`` from a HF directory, the task's config, or a tiny config.
+    ``lora_dropout_ok``: the trainer applies LoRA dropout (SFT, reward model, DPO family; see :func:`add_lora`)."""
     if section.path:
         model, params = models.from_pretrained(
             section.path, dtype=jnp.dtype(section.dtype), param_dtype=jnp.dtype(section.param_dtype),
@@ -130,13 +132,22 @@ def build_model(section: ModelSection, *, task, tokenizer, head: str | None, rng
         except ValueError as e:
             raise ConfigError(f"config key 'model': {e}") from None
     if section.uses_lora:
-        model, params = add_lora(section, model, params, jax.random.fold_in(rng, 7), prefix=prefix)
+        model, params = add_lora(section, model, params, jax.random.fold_in(rng, 7), prefix=prefix,
+                                 lora_dropout_ok=lora_dropout_ok)
     return model, params, mconfig
 
 
-def add_lora(section: ModelSection, model, params, rng: jax.Array, *, prefix: str = "model."):
+def add_lora(section: ModelSection, model, params, rng: jax.Array, *, prefix: str = "model.",
+             lora_dropout_ok: bool = False):
     """``(LoraModel, {"params": base, "lora": adapters})``: fresh adapters of ``section.lora_rank``, or the
-    PEFT adapter directory ``section.lora_path`` (whose rank must agree with a non-zero ``lora_rank``)."""
+    PEFT adapter directory ``section.lora_path``. With ``lora_path`` the adapter's ``adapter_config.json``
+    gives r, lora_alpha, the targets, use_rslora and modules_to_save; of the config's keys, ``lora_rank`` 0
+    takes the adapter's r (non-zero must agree: r is the weights' shape), and ``lora_dropout`` 0 takes the
+    adapter's lora_dropout while a non-zero one replaces it (dropout is a training setting, not part of the
+    weights). Without ``lora_dropout_ok`` (the RL trainers, which train LoRA without dropout) the adapters'
+    dropout is 0 whatever the adapter's config says, and a non-zero ``lora_dropout`` is a ConfigError."""
+    if section.lora_dropout and not lora_dropout_ok:
+        section.validate_lora(prefix)  # raises: the error of a trainer that applies no LoRA dropout
     if section.lora_path:
         try:
             cfg, adapters = lora.load_peft_adapter(section.lora_path, model.config)
@@ -145,6 +156,8 @@ def add_lora(section: ModelSection, model, params, rng: jax.Array, *, prefix: st
         if section.lora_rank and section.lora_rank != cfg.rank:
             raise ConfigError(f"config key {prefix + 'lora_rank'!r}: {section.lora_rank} differs from the adapter's "
                               f"r={cfg.rank} in {section.lora_path!r} (set 0 to take the adapter's)")
+        if section.lora_dropout or not lora_dropout_ok:
+            cfg = dataclasses.replace(cfg, dropout=section.lora_dropout)
     else:
         cfg = section.lora_config()
         missing = lora.missing_modules(params, cfg)

@@ -44,12 +44,14 @@ class ModelSection:
     lora_rank: int = 0            # LoRA adapters of this rank on lora_targets, base frozen (0 = full fine-tune)
     lora_alpha: float = 16.0      # LoRA scale numerator: s = lora_alpha / lora_rank (rsLoRA: / sqrt(rank))
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over kernel paths (model/layers_i/attn/q_proj/kernel)
-    lora_dropout: float = 0.0     # LoRA dropout: must be 0 (the forwards carry no dropout key)
+    lora_dropout: float = 0.0     # LoRA input dropout p in [0,1): SFT/reward/DPO (RL: 0); with lora_path 0 = the adapter's
     lora_rslora: bool = False     # rank-stabilised LoRA scaling lora_alpha / sqrt(lora_rank)
-    lora_path: str = ""           # a PEFT LoRA adapter directory to start from (its rank/alpha/targets are used)
+    lora_path: str = ""           # a PEFT LoRA adapter directory to start from (its rank/alpha/targets/dropout are used)
     lora_modules_to_save: tuple[str, ...] = ()  # also train in full (as a copy): embed_tokens (tied head too), lm_head
 
-    def validate(self, prefix: str = "model.") -> None:
+    def validate(self, prefix: str = "model.", *, lora_dropout_ok: bool = False) -> None:
+        """ConfigErrors naming ``prefix + key``. ``lora_dropout_ok``: the trainer applies LoRA dropout (SFT,
+        reward model, DPO family); the RL trainers leave it False and refuse ``lora_dropout`` > 0."""
         if self.path and not os.path.isdir(self.path):
             raise ConfigError(f"config key {prefix + 'path'!r}: {self.path!r} is not a directory")
         if self.path and not os.path.isfile(os.path.join(self.path, "config.json")):
@@ -58,7 +60,7 @@ class ModelSection:
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"config key {prefix + key!r}: expected float32/bfloat16/float16, "
                                   f"got {getattr(self, key)!r}")
-        self.validate_lora(prefix)
+        self.validate_lora(prefix, lora_dropout_ok=lora_dropout_ok)
         if self.remat_policy not in ("full", "dots_saveable"):
             raise ConfigError(f"config key {prefix + 'remat_policy'!r}: expected full|dots_saveable, got "
                               f"{self.remat_policy!r} (remat=false turns rematerialisation off)")
@@ -81,16 +83,26 @@ class ModelSection:
     def lora_config(self) -> LoraConfig:
         """The adapters' settings (``lora_rank`` > 0)."""
         return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=tuple(self.lora_targets),
-                          rslora=self.lora_rslora, modules_to_save=tuple(self.lora_modules_to_save))
+                          rslora=self.lora_rslora, modules_to_save=tuple(self.lora_modules_to_save),
+                          dropout=self.lora_dropout)
 
-    def validate_lora(self, prefix: str = "model.") -> None:
+    def validate_lora(self, prefix: str = "model.", *, lora_dropout_ok: bool = False) -> None:
+        """The LoRA keys' checks (``lora_dropout_ok``: as in :meth:`validate`)."""
         if self.lora_rank < 0:
             raise ConfigError(f"config key {prefix + 'lora_rank'!r}: must be >= 0 (0 = full fine-tune), "
                               f"got {self.lora_rank}")
-        if self.lora_dropout != 0:
-            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: only 0 is supported (the model forwards carry "
-                              f"no dropout key: the framework's training is deterministic given the seed), "
-                              f"got {self.lora_dropout}")
+        d = self.lora_dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: expected a number in [0, 1), got {d!r}")
+        if d > 0 and not lora_dropout_ok:
+            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: the RL trainers (PPO, GRPO, RLOO, online "
+                              f"DPO, RSFT) train LoRA without dropout (the rollout's log-probs and the update's first "
+                              f"forward must agree: importance ratio 1 at the first epoch; TRL and OpenRLHF also run "
+                              f"RL without it); LoRA dropout is for SFT, reward-model and offline DPO-family "
+                              f"(rlhf-jax dpo) training; set 0, got {d}")
+        if d > 0 and not self.uses_lora:
+            raise ConfigError(f"config key {prefix + 'lora_dropout'!r}: lora_dropout needs LoRA ({prefix}lora_rank > 0 "
+                              f"or {prefix}lora_path); got {d} with a full fine-tune")
         if self.lora_path:
             if not os.path.isfile(os.path.join(self.lora_path, "adapter_config.json")):
                 raise ConfigError(f"config key {prefix + 'lora_path'!r}: {self.lora_path!r} has no "

@@ -31,7 +31,7 @@ import numpy as np
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.losses import bradley_terry_loss, ranking_loss
-from rlhf_jax.models import last_token_values
+from rlhf_jax.models import last_token_values, lora
 from rlhf_jax.training import loop, steps
 from rlhf_jax import models
 from rlhf_jax.training.common import (build_model, check_path, export_model, get_task_or_none, resolve_tokenizer_dir,
@@ -100,20 +100,24 @@ class RewardStepConfig:
     ensemble_bootstrap: bool = False
 
 
-def sequence_rewards(apply_fn, params, ids, mask) -> jax.Array:
-    """``r[b]`` = scalar head at the last real token of row ``b``; ``ids, mask [N, L]``."""
-    values = apply_fn(params, ids, attention_mask=mask)
+def sequence_rewards(apply_fn, params, ids, mask, *, dropout_rng=None) -> jax.Array:
+    """``r[b]`` = scalar head at the last real token of row ``b``; ``ids, mask [N, L]``. ``dropout_rng``: the
+    forward's ``"dropout"`` key (a LoRA model with ``lora_dropout`` > 0 uses it; None = deterministic)."""
+    kw = {} if dropout_rng is None else {"rngs": {"dropout": dropout_rng}}
+    values = apply_fn(params, ids, attention_mask=mask, **kw)
     return last_token_values(values, mask)
 
 
 def reward_sums(params, batch: dict, rng, *, apply_fn, center_coef: float = 0.0,
-                use_margin: bool = True):
-    """``(loss_sum, sums)`` for a pairwise or ranking (micro-)batch (chosen by its keys)."""
+                use_margin: bool = True, axis_name: str | None = None):
+    """``(loss_sum, sums)`` for a pairwise or ranking (micro-)batch (chosen by its keys). ``rng`` (the
+    training step's key; None in evaluation) gives the forward's LoRA dropout key (``lora.dropout_key``)."""
+    drop = None if rng is None else lora.dropout_key(rng, axis_name)
     if "chosen_ids" in batch:
         b = batch["chosen_ids"].shape[0]
         ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
         mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-        r = sequence_rewards(apply_fn, params, ids, mask)
+        r = sequence_rewards(apply_fn, params, ids, mask, dropout_rng=drop)
         rc, rr = r[:b], r[b:]
         pair_mask = batch.get("example_mask")
         if pair_mask is None:
@@ -129,7 +133,7 @@ def reward_sums(params, batch: dict, rng, *, apply_fn, center_coef: float = 0.0,
                        "rejected_reward": (met["rejected_reward"] * n, n)}
     bsz, k, length = batch["response_ids"].shape
     r = sequence_rewards(apply_fn, params, batch["response_ids"].reshape(bsz * k, length),
-                         batch["response_mask"].reshape(bsz * k, length)).reshape(bsz, k)
+                         batch["response_mask"].reshape(bsz * k, length), dropout_rng=drop).reshape(bsz, k)
     loss, met = ranking_loss(r, batch["ranks"], batch["rank_mask"])
     n = met["num_prompts"]
     total = loss * n
@@ -153,7 +157,7 @@ def reward_step(state: TrainState, batch: dict, *, cfg: RewardStepConfig = Rewar
     ``RewardStepConfig`` or anything with ``micro_batches``, ``center_coef``, ``use_margin``
     (e.g. the trainer's ``RewardConfig``)."""
     fn = functools.partial(reward_sums, apply_fn=state.apply_fn, center_coef=cfg.center_coef,
-                           use_margin=cfg.use_margin)
+                           use_margin=cfg.use_margin, axis_name=axis_name)
     return steps.update_step(state, batch, fn, micro_batches=cfg.micro_batches, axis_name=axis_name)
 
 
@@ -265,7 +269,8 @@ def train_reward(cfg: RewardConfig) -> loop.TrainResult:
     rng = jax.random.PRNGKey(cfg.seed)
     K = cfg.ensemble_size
     built = [build_model(cfg.model, task=task, tokenizer=tokenizer, head="scalar",
-                         rng=jax.random.fold_in(rng, 1) if k == 0 else jax.random.fold_in(jax.random.fold_in(rng, 1), k))
+                         rng=jax.random.fold_in(rng, 1) if k == 0 else jax.random.fold_in(jax.random.fold_in(rng, 1), k),
+                         lora_dropout_ok=True)
              for k in range(K)]
     model, params, mconfig = built[0]
     fmt = cfg.format

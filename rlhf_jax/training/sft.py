@@ -20,6 +20,7 @@ import jax
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import DataConfig, load_tokenizer, make_iterator
 from rlhf_jax.losses import sft_loss, sft_loss_chunked
+from rlhf_jax.models import lora
 from rlhf_jax.training import loop, steps
 from rlhf_jax.training.common import (build_model, get_task_or_none, resolve_tokenizer_dir, run_supervised,
                                       validate_supervised)
@@ -58,19 +59,24 @@ class SFTStepConfig:
     logits_chunk: int = 0  # > 0: the loss's logits this many positions at a time (never [B, L, V] whole)
 
 
-def sft_sums(params, batch: dict, rng, *, apply_fn, reduction: str = "token", logits_chunk: int = 0):
+def sft_sums(params, batch: dict, rng, *, apply_fn, reduction: str = "token", logits_chunk: int = 0,
+             axis_name: str | None = None):
     """``(loss_numerator, sums)`` of one (micro-)batch; see ``steps`` for the contract.
 
     ``batch``: ``input_ids, targets, loss_mask, attention_mask [B, L]`` and, for packed
     rows, ``positions, segment_ids [B, L]``. ``logits[b, t]`` predicts ``targets[b, t]``.
     ``logits_chunk > 0`` (``model.logits_chunk``): the head and the loss run ``logits_chunk``
     positions at a time (``losses.sft_loss_chunked``; same numbers, no whole ``[B, L, V]`` buffer).
+    ``rng`` (the training step's key; None in evaluation): the forward's ``"dropout"`` key
+    (``lora.dropout_key``), which a LoRA model with ``lora_dropout`` > 0 uses and any other model ignores.
     """
     kw = dict(attention_mask=batch["attention_mask"], positions=batch.get("positions"),
               segment_ids=batch.get("segment_ids"))
+    if rng is not None:
+        kw["rngs"] = {"dropout": lora.dropout_key(rng, axis_name)}
     if logits_chunk:
         hidden = apply_fn(params, batch["input_ids"], method="hidden_states", **kw)
-        head = lambda h: apply_fn(params, h, method="logits_from_hidden")  # noqa: E731
+        head = lambda h: apply_fn(params, h, method="logits_from_hidden")  # noqa: E731  (no adapters: no key)
         _, met = sft_loss_chunked(head, hidden, batch["targets"], batch["loss_mask"], chunk=logits_chunk,
                                   reduction=reduction)
     else:
@@ -90,7 +96,7 @@ def sft_step(state: TrainState, batch: dict, *, cfg: SFTStepConfig = SFTStepConf
     Metrics: ``loss``, ``nll``, ``accuracy`` (token means), ``count`` (loss tokens),
     ``grad_norm`` (before clipping)."""
     fn = functools.partial(sft_sums, apply_fn=state.apply_fn, reduction=cfg.reduction,
-                           logits_chunk=_logits_chunk(cfg))
+                           logits_chunk=_logits_chunk(cfg), axis_name=axis_name)
     return steps.update_step(state, batch, fn, micro_batches=cfg.micro_batches, axis_name=axis_name)
 
 
@@ -168,7 +174,7 @@ def train_sft(cfg: SFTConfig) -> loop.TrainResult:
     placement = loop.make_placement(cfg.mesh)
     rng = jax.random.PRNGKey(cfg.seed)
     model, params, mconfig = build_model(cfg.model, task=task, tokenizer=tokenizer, head=None,
-                                         rng=jax.random.fold_in(rng, 1))
+                                         rng=jax.random.fold_in(rng, 1), lora_dropout_ok=True)
     train_it, eval_iter_fn = _iterators(
         cfg, "sft", task, tokenizer,
         (lambda split: task.sft_records(split)) if task else None,
