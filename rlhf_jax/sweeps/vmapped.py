@@ -30,6 +30,7 @@ import numpy as np
 from rlhf_jax import devices as devices_lib
 from rlhf_jax.config import ConfigError, apply_overrides
 from rlhf_jax.evaluation import evaluate_policy
+from rlhf_jax.models import lora
 from rlhf_jax.provenance import write_run_record
 from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, with_hparams
 from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_flops, run_inputs,
@@ -151,14 +152,17 @@ def _seed_slot(result: "VmapSweepResult", i: int) -> int | None:
     return result.per_seed["seeds"].index(int(result.seed_index[i]))
 
 
-def run_reference_params(result: "VmapSweepResult", i: int) -> Any:
+def run_reference_params(result: "VmapSweepResult", i: int, policy_params: Any = None) -> Any:
     """The reference policy run ``i`` was trained against: its seed's own (``result.per_seed``) when the
-    seeds draw their own models, else the one the runs share (``setup.frozen.ref_params``; None for LoRA,
-    whose reference is its own base)."""
+    seeds draw their own models, else the one the runs share (``setup.frozen.ref_params``). A LoRA run's
+    reference is its own base, adapters off (``lora.base_params`` of ``policy_params``, default: the run's
+    final params; the ``setup.policy_model`` runs variables without adapters as the base)."""
     slot = _seed_slot(result, i)
-    if slot is None or result.per_seed.get("ref_params") is None:
-        return result.setup.frozen.ref_params
-    return unstack(result.per_seed["ref_params"], slot)
+    ref = result.setup.frozen.ref_params if slot is None else result.per_seed.get("ref_params")
+    if ref is None:
+        params = run_policy_params(result, i) if policy_params is None else policy_params
+        return lora.base_params(params) if lora.is_lora_params(params) else None
+    return ref if slot is None else unstack(ref, slot)
 
 
 def run_start_params(result: "VmapSweepResult", i: int) -> Any:
@@ -595,8 +599,9 @@ def evaluate_starts(result: VmapSweepResult, base_cfg: Any, **kw) -> list[dict[s
     The sampling temperature is that of the seed's first run unless ``temperature`` is given."""
     firsts = list(dict.fromkeys(_seed_slot(result, i) for i in range(result.num_runs)))
     runs = [[_seed_slot(result, i) for i in range(result.num_runs)].index(s) for s in firsts]
-    items = [({"point": -1, "overrides": ["start"], "seed": int(result.seed_index[i])}, run_start_params(result, i),
-              run_reference_params(result, i), _run_temperature(result, i)) for i in runs]
+    starts = [run_start_params(result, i) for i in runs]
+    items = [({"point": -1, "overrides": ["start"], "seed": int(result.seed_index[i])}, start,
+              run_reference_params(result, i, start), _run_temperature(result, i)) for i, start in zip(runs, starts)]
     return _evaluate(result, base_cfg, items, **kw)
 
 
