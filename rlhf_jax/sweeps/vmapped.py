@@ -365,7 +365,8 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     ConfigError otherwise). With several seeds and a model drawn from the seed (no ``policy.path``: the
     task model initialised per seed) the runs' bases and references differ, and they are stacked per run
     like any other param (a note is printed); the result then keeps each distinct seed's start policy and
-    reference (``VmapSweepResult.per_seed``) so that :func:`evaluate_runs` measures every run against its own. ``share_reference=False`` stacks the reference per run even
+    reference (``VmapSweepResult.per_seed``) so that :func:`evaluate_runs` measures every run against its
+    own. ``share_reference=False`` stacks the reference per run even
     when the runs share it (the layout before it was shared: a baseline to compare against).
 
     ``mesh`` (default: the config's ``mesh`` section when it sets any key, else one device) lays the
