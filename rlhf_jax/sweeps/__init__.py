@@ -33,13 +33,13 @@ from rlhf_jax.sweeps.points import SweepPoint, expand_points, launch_command, pa
 from rlhf_jax.sweeps.report import write_curves, write_results
 from rlhf_jax.sweeps.sequential import TRAINERS, final_metrics, run_sequential, trainer_for
 from rlhf_jax.sweeps.vmapped import (VMAP_SECTIONS, VmapSweepResult, evaluate_runs, evaluate_start,
-                                     run_policy_params, run_separately, run_vmapped_sweep, traced_keys, unstack,
-                                     vmap_values)
+                                     evaluate_starts, run_policy_params, run_reference_params, run_separately,
+                                     run_start_params, run_vmapped_sweep, traced_keys, unstack, vmap_values)
 
 __all__ = [
     "SweepPoint", "expand_points", "launch_command", "parse_grid", "parse_random",
     "write_curves", "write_results",
     "TRAINERS", "final_metrics", "run_sequential", "trainer_for",
-    "VMAP_SECTIONS", "VmapSweepResult", "evaluate_runs", "evaluate_start",
-    "run_policy_params", "run_separately", "run_vmapped_sweep", "traced_keys", "unstack", "vmap_values",
+    "VMAP_SECTIONS", "VmapSweepResult", "evaluate_runs", "evaluate_start", "evaluate_starts",
+    "run_policy_params", "run_reference_params", "run_separately", "run_start_params", "run_vmapped_sweep", "traced_keys", "unstack", "vmap_values",
 ]

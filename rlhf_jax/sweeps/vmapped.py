@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,6 +30,7 @@ import numpy as np
 from rlhf_jax import devices as devices_lib
 from rlhf_jax.config import ConfigError, apply_overrides
 from rlhf_jax.evaluation import evaluate_policy
+from rlhf_jax.models import lora
 from rlhf_jax.provenance import write_run_record
 from rlhf_jax.rl import hparam_fields, make_train, stack_hparams, with_hparams
 from rlhf_jax.rl.trainer import (build_setup, export_policy, resolved_algorithm, run_flops, run_inputs,
@@ -110,6 +110,11 @@ class VmapSweepResult:
     values: ``{hparam: [runs]}`` value of each varied hyper-parameter per run; seed_index ``[runs]``.
     setup, algo: the shared :class:`rlhf_jax.rl.RLSetup` and the resolved algorithm config.
     compile_seconds / run_seconds: lowering+compilation, and the execution of all runs.
+    per_seed: ``{}`` when every run starts from the set-up's model (one seed, or ``policy.path``: the
+      common case, nothing extra held). When several seeds each draw their own model (no ``policy.path``;
+      ``rl.trainer.seeded_reference_params`` / ``seeded_frozen_params``): ``{"seeds": (s, ...), "policy_params":
+      [S, ...], "ref_params": [S, ...] or None}`` -- each distinct seed's start policy and reference, as the
+      program took them (:func:`run_start_params`, :func:`run_reference_params`).
     """
     rows: list
     history: dict
@@ -121,6 +126,7 @@ class VmapSweepResult:
     compile_seconds: float
     run_seconds: float
     shared: dict = dataclasses.field(default_factory=dict)  # {"policy_params"|"value_params": frozen part}
+    per_seed: dict = dataclasses.field(default_factory=dict)  # each seed's own start and reference, or {}
 
     @property
     def num_runs(self) -> int:
@@ -137,6 +143,50 @@ def run_policy_params(result: "VmapSweepResult", i: int) -> Any:
     own = unstack(result.final_state.policy.params, i)
     shared = result.shared.get("policy_params")
     return own if shared is None else join_frozen(shared, own)
+
+
+def _seed_slot(result: "VmapSweepResult", i: int) -> int | None:
+    """Run ``i``'s row in ``result.per_seed`` (None when the runs share the set-up's start and reference)."""
+    if not result.per_seed:
+        return None
+    return result.per_seed["seeds"].index(int(result.seed_index[i]))
+
+
+def run_reference_params(result: "VmapSweepResult", i: int, policy_params: Any = None) -> Any:
+    """The reference policy run ``i`` was trained against: its seed's own (``result.per_seed``) when the
+    seeds draw their own models, else the one the runs share (``setup.frozen.ref_params``). A LoRA run's
+    reference is its own base, adapters off (``lora.base_params`` of ``policy_params``, default: the run's
+    final params; the ``setup.policy_model`` runs variables without adapters as the base)."""
+    slot = _seed_slot(result, i)
+    ref = result.setup.frozen.ref_params if slot is None else result.per_seed.get("ref_params")
+    if ref is None:
+        params = run_policy_params(result, i) if policy_params is None else policy_params
+        return lora.base_params(params) if lora.is_lora_params(params) else None
+    return ref if slot is None else unstack(ref, slot)
+
+
+def run_start_params(result: "VmapSweepResult", i: int) -> Any:
+    """The policy params run ``i`` STARTED from: its seed's own (``result.per_seed``) when the seeds draw
+    their own models, else the set-up's (``setup.policy_params``; with ``policy.path`` only a run's fresh
+    scalar head or LoRA adapters, which leave the start's sampling distribution unchanged, are drawn from
+    its seed)."""
+    slot = _seed_slot(result, i)
+    if slot is None:
+        return result.setup.policy_params
+    own = unstack(result.per_seed["policy_params"], slot)
+    shared = result.shared.get("policy_params")
+    return own if shared is None else join_frozen(shared, own)
+
+
+def _per_seed_starts(run_seeds: Sequence[int], inputs: dict) -> dict:
+    """``VmapSweepResult.per_seed`` from the program's stacked run inputs: the start policy and reference of
+    each distinct seed (its first run's), in order of first appearance."""
+    seeds = tuple(dict.fromkeys(int(s) for s in run_seeds))
+    first = np.asarray([list(map(int, run_seeds)).index(s) for s in seeds])
+    take = lambda tree: jax.tree_util.tree_map(lambda x: x[first], tree)  # noqa: E731
+    ref = inputs.get("ref_params")
+    return {"seeds": seeds, "policy_params": take(inputs["policy_params"]),
+            "ref_params": None if ref is None else take(ref)}
 
 
 def _is_none(x) -> bool:
@@ -314,7 +364,9 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     trainable leaves only; each run's base and reference are checked equal to the shared ones, a
     ConfigError otherwise). With several seeds and a model drawn from the seed (no ``policy.path``: the
     task model initialised per seed) the runs' bases and references differ, and they are stacked per run
-    like any other param (a note is printed). ``share_reference=False`` stacks the reference per run even
+    like any other param (a note is printed); the result then keeps each distinct seed's start policy and
+    reference (``VmapSweepResult.per_seed``) so that :func:`evaluate_runs` measures every run against its
+    own. ``share_reference=False`` stacks the reference per run even
     when the runs share it (the layout before it was shared: a baseline to compare against).
 
     ``mesh`` (default: the config's ``mesh`` section when it sets any key, else one device) lays the
@@ -361,9 +413,11 @@ def run_vmapped_sweep(base_cfg: Any, grid: dict[str, list[str]], *, seeds: int =
     per_run = {name: np.asarray(getattr(hp, name)).tolist() for name in values}
     seed_index = np.asarray(run_seeds)
     rows = _result_rows(base_cfg, points, per_run, seed_index, history, run_seconds)
+    per_seed = _per_seed_starts(run_seeds, inputs) if why or why_ref else {}  # each seed its own model
     result = VmapSweepResult(rows=rows, history=history, final_state=final, values=per_run,
                              seed_index=seed_index, setup=setup, algo=algo,
-                             compile_seconds=compile_seconds, run_seconds=run_seconds, shared=shared)
+                             compile_seconds=compile_seconds, run_seconds=run_seconds, shared=shared,
+                             per_seed=per_seed)
     if out_dir is not None and jax.process_index() == 0:
         _write_outputs(Path(out_dir), base_cfg, grid, seeds, config_path, points, result)
         if save_policies:
@@ -522,15 +576,56 @@ def _write_outputs(out: Path, base_cfg: Any, grid: dict[str, list[str]], seeds: 
 
 def evaluate_runs(result: VmapSweepResult, base_cfg: Any, *, num_prompts: int = 128, split: str = "test",
                   temperature: float | None = None, seed: int = 0, batch_size: int = 128) -> list[dict[str, Any]]:
-    """Held-out gold reward, proxy reward and KL to the start policy of every run's FINAL policy.
+    """Held-out gold reward, proxy reward and KL to the reference of every run's FINAL policy.
 
     For each run: :func:`rlhf_jax.evaluation.evaluate_policy` on ``num_prompts`` prompts of the task's
     ``split`` (one sample each at the run's sampling temperature), scoring with the task's gold
     reward, the sweep's reward model (``reward.kind="model"``; proxy = its score minus the recorded
     shift; with another reward kind the proxy column repeats gold) and
-    ``KL(π‖π_ref) = mean_prompts Σ_t log π(y_t) − log π_ref(y_t)``. Returns one dict per run
-    (``point``, the varied values, ``gold_reward``, ``proxy_reward``, ``kl`` and their standard errors).
+    ``KL(π‖π_ref) = mean_prompts Σ_t log π(y_t) − log π_ref(y_t)`` against the run's OWN reference
+    (:func:`run_reference_params`: its seed's model when the seeds draw their own, else the shared one).
+    Returns one dict per run (``point``, ``seed``, the varied values, ``gold_reward``, ``proxy_reward``,
+    ``kl`` and their standard errors).
     """
+    items = [(row, run_policy_params(result, i), run_reference_params(result, i), _run_temperature(result, i))
+             for i, row in enumerate(result.rows)]
+    return _evaluate(result, base_cfg, items, num_prompts=num_prompts, split=split, temperature=temperature,
+                     seed=seed, batch_size=batch_size)
+
+
+def evaluate_starts(result: VmapSweepResult, base_cfg: Any, **kw) -> list[dict[str, Any]]:
+    """:func:`evaluate_runs`' numbers for the policies the runs STARTED from, against their references
+    (KL 0 when the start is the reference, as with an SFT policy or a model drawn from the seed): one dict
+    per distinct seed (``point`` -1, ``overrides`` ``["start"]``, ``seed``) when the seeds draw their own
+    models (``result.per_seed``), else one dict for the start every run shares (``seed``: the first run's).
+    The sampling temperature is that of the seed's first run unless ``temperature`` is given."""
+    firsts = list(dict.fromkeys(_seed_slot(result, i) for i in range(result.num_runs)))
+    runs = [[_seed_slot(result, i) for i in range(result.num_runs)].index(s) for s in firsts]
+    starts = [run_start_params(result, i) for i in runs]
+    items = [({"point": -1, "overrides": ["start"], "seed": int(result.seed_index[i])}, start,
+              run_reference_params(result, i, start), _run_temperature(result, i)) for i, start in zip(runs, starts)]
+    return _evaluate(result, base_cfg, items, **kw)
+
+
+def evaluate_start(result: VmapSweepResult, base_cfg: Any, **kw) -> dict[str, Any]:
+    """The FIRST seed's row of :func:`evaluate_starts` -- the start every run shares when they start from
+    one model (one seed, or ``policy.path``); when the seeds draw their own models it is only the first
+    seed's start: use :func:`evaluate_starts` for every seed's."""
+    first = dataclasses.replace(result, rows=result.rows[:1], seed_index=np.asarray(result.seed_index)[:1])
+    return evaluate_starts(first, base_cfg, **kw)[0]
+
+
+def _run_temperature(result: VmapSweepResult, i: int) -> float:
+    """Run ``i``'s sampling temperature (a traced hyper-parameter when the grid varies it)."""
+    if "temperature" in result.values:
+        return float(result.values["temperature"][i])
+    return float(result.algo.temperature)
+
+
+def _evaluate(result: VmapSweepResult, base_cfg: Any, items: list, *, num_prompts: int = 128, split: str = "test",
+              temperature: float | None = None, seed: int = 0, batch_size: int = 128) -> list[dict[str, Any]]:
+    """:func:`rlhf_jax.evaluation.evaluate_policy` of each ``(row, policy params, reference params, run
+    temperature)`` in ``items``: the row's point, seed, overrides and varied values with the numbers."""
     if not getattr(base_cfg, "task", ""):
         raise ConfigError("config key 'task': evaluate_runs needs an embedded task for the gold reward")
     task = get_task(base_cfg.task)
@@ -540,35 +635,14 @@ def evaluate_runs(result: VmapSweepResult, base_cfg: Any, *, num_prompts: int = 
     if reward_model is None:
         raise ConfigError("evaluate_runs needs reward.kind='model' (a learned proxy reward); "
                           f"the config has reward.kind={base_cfg.reward.kind!r}")
+    section = VMAP_SECTIONS[type(base_cfg).__name__] + "."
     out = []
-    for i, row in enumerate(result.rows):
-        params = run_policy_params(result, i)
-        temp = temperature if temperature is not None else (
-            float(result.values["temperature"][i]) if "temperature" in result.values else float(result.algo.temperature))
-        ev = evaluate_policy(task, result.setup.policy_model, params, frozen.ref_params, reward_model,
-                             reward_params, prompts=prompts, seed=seed, temperature=temp,
+    for row, params, ref_params, run_temp in items:
+        ev = evaluate_policy(task, result.setup.policy_model, params, ref_params, reward_model,
+                             reward_params, prompts=prompts, seed=seed,
+                             temperature=run_temp if temperature is None else temperature,
                              batch_size=batch_size, reward_shift=float(frozen.reward_shift))
         ev.pop("samples", None)
-        keep = {k: v for k, v in row.items() if k in ("point", "seed", "overrides") or
-                k.startswith(VMAP_SECTIONS[type(base_cfg).__name__] + ".")}
+        keep = {k: v for k, v in row.items() if k in ("point", "seed", "overrides") or k.startswith(section)}
         out.append({**keep, **ev})
     return out
-
-
-def evaluate_start(result: VmapSweepResult, base_cfg: Any, **kw) -> dict[str, Any]:
-    """:func:`evaluate_runs`' numbers for the policy every run STARTED from (KL 0 to the reference
-    when the start is the reference, as with an SFT policy)."""
-    start = dataclasses.replace(result, rows=[{"point": -1, "overrides": ["start"]}],
-                                final_state=_StartState(result.setup.policy_params), shared={})
-    return evaluate_runs(start, base_cfg, **kw)[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class _StartState:
-    """A one-run stand-in for a stacked final state: ``.policy.params`` with a leading axis of 1."""
-    params: Any
-
-    @property
-    def policy(self):
-        return types.SimpleNamespace(params=jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], self.params))
-
