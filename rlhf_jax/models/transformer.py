@@ -191,17 +191,17 @@ def cpu_weight_grad_transposes_first(k: int, n: int) -> bool:
     """Whether, on CPU, the weight gradient `x2ᵀ·g2` of a `[K, N]` kernel contracts a materialised `x2ᵀ`.
 
     XLA:CPU runs the tokens-contracting `x2ᵀ·g2` (both operands' row axis contracted) through Eigen,
-    which walks `g2` down its columns. Measured on this project's 2-core CPU (M = 4096 rows; the
-    figures and commands are in `benchmarks/README.md`, "Weight-gradient matmul on CPU"):
+    which walks `g2` down its columns. Measured on this project's 2-core CPU at M = 4096 rows
+    (`python -m benchmarks.weight_grad`; figures in `benchmarks/README.md`, "Second pass"):
     - a row stride of `g2` that is a multiple of 16 KiB (`N % 4096 == 0` in float32: the columns
-      then share cache sets) runs at 70-80 GFLOP/s against 130-170 for the same product with `x2ᵀ`
+      then share cache sets) runs at 70-80 GFLOP/s against 155-170 for the same product with `x2ᵀ`
       copied out first (a plain row-major matmul, which XLA:CPU hands to its YNNPACK kernels), at
-      every K from 128 to 2048 and N = 4096 ... 24576; at N = 2048, 3072, 6144, 32000 or 50257 the two
-      are within a few percent or Eigen is faster;
-    - a short, wide kernel (`K >= 4·N`) with `N <= 256`, e.g. the tiny benchmark model's MLP down
-      projection (1024 x 256): 27 -> 20 ms per product, and the reward-model step 4% faster. At
-      GPT-2's 3072 x 768 the product alone is 3% faster but the whole SFT step 5% slower, so larger
-      N keep Eigen's product.
+      K = 256, 768 and 1024 and N = 4096, 8192 and 16384; at the other N measured (256 ... 3072, 6144,
+      32000, 50257) the copy gains at most ~14% and loses up to ~35% (N = 50257), so Eigen is kept;
+    - a short, wide kernel (`K >= 4·N`) with `N <= 256`: 1024 x 256 (the tiny benchmark model's MLP
+      down projection) 78 -> 132 GFLOP/s, 2048 x 256 75 -> 102, and the reward-model step 4% faster.
+      At GPT-2's 3072 x 768 the product alone is about even (131 / 126) and the whole SFT step was
+      5% slower with the copy, so larger N keep Eigen's product.
     The copy is made only in those cases; it changes the summation order, not the product.
     """
     return n % 4096 == 0 or (k >= 4 * n and n <= 256)
