@@ -20,6 +20,7 @@ from rlhf_jax.models import lora
 from rlhf_jax.sweeps import run_policy_params, run_separately, run_vmapped_sweep
 from rlhf_jax.sweeps.vmapped import frozen_mask, join_frozen, shared_frozen_params, split_frozen
 from rlhf_jax.training.optim import OptimConfig, make_optimizer
+from tests.mesh_sweep_utils import run_mesh_sweep_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO_LORA = ROOT / "experiments" / "ppo_lora_sort_tiny.py"
@@ -204,34 +205,14 @@ def test_compiled_lora_sweep_of_8_runs_takes_the_base_once():
         assert f"f32[8,{shape[0]},{shape[1]}]" not in hlo and f"f32[{shape[0]},8,{shape[1]}]" not in hlo
 
 
-MESH_LORA_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, {root!r})
-import jax
-import numpy as np
-from rlhf_jax import devices as devices_lib
-from rlhf_jax.config import apply_overrides, load_config_file
-from rlhf_jax.plan import trace_programs
-from rlhf_jax.rl.trainer import build_setup
-from rlhf_jax.sweeps import run_policy_params, run_vmapped_sweep
-from rlhf_jax.training.configs import MeshConfig
-assert jax.device_count() == 8
-cfg = apply_overrides(load_config_file({cfg!r}), {overrides!r})
-grid = {{"grpo.kl_coef": ["0.01", "0.02", "0.04", "0.08"]}}
-mesh = MeshConfig(runs=4, fsdp=2)
-# the program's inputs as the sweep places them: the shared base over fsdp, replicated over runs; the runs'
-# own leaves (adapters) split over runs
-with devices_lib.targeting(jax.devices(), abstract=True):
-    _, (prog,) = trace_programs(cfg, "grpo", sweep={{"grid": grid, "seeds": 1, "mesh": mesh}})
-hp, keys, inputs, frozen, shared = prog.args
+# after tests/mesh_sweep_utils.PREAMBLE: the program's inputs as the sweep places them: the shared base over
+# fsdp, replicated over runs; the runs' own leaves (adapters) split over runs
+MESH_LORA_BODY = r"""
 base_specs = [tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(shared)]
 own_specs = [tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(inputs["policy_params"])]
 assert base_specs and all("runs" not in s for s in base_specs), base_specs
 assert any("fsdp" in s for s in base_specs), base_specs
 assert own_specs and all(s and s[0] == "runs" for s in own_specs), own_specs
-setup = build_setup(cfg)
-one = run_vmapped_sweep(cfg, grid, seeds=1, setup=setup)
-res = run_vmapped_sweep(cfg, grid, seeds=1, setup=setup, mesh=mesh)
 for k, v in one.history.items():
     np.testing.assert_allclose(res.history[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 diff = 0.0
@@ -248,7 +229,7 @@ got = jax.tree_util.tree_leaves(fwd(res.setup.policy_model)(run_policy_params(re
 want = jax.tree_util.tree_leaves(fwd(one.setup.policy_model)(run_policy_params(one, 0)))
 for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
-print("RESULT", json.dumps({{"params_max_abs": diff, "base_specs": sorted(set(map(str, base_specs)))}}))
+print("RESULT", json.dumps({"params_max_abs": diff, "base_specs": sorted(set(map(str, base_specs)))}))
 """
 
 
@@ -256,17 +237,6 @@ print("RESULT", json.dumps({{"params_max_abs": diff, "base_specs": sorted(set(ma
 def test_lora_sweep_on_a_runs_by_fsdp_mesh_shares_the_base_and_matches_one_device(tmp_path):
     """8 fake CPU devices, mesh runs=4 x fsdp=2: the base is one fsdp-sharded argument replicated over runs;
     curves and final policies equal the one-device sweep's."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
-    script = MESH_LORA_SCRIPT.format(root=str(ROOT), cfg=str(GRPO_LORA), overrides=[
-        "iterations=2", "grpo.batch_size=8", "grpo.max_new_tokens=6", f"out_dir={tmp_path / 'm'}"])
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    res = run_mesh_sweep_script(MESH_LORA_BODY, GRPO_LORA, tmp_path)
     print(res)
     assert res["params_max_abs"] <= 1e-4

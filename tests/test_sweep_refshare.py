@@ -10,10 +10,6 @@ to their runs one at a time; several seeds over a saved model with a bfloat16 re
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -28,6 +24,7 @@ from rlhf_jax.sweeps import run_separately, run_vmapped_sweep
 from rlhf_jax.sweeps.vmapped import stacked_run_inputs
 from rlhf_jax.training import loop
 from rlhf_jax.training.configs import MeshConfig
+from tests.mesh_sweep_utils import run_mesh_sweep_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO_TINY = ROOT / "experiments" / "ppo_sort_tiny.py"
@@ -183,35 +180,16 @@ def test_seeds_over_one_saved_model_share_a_bfloat16_reference(tmp_path, capsys)
         run_vmapped_sweep(sft, grid, seeds=2, setup=build_setup(cfg))  # the set-up of the seed's random model
 
 
-MESH_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, {root!r})
-import jax
-import numpy as np
-from rlhf_jax import devices as devices_lib
-from rlhf_jax.config import apply_overrides, load_config_file
-from rlhf_jax.plan import trace_programs
-from rlhf_jax.rl.trainer import build_setup
-from rlhf_jax.sweeps import run_vmapped_sweep
-from rlhf_jax.training.configs import MeshConfig
-assert jax.device_count() == 8
-cfg = apply_overrides(load_config_file({cfg!r}), {overrides!r})
-grid = {{"grpo.kl_coef": ["0.01", "0.02", "0.04", "0.08"]}}
-mesh = MeshConfig(runs=4, fsdp=2)
-with devices_lib.targeting(jax.devices(), abstract=True):
-    _, (prog,) = trace_programs(cfg, "grpo", sweep={{"grid": grid, "seeds": 1, "mesh": mesh}})
-hp, keys, inputs, frozen, shared = prog.args
+# after tests/mesh_sweep_utils.PREAMBLE
+MESH_BODY = r"""
 assert "ref_params" not in inputs
 ref_specs = [tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(frozen.ref_params)]
 own_specs = [tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(inputs["policy_params"])]
 assert ref_specs and all("runs" not in s for s in ref_specs), ref_specs
 assert any("fsdp" in s for s in ref_specs), ref_specs
 assert own_specs and all(s and s[0] == "runs" for s in own_specs), own_specs
-setup = build_setup(cfg)
-one = run_vmapped_sweep(cfg, grid, seeds=1, setup=setup)
-res = run_vmapped_sweep(cfg, grid, seeds=1, setup=setup, mesh=mesh)
 stacked = run_vmapped_sweep(cfg, grid, seeds=1, setup=setup, mesh=mesh, share_reference=False)
-diff = {{}}
+diff = {}
 for name, other, rtol in (("mesh_vs_one_device", one, 1e-5), ("shared_vs_stacked_on_mesh", stacked, 1e-6)):
     for k, v in other.history.items():
         np.testing.assert_allclose(res.history[k], v, rtol=rtol, atol=1e-6, err_msg=name + " " + k)
@@ -224,14 +202,7 @@ print("RESULT", json.dumps(diff))
 def test_shared_reference_on_a_runs_by_fsdp_mesh(tmp_path):
     """8 fake CPU devices, mesh runs=4 x fsdp=2: the reference is one fsdp-sharded argument replicated over
     runs; curves equal the one-device sweep's and the stacked program's on the same mesh."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
-    script = MESH_SCRIPT.format(root=str(ROOT), cfg=str(GRPO_TINY), overrides=[
-        "iterations=2", "grpo.batch_size=8", "grpo.max_new_tokens=6", f"out_dir={tmp_path / 'm'}"])
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    res = run_mesh_sweep_script(MESH_BODY, GRPO_TINY, tmp_path)
     print(res)
     assert set(res) == {"mesh_vs_one_device", "shared_vs_stacked_on_mesh"}
 
