@@ -261,13 +261,11 @@ def _check_same_frozen(shared: Any, frozen: Any, key: str, seed: int) -> None:
     """ConfigError unless a run's frozen params are exactly the sweep's shared ones (skipped in a plan)."""
     if devices_lib.abstract():
         return
-    flat, _ = jax.tree_util.tree_flatten_with_path(shared)
-    for (path, a), b in zip(flat, jax.tree_util.tree_leaves(frozen)):
-        if np.shape(a) != np.shape(b) or not bool(jnp.array_equal(a, b)):
-            raise ConfigError(f"--vmap: the frozen {key.split('_')[0]} leaf {jax.tree_util.keystr(path)} of the run "
-                              f"with seed {seed} differs from the one the sweep's runs share; a vmapped sweep holds "
-                              f"the frozen params (a LoRA base) once: start every run from the same model "
-                              f"(policy.path), or drop --vmap")
+    where = _first_difference(shared, frozen)
+    if where is not None:
+        raise ConfigError(f"--vmap: the frozen {key.split('_')[0]} leaf {where} of the run with seed {seed} differs "
+                          f"from the one the sweep's runs share; a vmapped sweep holds the frozen params (a LoRA "
+                          f"base) once: start every run from the same model (policy.path), or drop --vmap")
 
 
 def _check_same_reference(shared: Any, ref: Any, seed: int) -> None:
